@@ -1,0 +1,3 @@
+from lit_attrib.cli import main
+
+main()

@@ -1,0 +1,6 @@
+"""Lightning callbacks: orchestration only (stages, ranks, logging, state, files)."""
+
+from lit_attrib.callbacks.generation_writer import GenerationWriter
+from lit_attrib.callbacks.training_monitor import TrainingMonitor
+
+__all__ = ["GenerationWriter", "TrainingMonitor"]

@@ -1,0 +1,255 @@
+"""TextDataModule: question-answer or plain-text data for fine-tuning and analysing a causal LM."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from typing import Literal
+
+import datasets
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
+from transformers import PreTrainedTokenizerBase
+
+from lit_attrib.data.collate import CausalLMCollator
+from lit_attrib.data.sources import load_source, require_columns, seeded_split
+from lit_attrib.data.tokenizer import load_tokenizer
+from lit_attrib.errors import DataError
+from lit_attrib.ops.loss import IGNORE_INDEX
+
+__all__ = ["TextDataModule", "normalize_text"]
+
+
+def normalize_text(text: str) -> str:
+    """Unicode NFKC, every whitespace run collapsed to one space, stripped."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip()
+
+
+class TextDataModule(LightningDataModule):
+    """Fine-tuning data from a hub id or a local file, tokenized for a causal LM.
+
+    ``format: qa`` renders each row as ``prompt_template.format(input=row[input_column])`` followed by
+    ``answer_template.format(output=row[output_column])`` and the end-of-sequence token; only the
+    answer tokens (and that eos) carry loss, prompt and padding labels are -100. ``format: text``
+    trains on every token of ``row[text_column]``.
+
+    Truncation policy (``max_length``): the prompt is never cut. In ``qa`` format the answer is cut
+    from its end to fit, and a warning says how many rows were cut; a prompt that leaves no room for
+    even one answer token is an error (no row is ever silently left without an answer). In ``text``
+    format rows are cut from the end.
+
+    Every row keeps ``index``, its position in the source split, through shuffling, splitting and
+    batching: attribution results are reported in that order.
+
+    Args:
+        path: hub dataset id (``owner/name``) or a local ``.json``/``.jsonl``/``.csv``/``.parquet``
+            file or ``save_to_disk`` folder.
+        tokenizer: tokenizer hub id or local folder (e.g. ``data/facts/tokenizer``).
+        format: ``qa`` (loss on the answer only) or ``text`` (loss on every token).
+        input_column: prompt column for ``qa``.
+        output_column: answer column for ``qa``.
+        text_column: text column for ``text``.
+        prompt_template: template of the prompt, with ``{input}``.
+        answer_template: template of the answer, with ``{output}``.
+        subset: hub configuration name, if the dataset has several.
+        split: which split of the source to read.
+        normalize: apply Unicode NFKC and collapse whitespace in every text field.
+        max_length: longest tokenized row (see the truncation policy above).
+        num_samples: use only the first ``num_samples`` rows of the source (all if ``None``).
+        val_size: validation rows, as a count or a fraction in [0, 1); 0 for none.
+        seed: seed of the train/validation split.
+        batch_size: training batch size per device.
+        eval_batch_size: validation and prediction batch size (default: ``batch_size``).
+        num_workers: data-loader worker processes.
+        predict_split: rows used by ``predict``: ``val``, ``train`` or ``all``.
+        predict_path: a separate file or hub id of prompts for ``predict`` (uses ``input_column``;
+            ``output_column``, when present, is kept as the reference answer).
+        predict_num_samples: use only the first rows of the prediction set.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        tokenizer: str,
+        format: Literal["qa", "text"] = "qa",
+        input_column: str = "question",
+        output_column: str = "answer",
+        text_column: str = "text",
+        prompt_template: str = "Question: {input}\nAnswer:",
+        answer_template: str = " {output}",
+        subset: str | None = None,
+        split: str = "train",
+        normalize: bool = False,
+        max_length: int = 512,
+        num_samples: int | None = None,
+        val_size: int | float = 0.1,
+        seed: int = 42,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        predict_split: Literal["val", "train", "all"] = "val",
+        predict_path: str | None = None,
+        predict_num_samples: int | None = None,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if max_length < 2:
+            problems.append(f"max_length must be at least 2 tokens; got {max_length}")
+        if batch_size < 1:
+            problems.append(f"batch_size must be at least 1; got {batch_size}")
+        if num_samples is not None and num_samples < 1:
+            problems.append(f"num_samples must be at least 1 (or null for all rows); got {num_samples}")
+        if "{input}" not in prompt_template and format == "qa":
+            problems.append(f"prompt_template must contain '{{input}}'; got {prompt_template!r}")
+        if "{output}" not in answer_template and format == "qa":
+            problems.append(f"answer_template must contain '{{output}}'; got {answer_template!r}")
+        if problems:
+            raise DataError("invalid TextDataModule arguments:\n  - " + "\n  - ".join(problems))
+        self.save_hyperparameters()
+        self.tokenizer_name = tokenizer
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+        self.predict_dataset: datasets.Dataset | None = None
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        return load_tokenizer(self.tokenizer_name)
+
+    # ----------------------------------------------------------------------------------- hooks
+    def prepare_data(self) -> None:
+        # Download (or read) once per node, so that hub errors surface before any process forks.
+        load_source(self.hparams.path, subset=self.hparams.subset, split=self.hparams.split)
+
+    def setup(self, stage: str) -> None:
+        if self.train_dataset is None:
+            source = self._read(self.hparams.path, self.hparams.num_samples, self._required_columns())
+            train_rows, val_rows = seeded_split(len(source), self.hparams.val_size, self.hparams.seed)
+            self.train_dataset = self._tokenize(source.select(train_rows), with_answer=True)
+            self.val_dataset = self._tokenize(source.select(val_rows), with_answer=True) if val_rows else None
+            rank_zero_info(
+                f"TextDataModule: {len(self.train_dataset)} training and {len(val_rows)} validation rows "
+                f"from '{self.hparams.path}'"
+            )
+        if stage == "predict" and self.predict_dataset is None:
+            self.predict_dataset = self._build_predict_dataset()
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        if self.val_dataset is None:
+            return []  # Lightning skips validation on an empty list
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False, padding_side="left")
+
+    # -------------------------------------------------------------------------------- helpers
+    def _required_columns(self) -> list[str]:
+        if self.hparams.format == "qa":
+            return [self.hparams.input_column, self.hparams.output_column]
+        return [self.hparams.text_column]
+
+    def _read(self, path: str, num_samples: int | None, columns: list[str]) -> datasets.Dataset:
+        source = load_source(path, subset=self.hparams.subset, split=self.hparams.split)
+        require_columns(source, columns, source=path)
+        if len(source) == 0:
+            raise DataError(f"dataset '{path}' (split '{self.hparams.split}') is empty")
+        source = source.add_column("index", list(range(len(source))))
+        if num_samples is not None:
+            source = source.select(range(min(num_samples, len(source))))
+        return source
+
+    def _text(self, value) -> str:
+        text = "" if value is None else str(value)
+        return normalize_text(text) if self.hparams.normalize else text
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _tokenize(self, rows: datasets.Dataset, *, with_answer: bool) -> datasets.Dataset:
+        """Tokenize rows; with ``with_answer=False`` keep prompts only (for generation)."""
+        hp = self.hparams
+        tokenizer = self.tokenizer
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+        def encode(row: dict) -> dict:
+            if hp.format == "text":
+                ids = (bos + self._encode(self._text(row[hp.text_column])) + eos)[: hp.max_length]
+                return {"input_ids": ids, "labels": ids, "prompt_length": 0, "truncated": False}
+            prompt_ids = bos + self._encode(hp.prompt_template.format(input=self._text(row[hp.input_column])))
+            answer = hp.answer_template.format(output=self._text(row.get(hp.output_column)))
+            out = {"prompt": hp.prompt_template.format(input=self._text(row[hp.input_column])),
+                   "reference": self._text(row.get(hp.output_column))}
+            if not with_answer:
+                return {**out, "input_ids": prompt_ids, "prompt_length": len(prompt_ids), "truncated": False}
+            answer_ids = self._encode(answer) + eos
+            room = max(hp.max_length - len(prompt_ids), 0)
+            ids = prompt_ids + answer_ids[:room]
+            labels = [IGNORE_INDEX] * len(prompt_ids) + answer_ids[:room]
+            return {**out, "input_ids": ids, "labels": labels, "prompt_length": len(prompt_ids),
+                    "truncated": len(answer_ids) > room}
+
+        encoded = rows.map(encode, remove_columns=[c for c in rows.column_names if c != "index"],
+                           keep_in_memory=True, desc="tokenizing")
+        if hp.format == "qa" and with_answer:
+            self._check_lengths(encoded)
+        return encoded
+
+    def _check_lengths(self, encoded: datasets.Dataset) -> None:
+        max_length = self.hparams.max_length
+        prompt_lengths = encoded["prompt_length"]
+        too_long = [i for i, n in enumerate(prompt_lengths) if n >= max_length]
+        if too_long:
+            first = too_long[0]
+            raise DataError(
+                f"max_length={max_length} is shorter than the prompt of {len(too_long)} row(s) (first: dataset "
+                f"index {encoded[first]['index']}, prompt of {prompt_lengths[first]} tokens), leaving no room for "
+                f"the answer. Raise max_length above the longest prompt ({max(prompt_lengths)} tokens) or "
+                f"shorten prompt_template."
+            )
+        truncated = sum(encoded["truncated"])
+        if truncated:
+            rank_zero_warn(
+                f"{truncated} of {len(encoded)} rows had their answer cut to fit max_length={max_length} "
+                f"(the prompt is kept whole; raise max_length to keep full answers)"
+            )
+
+    def _build_predict_dataset(self) -> datasets.Dataset:
+        hp = self.hparams
+        if hp.predict_path is not None:
+            source = load_source(hp.predict_path, subset=None, split="train")
+            require_columns(source, [hp.input_column], source=hp.predict_path)
+            source = source.add_column("index", list(range(len(source))))
+        else:
+            full = self._read(hp.path, hp.num_samples, self._required_columns())
+            train_rows, val_rows = seeded_split(len(full), hp.val_size, hp.seed)
+            rows = {"train": train_rows, "val": val_rows, "all": list(range(len(full)))}[hp.predict_split]
+            if not rows:
+                raise DataError(f"predict_split='{hp.predict_split}' is empty; set val_size > 0 or choose 'train'")
+            source = full.select(rows)
+        if hp.format != "qa":
+            raise DataError("predict generates answers to prompts and needs format: qa")
+        if hp.predict_num_samples is not None:
+            source = source.select(range(min(hp.predict_num_samples, len(source))))
+        return self._tokenize(source, with_answer=False)
+
+    def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right") -> DataLoader:
+        collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)
+        columns = [c for c in ("input_ids", "labels", "index", "prompt", "reference") if c in dataset.column_names]
+        return DataLoader(
+            dataset.select_columns(columns),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )

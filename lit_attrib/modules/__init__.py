@@ -1,0 +1,6 @@
+"""LightningModules: fine-tuning and analysis passes."""
+
+from lit_attrib.modules.causal_lm import SCHEDULERS, CausalLMModule
+from lit_attrib.modules.loading import TESTED_MODEL_TYPES, build_causal_lm
+
+__all__ = ["SCHEDULERS", "TESTED_MODEL_TYPES", "CausalLMModule", "build_causal_lm"]
