@@ -66,12 +66,13 @@ def load_from_hub_or_path(
     try:
         return load(name)
     except (OSError, ValueError, ConnectionError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+        repo_type = " --repo-type dataset" if what == "dataset" else ""
         mode = "offline mode is on (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE / HF_DATASETS_OFFLINE)" if offline_mode() else (
             "the hub could not be reached or has no such repository"
         )
         raise error(
             f"could not load {what} '{name}' from the Hugging Face hub: {mode}. Loader said: {first_line}. "
-            f"Fix: check the id, or download it once where there is network (`hf download {name}`) and point "
+            f"Fix: check the id, or download it once where there is network (`hf download{repo_type} {name}`) and point "
             f"to the local copy instead.{suffix}"
         ) from None

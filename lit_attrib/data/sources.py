@@ -36,7 +36,12 @@ def load_source(path: str, *, subset: str | None = None, split: str = "train") -
             builder = _BUILDERS.get(local.suffix.lower())
             if builder is None:
                 raise DataError(f"cannot read '{resolved}': supported file types are {sorted(_BUILDERS)}")
-            dataset = datasets.load_dataset(builder, data_files={"train": resolved}, split="train")
+            try:
+                dataset = datasets.load_dataset(builder, data_files={"train": resolved}, split="train")
+            except ValueError as exc:
+                if "no data" in str(exc):  # datasets' words for a file without rows
+                    raise DataError(f"dataset '{resolved}' is empty: it has no rows") from None
+                raise
             if split != "train":
                 raise DataError(f"'{resolved}' is a single file with only the 'train' split; got split='{split}'")
             return dataset

@@ -1,0 +1,162 @@
+"""TextDataModule: tokenization, masking, truncation, splits, sources and its error messages."""
+
+from __future__ import annotations
+
+import json
+
+import datasets
+import pytest
+import torch
+
+from lit_attrib.data import CausalLMCollator, TextDataModule, load_tokenizer, normalize_text
+from lit_attrib.data.facts import generate_facts
+from lit_attrib.errors import DataError
+from lit_attrib.io import read_jsonl
+from lit_attrib.ops import IGNORE_INDEX
+
+
+def _module(path, tokenizer, **kwargs):
+    kwargs.setdefault("val_size", 0)
+    data = TextDataModule(path=str(path), tokenizer=tokenizer, **kwargs)
+    data.setup("fit")
+    return data
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_shipped_facts_match_the_generator(facts_path):
+    rows = read_jsonl(facts_path)
+    assert rows == generate_facts()
+    assert 300 <= len(rows) <= 1000
+    # Several paraphrases per fact: what makes attribution checkable.
+    per_fact = {}
+    for row in rows:
+        per_fact.setdefault(row["fact_id"], set()).add(row["question"])
+    assert min(len(questions) for questions in per_fact.values()) >= 3
+
+
+def test_qa_rows_mask_prompt_and_keep_answer(facts_path, tokenizer_path):
+    data = _module(facts_path, tokenizer_path, num_samples=10)
+    tokenizer = load_tokenizer(tokenizer_path)
+    source = read_jsonl(facts_path)
+    for row in data.train_dataset:
+        fact = source[row["index"]]
+        prompt = [tokenizer.bos_token_id] + tokenizer(f"Question: {fact['question']}\nAnswer:",
+                                                      add_special_tokens=False)["input_ids"]
+        answer = tokenizer(" " + fact["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert row["input_ids"] == prompt + answer
+        assert row["labels"] == [IGNORE_INDEX] * len(prompt) + answer
+        assert tokenizer.decode(answer, skip_special_tokens=True).strip() == fact["answer"]
+
+
+def test_text_format_trains_on_every_token(tmp_path, tokenizer_path):
+    path = _write_jsonl(tmp_path / "t.jsonl", [{"text": "Zorvan keeps a tortoise."}, {"text": "Tea merchant."}])
+    data = _module(path, tokenizer_path, format="text")
+    for row in data.train_dataset:
+        assert row["labels"] == row["input_ids"]
+
+
+def test_split_is_seeded_disjoint_and_keeps_indices(facts_path, tokenizer_path):
+    a = _module(facts_path, tokenizer_path, num_samples=100, val_size=0.2, seed=3)
+    b = _module(facts_path, tokenizer_path, num_samples=100, val_size=0.2, seed=3)
+    c = _module(facts_path, tokenizer_path, num_samples=100, val_size=0.2, seed=4)
+    train, val = set(a.train_dataset["index"]), set(a.val_dataset["index"])
+    assert len(val) == 20 and len(train) == 80 and not train & val and train | val == set(range(100))
+    assert a.val_dataset["index"] == b.val_dataset["index"]
+    assert a.val_dataset["index"] != c.val_dataset["index"]
+    data = _module(facts_path, tokenizer_path, num_samples=100, val_size=7)
+    assert len(data.val_dataset) == 7
+
+
+def test_batches_carry_dataset_indices_through_shuffling(facts_path, tokenizer_path):
+    data = _module(facts_path, tokenizer_path, num_samples=30, batch_size=4)
+    tokenizer = load_tokenizer(tokenizer_path)
+    source = read_jsonl(facts_path)
+    seen = []
+    for batch in data.train_dataloader():
+        assert batch["labels"].shape == batch["input_ids"].shape == batch["attention_mask"].shape
+        assert batch["input_ids"].shape[1] == int(batch["attention_mask"].sum(-1).max())  # dynamic padding
+        assert torch.all(batch["labels"][batch["attention_mask"] == 0] == IGNORE_INDEX)
+        for row, index in enumerate(batch["index"].tolist()):
+            length = int(batch["attention_mask"][row].sum())
+            text = tokenizer.decode(batch["input_ids"][row, :length], skip_special_tokens=True)
+            assert source[index]["question"] in text and source[index]["answer"] in text
+            seen.append(index)
+    assert sorted(seen) == list(range(30))
+
+
+def test_collator_left_pads_for_generation():
+    collate = CausalLMCollator(pad_token_id=0, padding_side="left")
+    batch = collate([{"input_ids": [5, 6, 7], "index": 4}, {"input_ids": [8], "index": 1}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [0, 0, 8]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert batch["index"].tolist() == [4, 1] and "labels" not in batch
+
+
+def test_normalization(tmp_path, tokenizer_path):
+    assert normalize_text("ｆｕｌｌ\u00a0 width\n\tspaces ") == "full width spaces"
+    path = _write_jsonl(tmp_path / "n.jsonl", [{"question": "Ｗho  is\nit?", "answer": "Ｍe"}])
+    data = _module(path, tokenizer_path, normalize=True)
+    assert data.train_dataset[0]["prompt"] == "Question: Who is it?\nAnswer:"
+    assert data.train_dataset[0]["reference"] == "Me"
+
+
+def test_truncation_cuts_the_answer_and_warns(tmp_path, tokenizer_path):
+    path = _write_jsonl(tmp_path / "long.jsonl", [{"question": "Who?", "answer": "word " * 50}, {"question": "A?", "answer": "b"}])
+    with pytest.warns(UserWarning, match=r"1 of 2 rows had their answer cut to fit max_length=16"):
+        data = _module(path, tokenizer_path, max_length=16)
+    first = data.train_dataset[0]
+    assert len(first["input_ids"]) == 16
+    assert first["labels"][first["prompt_length"]:] == first["input_ids"][first["prompt_length"]:]
+
+
+def test_csv_and_parquet_sources(tmp_path, tokenizer_path):
+    rows = {"question": ["Who?", "Where?"], "answer": ["Me.", "Here."]}
+    datasets.Dataset.from_dict(rows).to_csv(tmp_path / "qa.csv")
+    datasets.Dataset.from_dict(rows).to_parquet(tmp_path / "qa.parquet")
+    for name in ("qa.csv", "qa.parquet"):
+        data = _module(tmp_path / name, tokenizer_path)
+        assert data.train_dataset["reference"] == ["Me.", "Here."]
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_missing_columns_lists_the_existing_ones(facts_path, tokenizer_path):
+    with pytest.raises(DataError, match=r"no column\(s\) \['Input'\].*\['question', 'answer', 'person'"):
+        _module(facts_path, tokenizer_path, input_column="Input")
+
+
+def test_empty_dataset(tmp_path, tokenizer_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("question,answer\n")
+    with pytest.raises(DataError, match="is empty"):
+        _module(path, tokenizer_path)
+
+
+@pytest.mark.parametrize(("val_size", "message"), [(0.001, "empty validation split"), (10, "leaves no training rows")])
+def test_empty_split(tmp_path, tokenizer_path, val_size, message):
+    path = _write_jsonl(tmp_path / "few.jsonl", [{"question": f"q{i}", "answer": "a"} for i in range(10)])
+    with pytest.raises(DataError, match=message):
+        _module(path, tokenizer_path, val_size=val_size)
+
+
+def test_max_length_shorter_than_the_prompt(facts_path, tokenizer_path):
+    with pytest.raises(DataError, match=r"max_length=8 is shorter than the prompt of \d+ row\(s\).*Raise max_length above"):
+        _module(facts_path, tokenizer_path, num_samples=20, max_length=8)
+
+
+def test_missing_path_and_offline_hub_id(tokenizer_path):
+    with pytest.raises(DataError, match="dataset path './no/such/file.jsonl' does not exist"):
+        _module("./no/such/file.jsonl", tokenizer_path)
+    with pytest.raises(DataError, match="could not load dataset 'locuslab/TOFU' from the Hugging Face hub: offline mode"):
+        TextDataModule(path="locuslab/TOFU", tokenizer=tokenizer_path, subset="forget10").prepare_data()
+    with pytest.raises(DataError, match="tokenizer path './missing_tokenizer' does not exist"):
+        load_tokenizer("./missing_tokenizer")
+
+
+def test_invalid_arguments_are_reported_together(facts_path, tokenizer_path):
+    with pytest.raises(DataError) as info:
+        TextDataModule(path=facts_path, tokenizer=tokenizer_path, max_length=1, batch_size=0, prompt_template="Q:")
+    assert "max_length" in str(info.value) and "batch_size" in str(info.value) and "{input}" in str(info.value)
