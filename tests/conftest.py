@@ -59,7 +59,7 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
     )
 
 
-def override_config(tmp_path: Path, **trainer: object) -> Path:
+def override_config(tmp_path: Path, save_last: bool = True, **trainer: object) -> Path:
     """A YAML that sends every output of configs/quickstart.yaml into ``tmp_path`` and shortens the run."""
     import yaml
 
@@ -70,7 +70,7 @@ def override_config(tmp_path: Path, **trainer: object) -> Path:
                        "init_args": {"save_dir": str(tmp_path), "name": "tb"}},
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True}},
+                 "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": save_last}},
                 {"class_path": "lit_attrib.callbacks.GenerationWriter",
                  "init_args": {"output_dir": str(tmp_path / "predict")}},
             ],

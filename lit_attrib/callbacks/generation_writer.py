@@ -17,7 +17,8 @@ __all__ = ["GenerationWriter"]
 
 
 def _cell(text: Any, limit: int = 160) -> str:
-    text = str(text).replace("|", "\\|").replace("\n", " ")
+    # Control characters (an untrained model emits them) would break the table's rows.
+    text = "".join(ch if ch.isprintable() else " " for ch in str(text)).replace("|", "\\|")
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 

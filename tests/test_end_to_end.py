@@ -1,0 +1,73 @@
+"""The quickstart as a user runs it: `lit-attrib validate/fit/predict` in subprocesses, and DDP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import REPO, override_config, run_cli
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
+TRAIN_TAGS = {"train/loss", "train/lr", "train/samples_per_sec", "train/tokens_per_sec", "train/memory_mb"}
+VAL_TAGS = {"val/loss", "val/perplexity"}
+
+
+def _events(run_dir) -> EventAccumulator:
+    files = sorted(run_dir.glob("events.out.tfevents.*"))
+    assert files, f"no TensorBoard event file in {run_dir}"
+    events = EventAccumulator(str(run_dir))
+    events.Reload()
+    return events
+
+
+@pytest.mark.slow
+def test_quickstart_fit_lowers_perplexity_and_logs_everything(tmp_path):
+    override = override_config(tmp_path, max_epochs=4, check_val_every_n_epoch=1)
+    layers = ["-c", QUICKSTART, "-c", str(override)]
+
+    # The starting point: the same config-built model (fixed init_seed) before any training.
+    before = run_cli("validate", *layers)
+    assert before.returncode == 0, before.stderr[-3000:]
+    start = _events(tmp_path / "tb" / "version_0").Scalars("val/perplexity")[-1].value
+
+    fit = run_cli("fit", *layers)
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    events = _events(tmp_path / "tb" / "version_1")
+    tags = set(events.Tags()["scalars"])
+    assert TRAIN_TAGS | VAL_TAGS <= tags, tags
+    assert events.PluginTagToContent("hparams"), "hyperparameters were not logged"
+    perplexities = [event.value for event in events.Scalars("val/perplexity")]
+    assert len(perplexities) == 4 and perplexities[-1] < start / 2, (start, perplexities)
+    assert all(value > 0 for value in (e.value for e in events.Scalars("train/tokens_per_sec")))
+    checkpoint = tmp_path / "checkpoints" / "last.ckpt"
+    assert checkpoint.exists()
+
+    # Base vs fine-tuned answers side by side, sorted by dataset index.
+    predict = run_cli("predict", *layers, "-c", str(REPO / "configs" / "compare_generation.yaml"),
+                      "--data.init_args.predict_num_samples", "12", "--ckpt_path", str(checkpoint))
+    assert predict.returncode == 0, predict.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "predict" / "generated.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and [r["index"] for r in rows] == sorted(r["index"] for r in rows)
+    assert all({"prompt", "reference", "generated", "generated_base"} <= set(row) for row in rows)
+    table = (tmp_path / "predict" / "comparison.md").read_text()
+    assert "| index | prompt | reference | base | fine-tuned |" in table and len(table.splitlines()) == 14
+    assert not list((tmp_path / "predict").glob(".*.part")), "part files were left behind"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_fit_on_two_cpu_processes_writes_one_checkpoint(tmp_path):
+    override = override_config(tmp_path, save_last=False, max_epochs=2, limit_train_batches=2, limit_val_batches=2,
+                               check_val_every_n_epoch=1)
+    result = run_cli("fit", "-c", QUICKSTART, "-c", str(override),
+                     "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = list((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert [c.name for c in checkpoints] == ["epoch=1-step=4.ckpt"]
+    import torch
+
+    state = torch.load(checkpoints[0], map_location="cpu", weights_only=True)
+    assert state["global_step"] == 4 and any(k.startswith("model.") for k in state["state_dict"])
+    log = result.stdout + result.stderr
+    assert "distributed_backend=gloo" in log and "All distributed processes registered" in log, log[-3000:]
