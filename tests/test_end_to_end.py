@@ -71,3 +71,17 @@ def test_ddp_fit_on_two_cpu_processes_writes_one_checkpoint(tmp_path):
     assert state["global_step"] == 4 and any(k.startswith("model.") for k in state["state_dict"])
     log = result.stdout + result.stderr
     assert "distributed_backend=gloo" in log and "All distributed processes registered" in log, log[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_predict_writes_every_row_once_in_index_order(tmp_path):
+    override = override_config(tmp_path)
+    result = run_cli("predict", "-c", QUICKSTART, "-c", str(override), "--data.init_args.predict_num_samples", "7",
+                     "--model.init_args.max_new_tokens", "4",
+                     "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "predict" / "generated.jsonl").read_text().splitlines()]
+    # 7 rows over 2 ranks: the sampler pads one rank with a repeat, which must not appear twice.
+    indices = [row["index"] for row in rows]
+    assert len(rows) == 7 and indices == sorted(set(indices))

@@ -225,6 +225,8 @@ class TextDataModule(LightningDataModule):
 
     def _build_predict_dataset(self) -> datasets.Dataset:
         hp = self.hparams
+        if hp.format != "qa":
+            raise DataError("predict generates answers to prompts and needs format: qa")
         if hp.predict_path is not None:
             source = load_source(hp.predict_path, subset=None, split="train")
             require_columns(source, [hp.input_column], source=hp.predict_path)
@@ -236,8 +238,6 @@ class TextDataModule(LightningDataModule):
             if not rows:
                 raise DataError(f"predict_split='{hp.predict_split}' is empty; set val_size > 0 or choose 'train'")
             source = full.select(rows)
-        if hp.format != "qa":
-            raise DataError("predict generates answers to prompts and needs format: qa")
         if hp.predict_num_samples is not None:
             source = source.select(range(min(hp.predict_num_samples, len(source))))
         return self._tokenize(source, with_answer=False)
