@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 from conftest import TINY_CONFIGS
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_attrib.data import TextDataModule
@@ -29,9 +29,11 @@ def _trainer(tmp_path, **kwargs):
 class _RecordLR(Callback):
     def __init__(self):
         self.lrs: dict[int, float] = {}
+        self.batches: dict[int, list[int]] = {}
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+        self.batches[trainer.global_step] = batch["index"].tolist()
 
 
 def test_warmup_and_cosine_with_restarts_follow_the_formula(tmp_path, facts_path, tokenizer_path):
@@ -63,8 +65,10 @@ def test_optimizer_is_fused_adamw_without_decay_on_norms_and_biases(tmp_path, fa
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.parameters()))
 
 
-def test_resume_continues_global_step_and_schedule(tmp_path, facts_path, tokenizer_path):
+def test_resume_continues_global_step_schedule_and_data_order(tmp_path, facts_path, tokenizer_path):
+    """Killed at step 6 of 16 (mid-epoch, 8 batches an epoch) and resumed: the same run as uninterrupted."""
     def run(ckpt_path=None, every=None):
+        seed_everything(0)  # same shuffling for both runs; the resumed one must get it from the checkpoint
         module = CausalLMModule(config=TINY_CONFIGS["llama"], learning_rate=1e-3, scheduler="cosine_with_restarts",
                                 warmup_steps=3, num_cycles=2)
         record = _RecordLR()
@@ -74,16 +78,19 @@ def test_resume_continues_global_step_and_schedule(tmp_path, facts_path, tokeniz
         trainer = _trainer(tmp_path, max_steps=16, callbacks=callbacks, limit_val_batches=0,
                            enable_checkpointing=bool(every))
         trainer.fit(module, _data(facts_path, tokenizer_path), ckpt_path=ckpt_path)
-        return trainer, record
+        return trainer, record, module
 
-    _, full = run()
+    _, full, full_module = run()
     run(every=6)
     checkpoint = tmp_path / "ck" / "epoch=0-step=6.ckpt"
     assert checkpoint.exists()
-    resumed_trainer, resumed = run(ckpt_path=str(checkpoint))
+    resumed_trainer, resumed, resumed_module = run(ckpt_path=str(checkpoint))
     assert min(resumed.lrs) == 6 and resumed_trainer.global_step == 16
     for step, lr in resumed.lrs.items():
         assert lr == pytest.approx(full.lrs[step], abs=1e-12), step
+    assert resumed.batches == {step: full.batches[step] for step in range(6, 16)}  # next batch, not the first
+    for (name, a), b in zip(full_module.named_parameters(), resumed_module.parameters()):
+        torch.testing.assert_close(a, b, msg=name)
 
 
 def test_bf16_mixed_fit_on_cpu(tmp_path, facts_path, tokenizer_path):

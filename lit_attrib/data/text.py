@@ -10,6 +10,7 @@ import datasets
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
 from lit_attrib.data.collate import CausalLMCollator
@@ -245,7 +246,9 @@ class TextDataModule(LightningDataModule):
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right") -> DataLoader:
         collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)
         columns = [c for c in ("input_ids", "labels", "index", "prompt", "reference") if c in dataset.column_names]
-        return DataLoader(
+        # A stateful loader: a checkpoint taken mid-epoch resumes at the next batch, in the same order.
+        loader_class = StatefulDataLoader if shuffle else DataLoader
+        return loader_class(
             dataset.select_columns(columns),
             batch_size=batch_size,
             shuffle=shuffle,

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from lit_attrib.data.tokenizer import load_tokenizer
 from lit_attrib.errors import ModelError, TrainingError
+from lit_attrib.lightning_compat import restore_train_loader_state
 from lit_attrib.modules.loading import build_causal_lm
 from lit_attrib.ops.loss import loss_mask, token_nll
 
@@ -151,6 +152,9 @@ class CausalLMModule(LightningModule):
         return self.per_token_loss(batch).sum(dim=-1)
 
     # ------------------------------------------------------------------------------- steps
+    def on_train_start(self) -> None:
+        restore_train_loader_state(self.trainer)  # resume mid-epoch at the next batch, not the first
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         token_loss = self.per_token_loss(batch)
         num_tokens = loss_mask(batch["labels"]).sum()
