@@ -19,11 +19,11 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     ``token_nll(...).sum(-1)`` is the per-example summed loss.
 
     Args:
-        logits: ``(B, T, V)`` next-token logits, any floating dtype (upcast to float32 here).
+        logits: ``(B, T, V)`` next-token logits; half precision is upcast to float32, float64 is kept.
         labels: ``(B, T)`` token ids, ``IGNORE_INDEX`` where no loss is taken.
 
     Returns:
-        ``(B, T)`` float32 tensor.
+        ``(B, T)`` tensor, float32 (or float64 for float64 logits).
 
     Raises:
         ValueError: if the shapes do not line up.
@@ -34,7 +34,9 @@ def token_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             f"got logits {tuple(logits.shape)} and labels {tuple(labels.shape)}"
         )
     batch, length, vocab = logits.shape
-    shifted_logits = logits[:, :-1].float()  # (B, T-1, V) predicts tokens 1..T-1
+    shifted_logits = logits[:, :-1]  # (B, T-1, V) predicts tokens 1..T-1
+    if shifted_logits.dtype in (torch.float16, torch.bfloat16):
+        shifted_logits = shifted_logits.float()
     shifted_labels = labels[:, 1:]  # (B, T-1)
     nll = F.cross_entropy(
         shifted_logits.reshape(-1, vocab), shifted_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"

@@ -1,0 +1,149 @@
+"""The curvature-factors artifact: ``factors.safetensors`` + ``factors.json``.
+
+Tensors per tracked module ``<name>`` (bias-appended layout, ``in`` includes the bias column):
+
+- ``<name>.activation_covariance`` ``(in, in)`` — ``A = E[a aᵀ]`` over non-padding tokens
+- ``<name>.gradient_covariance`` ``(out, out)`` — ``G = E[g gᵀ]``
+- ``<name>.activation_eigenvalues`` / ``.activation_eigenvectors`` — ``A = Q_A diag(μ) Q_Aᵀ``
+- ``<name>.gradient_eigenvalues`` / ``.gradient_eigenvectors`` — ``G = Q_G diag(λ) Q_Gᵀ``
+- ``<name>.lambda`` ``(out, in)`` — EKFAC's corrected eigenvalues (``strategy: ekfac``) or
+  ``λ_i μ_j`` (``strategy: kfac``)
+
+``factors.json`` holds the arguments that produced them, each module's type, shapes, token and
+example counts, and library versions. It is written last: a folder without it is incomplete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lit_attrib.errors import ArtifactError
+from lit_attrib.io import atomic_path, write_json
+from lit_attrib.ops.kfac import ekfac_inverse_hvp
+from lit_attrib.tracking import SUPPORTED_TYPES, _info
+
+__all__ = ["FACTOR_KEYS", "Factors", "factors_exist", "load_factors", "save_factors"]
+
+TENSORS_FILE = "factors.safetensors"
+METADATA_FILE = "factors.json"
+FORMAT = "lit_attrib.factors/1"
+FACTOR_KEYS = (
+    "activation_covariance",
+    "gradient_covariance",
+    "activation_eigenvalues",
+    "activation_eigenvectors",
+    "gradient_eigenvalues",
+    "gradient_eigenvectors",
+    "lambda",
+)
+
+
+@dataclass
+class Factors:
+    """Loaded curvature factors: ``factors[module_name][key]`` and the metadata they were saved with."""
+
+    modules: dict[str, dict[str, torch.Tensor]]
+    metadata: dict = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> dict[str, torch.Tensor]:
+        return self.modules[name]
+
+    def __iter__(self):
+        return iter(self.modules)
+
+    def __len__(self) -> int:
+        return len(self.modules)
+
+    def inverse_hvp(self, name: str, vector: torch.Tensor, damping: float | None = None) -> torch.Tensor:
+        """``(H + λI)⁻¹ V`` for module ``name`` with ``V (..., out, in)`` in the bias-appended layout."""
+        factors = self.modules[name]
+        dtype = vector.dtype
+        return ekfac_inverse_hvp(
+            vector, factors["activation_eigenvectors"].to(dtype), factors["gradient_eigenvectors"].to(dtype),
+            factors["lambda"].to(dtype), damping,
+        )
+
+
+def factors_exist(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a complete factors artifact."""
+    return (Path(path) / METADATA_FILE).is_file() and (Path(path) / TENSORS_FILE).is_file()
+
+
+def save_factors(path: str | os.PathLike, modules: dict[str, dict[str, torch.Tensor]], metadata: dict) -> Path:
+    """Write the artifact atomically: tensors first, ``factors.json`` last."""
+    path = Path(path)
+    tensors = {f"{name}.{key}": tensor.detach().contiguous().cpu() for name, factors in modules.items()
+               for key, tensor in factors.items()}
+    with atomic_path(path / TENSORS_FILE) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    write_json(path / METADATA_FILE, {"format": FORMAT, **metadata})
+    return path
+
+
+def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu") -> Factors:
+    """Load factors, and check them against ``model`` if one is given.
+
+    Args:
+        path: the folder holding ``factors.safetensors`` and ``factors.json``.
+        model: the model (or LightningModule) the factors will be used with; its module names, types
+            and shapes must match the saved ones.
+        device: where to put the tensors.
+
+    Raises:
+        ArtifactError: the artifact is missing or incomplete, or differs from ``model`` (every
+            difference is listed).
+    """
+    path = Path(path)
+    if not factors_exist(path):
+        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else "no such folder"
+        raise ArtifactError(f"no complete factors in '{path}' (expected {TENSORS_FILE} and {METADATA_FILE}; "
+                            f"found {found}). Run KFACCollectorCallback first.")
+    metadata = json.loads((path / METADATA_FILE).read_text())
+    if metadata.get("format") != FORMAT:
+        raise ArtifactError(f"'{path / METADATA_FILE}' is format {metadata.get('format')!r}, expected {FORMAT!r}")
+    flat = load_file(str(path / TENSORS_FILE), device=str(device))
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in flat.items():
+        name, _, factor = key.rpartition(".")
+        modules.setdefault(name, {})[factor] = tensor
+    order = list(metadata.get("modules", {}))
+    modules = {name: modules[name] for name in order if name in modules} | modules  # model order, as saved
+    missing = [f"{name}.{key}" for name in metadata.get("modules", {}) for key in FACTOR_KEYS
+               if key not in modules.get(name, {})]
+    if missing:
+        raise ArtifactError(f"'{path / TENSORS_FILE}' lacks tensors {missing[:8]}; the artifact is damaged, recompute it")
+    factors = Factors(modules, metadata)
+    if model is not None:
+        check_factors_against_model(factors, model)
+    return factors
+
+
+def check_factors_against_model(factors: Factors, model: nn.Module) -> None:
+    """Raise an :class:`ArtifactError` listing every saved module that is absent or shaped differently."""
+    named = {name: module for name, module in model.named_modules() if name}
+    problems = []
+    for name, saved in factors.metadata.get("modules", {}).items():
+        module = named.get(name)
+        if module is None:
+            # The usual cause: factors of a LightningModule ("model.x") checked against its inner model ("x").
+            hint = [n for n in named if name.endswith("." + n) or n.endswith("." + name)][:1]
+            problems.append(f"'{name}' is not a module of the model"
+                            + (f" (did you mean '{hint[0]}'? pass the same module the factors were collected on)"
+                               if hint else ""))
+            continue
+        if not isinstance(module, SUPPORTED_TYPES):
+            problems.append(f"'{name}' is a {type(module).__name__} in the model, saved as {saved['kind']}")
+            continue
+        current = _info(name, module).describe()
+        for key in ("kind", "in_features", "out_features", "bias"):
+            if current[key] != saved[key]:
+                problems.append(f"'{name}': {key} is {current[key]} in the model but {saved[key]} in the factors")
+    if problems:
+        raise ArtifactError("the factors do not match the model:\n  - " + "\n  - ".join(problems))

@@ -1,0 +1,565 @@
+"""KFACCollectorCallback: K-FAC / EKFAC curvature factors collected while Lightning runs the model.
+
+In ``fit`` it observes the real training backward (rescaled from the training loss's reduction to
+the sum-reduced loss of each example); in ``validate``/``test``/``predict`` it runs a grad-enabled
+forward/backward of its own through ``loss_fn``, so frozen and evaluation models work too. The math
+lives in :mod:`lit_attrib.ops.kfac`; this file decides when, where and on which rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from lit_attrib.artifacts.factors import METADATA_FILE, factors_exist, load_factors, save_factors
+from lit_attrib.errors import ArtifactError, ModelError, TrainingError
+from lit_attrib.ops.kfac_accumulator import KFACAccumulator
+from lit_attrib.ops.loss import IGNORE_INDEX, loss_mask, token_nll
+from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
+
+__all__ = ["KFACCollectorCallback"]
+
+Stage = Literal["fit", "validate", "test", "predict"]
+LossFn = Callable[[LightningModule, Any], torch.Tensor]
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+_PHASE_KEYS = {"covariance": ("activation", "gradient"), "lambda": ("lambda",)}
+
+
+def _clone(batch: Any) -> Any:
+    """A copy of the batch's tensors that autograd may use (batches made under inference mode may not)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.clone()
+    if isinstance(batch, dict):
+        return {key: _clone(value) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_clone(value) for value in batch)
+    return batch
+
+
+def _slice(batch: Any, size: int) -> Any:
+    """The first ``size`` examples of a batch (tensors and lists are cut along their first axis)."""
+    if isinstance(batch, (torch.Tensor, list)):
+        return batch[:size]
+    if isinstance(batch, dict):
+        return {key: _slice(value, size) for key, value in batch.items()}
+    if isinstance(batch, tuple):
+        return tuple(_slice(value, size) for value in batch)
+    return batch
+
+
+def _batch_size(batch: Any) -> int:
+    if isinstance(batch, dict) and "input_ids" in batch:
+        return int(batch["input_ids"].shape[0])
+    tensors = [v for v in (batch.values() if isinstance(batch, dict) else batch) if isinstance(v, torch.Tensor)]
+    return int(tensors[0].shape[0])
+
+
+def default_loss(pl_module: LightningModule, batch: Any) -> torch.Tensor:
+    """``pl_module.per_example_loss(batch)``: the summed loss of each example, ``(B,)``."""
+    if not hasattr(pl_module, "per_example_loss"):
+        raise ModelError(
+            f"{type(pl_module).__name__} has no per_example_loss(batch); pass loss_fn=your_function taking "
+            f"(pl_module, batch) and returning the summed loss of each example, shape (B,)"
+        )
+    return pl_module.per_example_loss(batch)
+
+
+class KFACCollectorCallback(Callback):
+    """Collect K-FAC or EKFAC factors of the selected linear layers and save them as an artifact.
+
+    ``A = E[a aᵀ]`` and ``G = E[g gᵀ]`` over non-padding tokens (``batch["attention_mask"]``), with
+    ``g`` the output gradient of each example's **summed** loss; EKFAC adds a second pass over the
+    data for ``Λ = E[(Q_Gᵀ DW Q_A)²]``. Passes: for each group of layers, a covariance pass, then
+    (EKFAC) a lambda pass. In ``fit`` each pass is one training epoch from ``start_epoch`` on; passes
+    the training does not reach run as extra loops over the training data after it ends. In the
+    other stages the stage's own loop is the first pass and the rest are extra loops over the same
+    data. The log says which.
+
+    Writes ``factors.safetensors`` + ``factors.json`` (see :mod:`lit_attrib.artifacts.factors`) and
+    spectrum plots (PNG and TensorBoard) on rank zero. Running sums, counts and the pass are part of
+    the callback's ``state_dict``, so a ``fit`` resumed from a checkpoint ends with the same factors.
+
+    Args:
+        target_modules: fnmatch patterns over ``pl_module.named_modules()`` (``nn.Linear`` and
+            GPT-2 ``Conv1D``), e.g. ``["*.mlp.*_proj"]``.
+        strategy: ``ekfac`` (eigenvalue-corrected, two passes) or ``kfac`` (one pass).
+        fisher: ``empirical`` (gradients of the data's labels) or ``true`` (labels sampled from the
+            model; needs ``pl_module(input_ids, attention_mask)`` to return logits and the batch to
+            have ``labels``; in ``fit`` this is an extra forward/backward per batch).
+        stages: the stages in which to collect.
+        max_examples: examples per pass (all if ``None``); split evenly over processes.
+        layers_per_pass: bound memory by collecting this many layers at a time (more passes).
+        module_groups: explicit groups of patterns collected one group per pass (instead of
+            ``layers_per_pass``).
+        dtype: accumulation and storage dtype (eigendecompositions are always float64).
+        output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
+        name: the artifact's name (folder name and TensorBoard tag prefix).
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss, for the
+            passes the callback runs itself; default ``pl_module.per_example_loss``.
+        train_loss_reduction: how the training step reduced its loss (``auto`` reads
+            ``pl_module.loss_reduction``): ``sum``, ``example_mean`` or ``token_mean``.
+        start_epoch: in ``fit``, the first epoch that collects.
+        inspect_modules: patterns of the layers to plot; default the last tracked ``down_proj``
+            (or the last tracked layer).
+        plots: write the inspection plots.
+        overwrite: replace factors in ``output_dir`` that were made with other arguments.
+        seed: seed of the label sampling of ``fisher: true``.
+    """
+
+    def __init__(
+        self,
+        target_modules: list[str] | None = None,
+        strategy: Literal["kfac", "ekfac"] = "ekfac",
+        fisher: Literal["empirical", "true"] = "empirical",
+        stages: list[Stage] | None = None,
+        max_examples: int | None = None,
+        layers_per_pass: int | None = None,
+        module_groups: list[list[str]] | None = None,
+        dtype: Literal["float32", "float64"] = "float32",
+        output_dir: str | None = None,
+        name: str = "factors",
+        loss_fn: LossFn | None = None,
+        train_loss_reduction: Literal["auto", "sum", "example_mean", "token_mean"] = "auto",
+        start_epoch: int = 0,
+        inspect_modules: list[str] | None = None,
+        plots: bool = True,
+        overwrite: bool = False,
+        seed: int = 0,
+    ) -> None:
+        problems = []
+        if max_examples is not None and max_examples < 1:
+            problems.append(f"max_examples must be at least 1 (or null for all examples); got {max_examples}")
+        if layers_per_pass is not None and layers_per_pass < 1:
+            problems.append(f"layers_per_pass must be at least 1; got {layers_per_pass}")
+        if layers_per_pass is not None and module_groups is not None:
+            problems.append("give layers_per_pass or module_groups, not both")
+        if strategy not in ("kfac", "ekfac"):
+            problems.append(f"strategy must be 'kfac' or 'ekfac'; got '{strategy}'")
+        if fisher not in ("empirical", "true"):
+            problems.append(f"fisher must be 'empirical' or 'true'; got '{fisher}'")
+        if dtype not in _DTYPES:
+            problems.append(f"dtype must be one of {list(_DTYPES)}; got '{dtype}'")
+        stages = list(stages or ["fit", "validate", "test", "predict"])
+        if unknown := [s for s in stages if s not in ("fit", "validate", "test", "predict")]:
+            problems.append(f"unknown stages {unknown}; choose among fit, validate, test, predict")
+        if problems:
+            raise ValueError("invalid KFACCollectorCallback arguments:\n  - " + "\n  - ".join(problems))
+        self.target_modules = list(target_modules or ["*.mlp.*_proj"])
+        self.strategy = strategy
+        self.fisher = fisher
+        self.stages = stages
+        self.max_examples = max_examples
+        self.layers_per_pass = layers_per_pass
+        self.module_groups = module_groups
+        self.dtype = _DTYPES[dtype]
+        self.output_dir = output_dir
+        self.name = name
+        self.loss_fn = loss_fn or default_loss
+        self.train_loss_reduction = train_loss_reduction
+        self.start_epoch = start_epoch
+        self.inspect_modules = inspect_modules
+        self.plots = plots
+        self.overwrite = overwrite
+        self.seed = seed
+
+        self._layers: dict[str, LayerInfo] = {}
+        self._groups: list[list[str]] = []
+        self._pass = 0
+        self._pass_examples = 0
+        self._accumulator: KFACAccumulator | None = None
+        self._tracker: LayerTracker | None = None
+        self._pending_state: dict | None = None
+        self._stage: str | None = None
+        self._observing = False
+        self._batch_mask: torch.Tensor | None = None
+        self._where = ""
+        self._gradient_scale = 1.0
+        self._max_uses: dict[str, int] = {}
+        self._generator: torch.Generator | None = None
+        self._written: Path | None = None
+
+    # ------------------------------------------------------------------------------ identity
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def arguments(self) -> dict:
+        """The arguments that determine the factors (stored in ``factors.json``, compared on reuse)."""
+        return {
+            "target_modules": self.target_modules, "strategy": self.strategy, "fisher": self.fisher,
+            "max_examples": self.max_examples, "layers_per_pass": self.layers_per_pass,
+            "module_groups": self.module_groups, "dtype": str(self.dtype).replace("torch.", ""),
+            "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
+        }
+
+    @property
+    def passes(self) -> list[tuple[str, int]]:
+        """``(phase, group)`` in order: each group's covariance pass, then its lambda pass (EKFAC)."""
+        phases = ["covariance", "lambda"] if self.strategy == "ekfac" else ["covariance"]
+        return [(phase, group) for group in range(len(self._groups)) for phase in phases]
+
+    # ------------------------------------------------------------------------------- set-up
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage not in self.stages:
+            return
+        folder = self._folder(trainer)
+        if factors_exist(folder) and not self.overwrite:
+            saved = json.loads((folder / METADATA_FILE).read_text()).get("arguments", {})
+            if saved != self.arguments():
+                differing = sorted(k for k in set(saved) | set(self.arguments()) if saved.get(k) != self.arguments().get(k))
+                raise ArtifactError(
+                    f"'{folder}' already holds factors made with other arguments ({', '.join(differing)} differ); "
+                    f"choose another output_dir or name, or set overwrite=True to replace them"
+                )
+
+    def _folder(self, trainer: Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / self.name
+
+    def _begin(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> bool:
+        """Select layers and restore state when a stage starts; False when nothing is to be done here."""
+        if stage not in self.stages or self._written is not None:
+            return False
+        self._stage = stage
+        if not self._layers:
+            self._layers = find_layers(pl_module, self.target_modules)
+            self._groups = self._make_groups(pl_module)
+            self._accumulator = KFACAccumulator(self._layers, self.dtype, pl_module.device)
+            self._tracker = LayerTracker(self._layers, self._on_activation, self._on_gradient).attach()
+            self._tracker.active = False
+            self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
+            if self._pending_state is not None:
+                self._restore(self._pending_state, pl_module.device)
+                self._pending_state = None
+        if self._pass >= len(self.passes):
+            return False
+        if stage != "fit":
+            self._announce(f"the {stage} loop")
+        elif self._fit_epoch_collects(trainer):
+            self._announce(f"training epoch {max(trainer.current_epoch, self.start_epoch)}")
+        return True
+
+    def _make_groups(self, pl_module: LightningModule) -> list[list[str]]:
+        names = list(self._layers)
+        if self.module_groups is not None:
+            groups = [list(find_layers(pl_module, patterns)) for patterns in self.module_groups]
+            missing = sorted(set(names) - {n for group in groups for n in group})
+            if missing:
+                raise ModelError(f"module_groups leave tracked layers out of every group: {missing[:8]}")
+            return groups
+        size = self.layers_per_pass or len(names)
+        return [names[i:i + size] for i in range(0, len(names), size)]
+
+    def _announce(self, where: str) -> None:
+        phase, group = self.passes[self._pass]
+        later = len(self.passes) - self._pass - 1
+        rank_zero_info(
+            f"{type(self).__name__}[{self.name}]: {phase} pass {self._pass + 1}/{len(self.passes)} over "
+            f"{len(self._groups[group])} layer(s) in {where}"
+            + (f"; {later} more pass(es) follow (the EKFAC eigenvalue correction needs its own pass)" if later else "")
+        )
+
+    # ------------------------------------------------------------------------------ hooks
+    def _on_activation(self, layer: LayerInfo, use: int, activations: torch.Tensor) -> None:
+        self._max_uses[layer.name] = max(self._max_uses.get(layer.name, 0), use + 1)
+        if self.passes[self._pass][0] == "covariance":
+            self._accumulator.add_activations(layer, activations, self._batch_mask)
+
+    def _on_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        gradients = gradients * self._gradient_scale
+        if self.passes[self._pass][0] == "covariance":
+            self._accumulator.add_gradients(layer, gradients, self._batch_mask)
+        else:
+            self._accumulator.add_rotated_gradient(layer, activations, gradients, self._batch_mask)
+
+    # ----------------------------------------------------------------------------- fit
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._begin(trainer, pl_module, "fit")
+
+    def _fit_epoch_collects(self, trainer: Trainer) -> bool:
+        return trainer.current_epoch >= self.start_epoch and self._pass < len(self.passes)
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._stage != "fit" or not self._fit_epoch_collects(trainer):
+            return
+        self._where = f"training step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
+        if self.fisher == "true":
+            return
+        if self._start_batch(trainer, batch, self._train_gradient_scale(trainer, pl_module, batch), own_pass=False):
+            self._tracker.reset()
+            self._tracker.active = True
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if self._stage != "fit" or not self._fit_epoch_collects(trainer):
+            return
+        if self.fisher == "true":
+            self._own_pass(trainer, pl_module, batch)
+        elif self._tracker.active:
+            self._tracker.active = False
+            self._end_batch(trainer)
+
+    @override
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._stage == "fit" and self._fit_epoch_collects(trainer):
+            self._finish_pass(trainer)
+            if self._pass < len(self.passes) and trainer.current_epoch + 1 < trainer.max_epochs:
+                self._announce(f"training epoch {trainer.current_epoch + 1}")
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._stage != "fit" or self._written is not None:
+            return
+        self._run_remaining_passes(trainer, pl_module, trainer.train_dataloader)
+        self._write(trainer)
+
+    def _train_gradient_scale(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
+        """Factor from the gradient of the training loss to that of the summed per-example losses."""
+        reduction = self.train_loss_reduction
+        if reduction == "auto":
+            reduction = getattr(pl_module, "loss_reduction", None)
+        if reduction == "token_mean":
+            normaliser = float(loss_mask(batch["labels"]).sum().clamp(min=1))
+        elif reduction == "example_mean":
+            normaliser = float(_batch_size(batch))
+        elif reduction == "sum":
+            normaliser = 1.0
+        else:
+            raise ModelError(
+                f"{type(self).__name__} cannot tell how {type(pl_module).__name__}'s training step reduces its loss "
+                f"(got {reduction!r}); set train_loss_reduction to 'sum', 'example_mean' or 'token_mean', or give "
+                f"the module a loss_reduction attribute"
+            )
+        scale = normaliser * trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # float16 AMP multiplies the loss by its scale
+            scale /= float(scaler.get_scale())
+        return scale
+
+    # ------------------------------------------------------------------- own-pass stages
+    def _stage_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.state.fn == stage:
+            self._begin(trainer, pl_module, stage)
+
+    def _stage_batch_end(self, trainer: Trainer, pl_module: LightningModule, batch: Any, stage: str,
+                         batch_idx: int) -> None:
+        if self._stage == stage and trainer.state.fn == stage and self._pass == 0 and self._written is None:
+            self._where = f"{stage} batch {batch_idx}"
+            self._own_pass(trainer, pl_module, batch)
+
+    def _stage_end(self, trainer: Trainer, pl_module: LightningModule, stage: str, loaders: Any) -> None:
+        if self._stage != stage or trainer.state.fn != stage or self._written is not None:
+            return
+        if self._pass == 0:
+            self._finish_pass(trainer)
+        self._run_remaining_passes(trainer, pl_module, loaders)
+        self._write(trainer)
+
+    @override
+    def on_validation_start(self, trainer, pl_module):
+        self._stage_start(trainer, pl_module, "validate")
+
+    @override
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._stage_batch_end(trainer, pl_module, batch, "validate", batch_idx)
+
+    @override
+    def on_validation_end(self, trainer, pl_module):
+        self._stage_end(trainer, pl_module, "validate", trainer.val_dataloaders)
+
+    @override
+    def on_test_start(self, trainer, pl_module):
+        self._stage_start(trainer, pl_module, "test")
+
+    @override
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._stage_batch_end(trainer, pl_module, batch, "test", batch_idx)
+
+    @override
+    def on_test_end(self, trainer, pl_module):
+        self._stage_end(trainer, pl_module, "test", trainer.test_dataloaders)
+
+    @override
+    def on_predict_start(self, trainer, pl_module):
+        self._stage_start(trainer, pl_module, "predict")
+
+    @override
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self._stage_batch_end(trainer, pl_module, batch, "predict", batch_idx)
+
+    @override
+    def on_predict_end(self, trainer, pl_module):
+        self._stage_end(trainer, pl_module, "predict", trainer.predict_dataloaders)
+
+    # --------------------------------------------------------------------- the passes
+    def _start_batch(self, trainer: Trainer, batch: Any, gradient_scale: float, own_pass: bool) -> Any:
+        """Set the token mask and count the batch against ``max_examples``; ``None`` when the pass is full.
+
+        An own pass cuts the batch to the examples still wanted; while observing training the whole
+        batch counts (``max_examples`` rounds up to whole batches in ``fit``).
+        """
+        size = _batch_size(batch)
+        if self.max_examples is not None:
+            wanted = math.ceil(self.max_examples / trainer.world_size) - self._pass_examples
+            if wanted <= 0:
+                return None
+            if own_pass and wanted < size:
+                batch = _slice(batch, wanted)
+                size = wanted
+        self._tracker.enabled = set(self._groups[self.passes[self._pass][1]])
+        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+        self._batch_mask = None if mask is None else mask.to(torch.bool)
+        self._gradient_scale = gradient_scale
+        self._pass_examples += size
+        return batch
+
+    def _end_batch(self, trainer: Trainer) -> None:
+        self._accumulator.end_batch()
+        self._batch_mask = None
+        group = self._groups[self.passes[self._pass][1]]
+        if bad := self._accumulator.non_finite(group):
+            raise TrainingError(
+                f"{type(self).__name__}[{self.name}]: non-finite values in {bad[:4]} in {self._where}; the "
+                f"activations or gradients of that layer hold NaN/Inf. "
+                f"No factors were written. Check the data and the loss of that step (e.g. lower the learning rate)."
+            )
+
+    def _own_pass(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
+        """Forward and backward of the collector's own, leaving the parameters' ``.grad`` untouched."""
+        with torch.inference_mode(False), torch.enable_grad(), trainer.precision_plugin.forward_context():
+            batch = self._start_batch(trainer, _clone(batch), 1.0, own_pass=True)
+            if batch is None:
+                return
+            self._tracker.reset()
+            self._tracker.force_grad = self._tracker.active = True
+            try:
+                losses = self._sampled_loss(pl_module, batch) if self.fisher == "true" else self.loss_fn(pl_module, batch)
+                if losses.ndim != 1:
+                    raise ModelError(f"loss_fn must return one summed loss per example, shape (B,); got {tuple(losses.shape)}")
+                if self._tracker.outputs:
+                    torch.autograd.grad(losses.sum(), self._tracker.outputs, allow_unused=True)
+            finally:
+                self._tracker.active = self._tracker.force_grad = False
+                self._tracker.reset()
+        self._end_batch(trainer)
+
+    def _sampled_loss(self, pl_module: LightningModule, batch: dict) -> torch.Tensor:
+        """True Fisher: each label position's token is drawn from the model's own prediction."""
+        logits = pl_module(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
+        probabilities = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
+        sampled = torch.multinomial(probabilities.reshape(-1, probabilities.shape[-1]), 1, generator=self._generator)
+        labels = batch["labels"].clone()
+        keep = labels[:, 1:] != IGNORE_INDEX
+        labels[:, 1:] = torch.where(keep, sampled.view(keep.shape), torch.full_like(labels[:, 1:], IGNORE_INDEX))
+        return token_nll(logits, labels).sum(dim=-1)
+
+    def _finish_pass(self, trainer: Trainer) -> None:
+        phase, group = self.passes[self._pass]
+        names = self._groups[group]
+        self._accumulator.reduce(names, _PHASE_KEYS[phase], lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
+        if phase == "covariance":
+            self._accumulator.eigendecompose(names)
+        self._pass += 1
+        self._pass_examples = 0
+
+    def _run_remaining_passes(self, trainer: Trainer, pl_module: LightningModule, loaders: Any) -> None:
+        loaders = self._as_list(loaders)
+        while self._pass < len(self.passes):
+            self._announce("an extra loop over the data")
+            for loader in loaders:
+                progress = tqdm(loader, desc=f"{self.name}: {self.passes[self._pass][0]} pass",
+                                disable=not trainer.is_global_zero, leave=False)
+                for batch_idx, batch in enumerate(progress):
+                    self._where = f"batch {batch_idx} of the {self.passes[self._pass][0]} pass"
+                    batch = trainer.strategy.batch_to_device(batch, pl_module.device)
+                    self._own_pass(trainer, pl_module, batch)
+            self._finish_pass(trainer)
+
+    @staticmethod
+    def _as_list(loaders: Any) -> list:
+        if loaders is None:
+            return []
+        iterables = getattr(loaders, "iterables", loaders)  # Lightning's CombinedLoader
+        if isinstance(iterables, dict):
+            return list(iterables.values())
+        return list(iterables) if isinstance(iterables, (list, tuple)) else [iterables]
+
+    # --------------------------------------------------------------------------- writing
+    def _write(self, trainer: Trainer) -> None:
+        if self._pass < len(self.passes):
+            return
+        folder = self._folder(trainer)
+        if trainer.is_global_zero:
+            modules = {name: self._accumulator.factors(name, self.strategy, self.dtype) for name in self._layers}
+            counts = self._accumulator.counts
+            metadata = {
+                "name": self.name,
+                "arguments": self.arguments(),
+                "stage": self._stage,
+                "world_size": trainer.world_size,
+                "global_step": trainer.global_step,
+                "modules": {
+                    name: {**layer.describe(), "uses_per_forward": self._max_uses.get(name, 0), **counts[name]}
+                    for name, layer in self._layers.items()
+                },
+                "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+            }
+            save_factors(folder, modules, metadata)
+            rank_zero_info(f"{type(self).__name__}[{self.name}]: factors of {len(modules)} layer(s) written to {folder}")
+            if self.plots:
+                from lit_attrib.plotting import write_factor_plots
+
+                write_factor_plots(load_factors(folder), folder, self.inspect_modules, logger=trainer.logger,
+                                   tag=self.name, step=trainer.global_step)
+        self._written = folder
+        trainer.strategy.barrier()
+        self._tracker.detach()
+
+    # ----------------------------------------------------------------------------- state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if self._accumulator is None:
+            return {"pass": self._pass, "pass_examples": self._pass_examples}
+        return {
+            "pass": self._pass,
+            "pass_examples": self._pass_examples,
+            "accumulator": self._accumulator.state_dict(),
+            "max_uses": dict(self._max_uses),
+            "arguments": self.arguments(),
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Layers are only known once the model exists (after configure_model): apply when the stage starts.
+        self._pending_state = state_dict
+
+    def _restore(self, state: dict, device: torch.device) -> None:
+        if state.get("arguments", self.arguments()) != self.arguments():
+            raise ArtifactError(f"{type(self).__name__}[{self.name}]: the checkpoint's collection used other arguments "
+                                f"({state.get('arguments')}); resume with the same ones")
+        self._pass = state.get("pass", 0)
+        self._pass_examples = state.get("pass_examples", 0)
+        self._max_uses = dict(state.get("max_uses", {}))
+        if "accumulator" in state:
+            self._accumulator.load_state_dict(state["accumulator"], device)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._tracker is not None:
+            self._tracker.detach()

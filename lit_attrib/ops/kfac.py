@@ -1,0 +1,117 @@
+"""K-FAC / EKFAC math: covariances, eigenbases, the eigenvalue correction and the damped inverse-HVP.
+
+Conventions (``../shared/DESIGN.md``): a linear layer is ``y = W a (+ b)`` with ``W`` of shape
+``(out, in)``; a bias is handled by appending 1 to ``a``. Per-example gradients ``DW = Σ_t g_t a_tᵀ``
+use ``g`` of the **sum**-reduced loss of the example. ``A = E[a aᵀ]`` and ``G = E[g gᵀ]`` over
+non-padding tokens; EKFAC's ``Λ = E_examples[(Q_Gᵀ DW Q_A)²]``; the inverse-HVP of ``V`` is
+``Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ``. Reference: George et al. 2018, https://arxiv.org/abs/1806.03884.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "DEFAULT_DAMPING_FACTOR",
+    "append_bias_column",
+    "covariance_sum",
+    "default_damping",
+    "eigendecompose",
+    "ekfac_inverse_hvp",
+    "kfac_lambda",
+    "per_example_gradient",
+    "rotate_gradient",
+    "rotated_per_example_gradient",
+]
+
+DEFAULT_DAMPING_FACTOR = 0.1
+"""Default damping ``λ = 0.1 · mean(Λ)``."""
+
+
+def append_bias_column(activations: torch.Tensor) -> torch.Tensor:
+    """``(..., in) -> (..., in + 1)`` with a trailing column of ones (the bias input)."""
+    ones = activations.new_ones(*activations.shape[:-1], 1)
+    return torch.cat([activations, ones], dim=-1)
+
+
+def covariance_sum(rows: torch.Tensor) -> torch.Tensor:
+    """``Σ_n x_n x_nᵀ`` of ``rows (N, d)``: an un-normalised second moment, ``(d, d)``."""
+    return rows.T @ rows
+
+
+def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues ``(d,)`` (ascending) and eigenvectors ``(d, d)`` (columns) in float64.
+
+    The matrix is symmetrised first: sums of outer products are symmetric only up to rounding.
+    """
+    matrix = covariance.double()
+    return torch.linalg.eigh(0.5 * (matrix + matrix.T))
+
+
+def per_example_gradient(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
+    """``DW_b = Σ_t g_{b,t} a_{b,t}ᵀ``: ``a (B, T, in)``, ``g (B, T, out)`` -> ``(B, out, in)``."""
+    return torch.einsum("bto,bti->boi", output_gradients, activations)
+
+
+def rotated_per_example_gradient(
+    activations: torch.Tensor,
+    output_gradients: torch.Tensor,
+    activation_eigenvectors: torch.Tensor,
+    gradient_eigenvectors: torch.Tensor,
+) -> torch.Tensor:
+    """``Q_Gᵀ DW_b Q_A`` for each example, without forming ``DW_b`` first: ``(B, out, in)``.
+
+    ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A = Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ``: the rotation is applied to the token
+    vectors, which is cheaper than rotating ``B`` full matrices when ``T < min(in, out)``.
+    """
+    rotated_g = output_gradients @ gradient_eigenvectors  # (B, T, out)
+    rotated_a = activations @ activation_eigenvectors  # (B, T, in)
+    return per_example_gradient(rotated_a, rotated_g)
+
+
+def rotate_gradient(
+    gradient: torch.Tensor, activation_eigenvectors: torch.Tensor, gradient_eigenvectors: torch.Tensor
+) -> torch.Tensor:
+    """``Q_Gᵀ V Q_A`` for ``V (..., out, in)``."""
+    return gradient_eigenvectors.T @ gradient @ activation_eigenvectors
+
+
+def kfac_lambda(activation_eigenvalues: torch.Tensor, gradient_eigenvalues: torch.Tensor) -> torch.Tensor:
+    """K-FAC's eigenvalues of ``G ⊗ A`` arranged as ``(out, in)``: ``λ_G,i · μ_A,j``."""
+    return torch.outer(gradient_eigenvalues, activation_eigenvalues)
+
+
+def default_damping(lambda_matrix: torch.Tensor, factor: float = DEFAULT_DAMPING_FACTOR) -> float:
+    """``factor · mean(Λ)``, the damping used when none is given."""
+    return factor * float(lambda_matrix.double().mean())
+
+
+def ekfac_inverse_hvp(
+    vector: torch.Tensor,
+    activation_eigenvectors: torch.Tensor,
+    gradient_eigenvectors: torch.Tensor,
+    lambda_matrix: torch.Tensor,
+    damping: float | None = None,
+) -> torch.Tensor:
+    """``(H + λI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` for ``V (..., out, in)``.
+
+    Args:
+        vector: one or a batch of layer-shaped gradients, in the bias-appended layout.
+        activation_eigenvectors: ``Q_A (in, in)``.
+        gradient_eigenvectors: ``Q_G (out, out)``.
+        lambda_matrix: ``Λ (out, in)``: EKFAC's corrected eigenvalues or :func:`kfac_lambda`.
+        damping: ``λ``; ``None`` for :func:`default_damping`.
+
+    Raises:
+        ValueError: shapes that do not fit together, or a damping that leaves ``Λ + λ`` non-positive.
+    """
+    out_features, in_features = lambda_matrix.shape
+    if vector.shape[-2:] != (out_features, in_features):
+        raise ValueError(f"expected a vector of shape (..., {out_features}, {in_features}); got {tuple(vector.shape)}")
+    if damping is None:
+        damping = default_damping(lambda_matrix)
+    denominator = lambda_matrix + damping
+    if not bool((denominator > 0).all()):
+        raise ValueError(f"damping {damping} leaves non-positive entries in Λ + λ; use a larger damping")
+    rotated = rotate_gradient(vector, activation_eigenvectors, gradient_eigenvectors)
+    return gradient_eigenvectors @ (rotated / denominator) @ activation_eigenvectors.T

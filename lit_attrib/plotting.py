@@ -1,0 +1,130 @@
+"""Plots people would rather look at than read: curvature-factor spectra (seed 002's inspection)."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files and TensorBoard only; never a window
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import LogNorm  # noqa: E402
+
+from lit_attrib.io import atomic_path  # noqa: E402
+
+__all__ = ["default_inspect_modules", "factor_figures", "write_factor_plots"]
+
+_MAX_HEATMAP_SIDE = 256
+
+
+def default_inspect_modules(names: list[str]) -> list[str]:
+    """A late layer's MLP ``down_proj`` (GPT-2: ``mlp.c_proj``), else the last tracked layer."""
+    for suffix in ("down_proj", "mlp.c_proj"):
+        matches = [name for name in names if name.endswith(suffix)]
+        if matches:
+            return [matches[-1]]
+    return names[-1:]
+
+
+def _block_mean(matrix: torch.Tensor, side: int = _MAX_HEATMAP_SIDE) -> torch.Tensor:
+    """Shrink a large matrix for display by averaging blocks (keeps the overall pattern)."""
+    rows, cols = matrix.shape
+    row_step, col_step = max(1, -(-rows // side)), max(1, -(-cols // side))
+    if row_step == col_step == 1:
+        return matrix
+    pooled = torch.nn.functional.avg_pool2d(matrix[None, None].double(), (row_step, col_step), ceil_mode=True)
+    return pooled[0, 0]
+
+
+def factor_figures(factors: dict[str, torch.Tensor], name: str) -> dict[str, plt.Figure]:
+    """Four figures of one layer's factors: ``spectrum``, ``variance``, ``lambda_heatmap``, ``lambda_sorted``."""
+    activation = factors["activation_eigenvalues"].double().flip(0).clamp(min=0)
+    gradient = factors["gradient_eigenvalues"].double().flip(0).clamp(min=0)
+    lambda_matrix = factors["lambda"].double()
+    figures = {}
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for values, label in ((activation, "A (activations)"), (gradient, "G (output gradients)")):
+        positive = values[values > 0]
+        ax.plot(range(1, len(positive) + 1), positive.numpy(), label=label)
+    ax.set(xlabel="rank", ylabel="eigenvalue", yscale="log", xscale="log", title=f"Eigenvalue spectrum\n{name}")
+    ax.legend()
+    figures["spectrum"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for values, label in ((activation, "A"), (gradient, "G")):
+        explained = values.cumsum(0) / values.sum().clamp(min=1e-300)
+        ax.plot(range(1, len(values) + 1), explained.numpy(), label=label)
+    ax.axhline(0.9, color="grey", lw=0.8, ls="--")
+    ax.set(xlabel="number of eigenvectors", ylabel="cumulative variance explained", ylim=(0, 1.02),
+           title=f"Cumulative variance explained\n{name}")
+    ax.legend()
+    figures["variance"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    shown = _block_mean(lambda_matrix).clamp(min=1e-30)
+    image = ax.imshow(shown.numpy(), aspect="auto", cmap="viridis",
+                      norm=LogNorm(vmin=float(shown.min()), vmax=float(shown.max()) if shown.max() > shown.min() else None))
+    fig.colorbar(image, ax=ax, label="Λ")
+    pooled = " (block means)" if shown.shape != lambda_matrix.shape else ""
+    ax.set(xlabel="activation eigenvector (ascending)", ylabel="gradient eigenvector (ascending)",
+           title=f"EKFAC Λ {tuple(lambda_matrix.shape)}{pooled}\n{name}")
+    figures["lambda_heatmap"] = fig
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ordered = lambda_matrix.flatten().sort(descending=True).values
+    ax.plot(range(1, len(ordered) + 1), ordered.numpy())
+    ax.set(xlabel="rank", ylabel="Λ", xscale="log", title=f"Sorted Λ values\n{name}")
+    positive = ordered[ordered > 0]
+    linthresh = float(positive.min()) if len(positive) else 1e-30
+    ax.set_yscale("symlog", linthresh=linthresh)
+    if float(ordered.min()) >= 0:  # Λ is a mean of squares: no negative half-axis to show
+        ax.set_ylim(0, float(ordered.max()) * 2)
+    figures["lambda_sorted"] = fig
+    for figure in figures.values():
+        figure.tight_layout()
+    return figures
+
+
+def write_factor_plots(factors: Any, folder: str | Path, modules: list[str] | None = None, *, logger: Any = None,
+                       tag: str = "factors", step: int = 0) -> list[Path]:
+    """PNG files in ``folder/plots`` and, given a TensorBoard logger, images and histograms.
+
+    Args:
+        factors: a :class:`lit_attrib.artifacts.Factors`.
+        folder: the artifact folder.
+        modules: fnmatch patterns of the layers to plot (default :func:`default_inspect_modules`).
+        logger: a Lightning ``TensorBoardLogger`` or a ``SummaryWriter`` (optional).
+        tag: TensorBoard tag prefix.
+        step: TensorBoard global step.
+
+    Returns:
+        The PNG files written.
+    """
+    names = list(factors.modules)
+    selected = default_inspect_modules(names) if not modules else [
+        name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in modules)]
+    if not selected:
+        raise ValueError(f"inspect patterns {modules} match none of the saved layers {names[:8]}")
+    writer = getattr(logger, "experiment", logger)
+    if not hasattr(writer, "add_figure"):
+        writer = None
+    written = []
+    for name in selected:
+        layer = factors[name]
+        for kind, figure in factor_figures(layer, name).items():
+            path = Path(folder) / "plots" / f"{name}.{kind}.png"
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, format="png", dpi=110)
+            written.append(path)
+            if writer is not None:
+                writer.add_figure(f"{tag}/{name}/{kind}", figure, global_step=step, close=False)
+            plt.close(figure)
+        if writer is not None:
+            for key in ("activation_eigenvalues", "gradient_eigenvalues", "lambda"):
+                writer.add_histogram(f"{tag}/{name}/{key}", layer[key].double().flatten(), global_step=step)
+            writer.flush()
+    return written

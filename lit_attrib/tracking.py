@@ -1,0 +1,168 @@
+"""Which layers an analysis watches, and the hooks that hand it every use's activations and gradients.
+
+Shared by the curvature, influence and sketching callbacks. Plain PyTorch (no Lightning): hooks
+capture a layer's input ``a (B, T, in)`` in the forward pass and the gradient ``g (B, T, out)`` of its
+output in the backward pass, for **every** call of the layer in one forward (weight tying, looped
+blocks): use ``s`` of a layer is its ``s``-th call since :meth:`LayerTracker.reset`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lit_attrib.errors import ModelError
+
+__all__ = ["LayerInfo", "LayerTracker", "find_layers"]
+
+SUPPORTED_TYPES = (nn.Linear, Conv1D)
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """A tracked layer in lit_attrib's linear convention ``y = W a (+ b)``, ``W (out, in)``.
+
+    ``kind`` is ``"linear"`` (``nn.Linear``, weight stored ``(out, in)``) or ``"conv1d"``
+    (transformers' GPT-2 ``Conv1D``, weight stored ``(in, out)``).
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    in_features: int
+    out_features: int
+    has_bias: bool
+
+    @property
+    def gradient_shape(self) -> tuple[int, int]:
+        """``(out, in + bias)``: the shape of this layer's gradient in the bias-appended layout."""
+        return self.out_features, self.in_features + int(self.has_bias)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.has_bias}
+
+
+def _info(name: str, module: nn.Module) -> LayerInfo:
+    if isinstance(module, nn.Linear):
+        return LayerInfo(name, module, "linear", module.in_features, module.out_features, module.bias is not None)
+    in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
+    return LayerInfo(name, module, "conv1d", in_features, out_features, module.bias is not None)
+
+
+def find_layers(root: nn.Module, patterns: Iterable[str]) -> dict[str, LayerInfo]:
+    """The modules of ``root`` whose names match any fnmatch ``patterns``, in model order.
+
+    Raises:
+        ModelError: a pattern matches nothing (the message lists the supported layers that exist), or
+            matches a module of a type lit_attrib cannot track.
+    """
+    patterns = list(patterns)
+    if not patterns:
+        raise ModelError("target_modules is empty; give fnmatch patterns such as '*.mlp.*_proj'")
+    named = [(name, module) for name, module in root.named_modules() if name]
+    selected: dict[str, LayerInfo] = {}
+    problems = []
+    for pattern in patterns:
+        matches = [(name, module) for name, module in named if fnmatch.fnmatchcase(name, pattern)]
+        if not matches:
+            candidates = [name for name, module in named if isinstance(module, SUPPORTED_TYPES)]
+            shown = ", ".join(candidates[:12]) + (f", … ({len(candidates)} in all)" if len(candidates) > 12 else "")
+            problems.append(f"pattern '{pattern}' matches no module; supported layers are named like: {shown}")
+            continue
+        supported = [(name, module) for name, module in matches if isinstance(module, SUPPORTED_TYPES)]
+        # Containers ("*.mlp") and parameter-free leaves (activations, dropout) are skipped; a leaf with
+        # weights of another type (a norm, an embedding) is an error: its curvature would be missing.
+        unsupported = [f"{name} ({type(module).__name__})" for name, module in matches
+                       if not isinstance(module, SUPPORTED_TYPES) and next(module.children(), None) is None
+                       and next(module.parameters(recurse=False), None) is not None]
+        if unsupported:
+            problems.append(f"pattern '{pattern}' matches modules of unsupported types: {unsupported[:8]} "
+                            f"(supported: nn.Linear, transformers Conv1D); narrow the pattern")
+        elif not supported:
+            problems.append(f"pattern '{pattern}' matches only containers {[n for n, _ in matches][:8]}; "
+                            f"add a suffix such as '.*_proj' to reach their linear layers")
+        for name, module in supported:
+            selected.setdefault(name, _info(name, module))
+    if problems:
+        raise ModelError("cannot select the layers to track:\n  - " + "\n  - ".join(problems))
+    order = {name: i for i, (name, _) in enumerate(named)}
+    return dict(sorted(selected.items(), key=lambda item: order[item[0]]))
+
+
+ActivationFn = Callable[[LayerInfo, int, torch.Tensor], None]
+GradientFn = Callable[[LayerInfo, int, torch.Tensor, torch.Tensor], None]
+
+
+class LayerTracker:
+    """Forward hooks on the selected layers that report each use's ``a`` and, later, its ``g``.
+
+    Args:
+        layers: from :func:`find_layers`.
+        on_activation: called as ``on_activation(layer, use, a)`` in the forward pass.
+        on_gradient: called as ``on_gradient(layer, use, a, g)`` when the output's gradient is known.
+
+    Only ``enabled`` layers report, and only while ``active``; activations are detached. With
+    ``force_grad`` (an analysis pass of its own), an output that does not require a gradient (a
+    frozen model) is made a leaf that does, and every reported output is kept in ``outputs`` until
+    :meth:`reset`, to take gradients with respect to (leaving the parameters' ``.grad`` alone). Use as a context manager or
+    call :meth:`attach` / :meth:`detach`.
+    """
+
+    def __init__(self, layers: dict[str, LayerInfo], on_activation: ActivationFn | None = None,
+                 on_gradient: GradientFn | None = None) -> None:
+        self.layers = layers
+        self.on_activation = on_activation
+        self.on_gradient = on_gradient
+        self.enabled: set[str] = set(layers)
+        self.active = True
+        self.force_grad = False
+        self.uses: dict[str, int] = {}
+        self.outputs: list[torch.Tensor] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def attach(self) -> LayerTracker:
+        if not self._handles:
+            for layer in self.layers.values():
+                self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        return self
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        """Start counting uses afresh and forget kept outputs (call before each forward pass)."""
+        self.uses.clear()
+        self.outputs.clear()
+
+    def __enter__(self) -> LayerTracker:
+        return self.attach()
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def _hook(self, layer: LayerInfo):
+        def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+            if not self.active or layer.name not in self.enabled:
+                return None
+            use = self.uses.get(layer.name, 0)
+            self.uses[layer.name] = use + 1
+            activation = inputs[0].detach()
+            if self.on_activation is not None:
+                self.on_activation(layer, use, activation)
+            if self.force_grad and not output.requires_grad and torch.is_grad_enabled():
+                output = output.detach().requires_grad_(True)
+            if self.on_gradient is not None and output.requires_grad:
+                output.register_hook(lambda grad: self.on_gradient(layer, use, activation, grad.detach()))
+                if self.force_grad:  # an own pass takes gradients with respect to these
+                    self.outputs.append(output)
+            return output
+
+        return hook
