@@ -5,6 +5,7 @@ Usage::
     lit-attrib fit -c configs/quickstart.yaml
     lit-attrib predict -c configs/quickstart.yaml -c configs/compare_generation.yaml --ckpt_path last.ckpt
     lit-attrib fit --model.help CausalLMModule      # every argument of a module, with its docs
+    lit-attrib inspect-factors runs/quickstart/factors  # plots of saved curvature factors
 """
 
 from __future__ import annotations
@@ -70,10 +71,53 @@ def _plain(value):
     return value
 
 
+def inspect_factors(path: str, modules: str | list[str] | None = None, tensorboard_dir: str | None = None,
+                    step: int = 0) -> list[str]:
+    """Plot saved curvature factors without collecting them again.
+
+    Writes the eigenvalue spectra of A and G, their cumulative variance explained, the EKFAC Λ heatmap
+    and the sorted Λ values (symlog) as PNG files into ``PATH/plots``, and optionally to TensorBoard.
+
+    Args:
+        path: folder holding factors.safetensors and factors.json.
+        modules: fnmatch patterns of the layers to plot, comma-separated or a list (default: the last
+            tracked down_proj).
+        tensorboard_dir: also write the figures and histograms as TensorBoard events here.
+        step: TensorBoard global step of the events.
+    """
+    from lit_attrib.artifacts import load_factors
+    from lit_attrib.plotting import write_factor_plots
+
+    if isinstance(modules, str):
+        modules = [pattern.strip() for pattern in modules.split(",") if pattern.strip()]
+    factors = load_factors(path)
+    writer = None
+    if tensorboard_dir is not None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(tensorboard_dir)
+    files = write_factor_plots(factors, path, modules, logger=writer, tag=factors.metadata.get("name", "factors"),
+                               step=step)
+    if writer is not None:
+        writer.close()
+    for file in files:
+        print(file)
+    return [str(file) for file in files]
+
+
+TOOLS = {"inspect-factors": inspect_factors}
+
+
 def main(args: list[str] | None = None) -> None:
     """Entry point of ``lit-attrib``; lit_attrib's own errors print as one message and exit with code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        if argv and argv[0] in TOOLS:
+            from jsonargparse import CLI
+
+            CLI(TOOLS[argv[0]], args=argv[1:], prog=f"lit-attrib {argv[0]}")
+            return
         LitAttribCLI(
             LightningModule,
             LightningDataModule,
@@ -83,7 +127,8 @@ def main(args: list[str] | None = None) -> None:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={
                 "description": "lit-attrib: fine-tune and attribute Hugging Face causal LMs with Lightning. "
-                "Run `lit-attrib fit --model.help CausalLMModule` for a module's arguments."
+                "Run `lit-attrib fit --model.help CausalLMModule` for a module's arguments. "
+                "Tools on saved artifacts: `lit-attrib inspect-factors --help`."
             },
         )
     except LitAttribError as exc:

@@ -27,8 +27,8 @@ def _parse(args: list[str], capsys) -> tuple[int, str, str]:
 
 
 def _layers(config: Path) -> list[str]:
-    """A full config parses alone; an overlay (no `trainer` section) parses on top of the quickstart."""
-    full = "trainer" in (yaml.safe_load(config.read_text()) or {})
+    """A full config (names its model class) parses alone; an overlay parses on top of the quickstart."""
+    full = "class_path" in ((yaml.safe_load(config.read_text()) or {}).get("model") or {})
     return ["-c", str(config)] if full else ["-c", QUICKSTART, "-c", str(config)]
 
 

@@ -63,6 +63,8 @@ class TextDataModule(LightningDataModule):
         batch_size: training batch size per device.
         eval_batch_size: validation and prediction batch size (default: ``batch_size``).
         num_workers: data-loader worker processes.
+        eval_split: rows used by ``validate``/``test`` run on their own (not during ``fit``): ``val``,
+            ``train`` (e.g. to collect curvature on the training data) or ``all``.
         predict_split: rows used by ``predict``: ``val``, ``train`` or ``all``.
         predict_path: a separate file or hub id of prompts for ``predict`` (uses ``input_column``;
             ``output_column``, when present, is kept as the reference answer).
@@ -89,6 +91,7 @@ class TextDataModule(LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
+        eval_split: Literal["val", "train", "all"] = "val",
         predict_split: Literal["val", "train", "all"] = "val",
         predict_path: str | None = None,
         predict_num_samples: int | None = None,
@@ -142,9 +145,10 @@ class TextDataModule(LightningDataModule):
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        if self.val_dataset is None:
+        dataset = self._eval_dataset()
+        if dataset is None:
             return []  # Lightning skips validation on an empty list
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+        return self._loader(dataset, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -153,6 +157,15 @@ class TextDataModule(LightningDataModule):
         return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False, padding_side="left")
 
     # -------------------------------------------------------------------------------- helpers
+    def _eval_dataset(self) -> datasets.Dataset | None:
+        trainer = self.trainer
+        split = self.hparams.eval_split
+        if trainer is None or trainer.state.fn == "fit" or split == "val":
+            return self.val_dataset
+        if split == "train" or self.val_dataset is None:
+            return self.train_dataset
+        return datasets.concatenate_datasets([self.train_dataset, self.val_dataset])
+
     def _required_columns(self) -> list[str]:
         if self.hparams.format == "qa":
             return [self.hparams.input_column, self.hparams.output_column]
