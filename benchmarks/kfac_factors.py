@@ -29,6 +29,7 @@ import time
 import warnings
 from pathlib import Path
 
+import datasets
 import torch
 import torch.nn.functional as F
 from kronfluence import Analyzer, FactorArguments, Task, prepare_model
@@ -164,7 +165,7 @@ def fit_theirs(analyzer: Analyzer, data: TextDataModule, batch_size: int, name: 
     analyzer.fit_all_factors(name, dataset, per_device_batch_size=batch_size, dataloader_kwargs=loader,
                              factor_args=arguments, overwrite_output_dir=True)
     seconds = time.perf_counter() - start
-    raw = analyzer.load_all_factors(name)
+    raw = {**analyzer.load_covariance_matrices(name), **analyzer.load_lambda_matrices(name)}
     normalised = {}
     for module, lambda_sum in raw["lambda_matrix"].items():
         normalised[module] = {
@@ -268,6 +269,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|bottleneck).*")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="kronfluence")
+    datasets.disable_progress_bars()
     for name in ("lightning", "lightning.pytorch", "kronfluence", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

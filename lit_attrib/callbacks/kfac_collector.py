@@ -187,6 +187,7 @@ class KFACCollectorCallback(Callback):
         self._max_uses: dict[str, int] = {}
         self._generator: torch.Generator | None = None
         self._written: Path | None = None
+        self._trainer: Trainer | None = None
 
     # ------------------------------------------------------------------------------ identity
     @property
@@ -234,6 +235,7 @@ class KFACCollectorCallback(Callback):
         if stage not in self.stages or self._written is not None:
             return False
         self._stage = stage
+        self._trainer = trainer
         if not self._layers:
             self._layers = find_layers(pl_module, self.target_modules)
             self._groups = self._make_groups(pl_module)
@@ -319,7 +321,9 @@ class KFACCollectorCallback(Callback):
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._stage == "fit" and self._fit_epoch_collects(trainer):
             self._finish_pass(trainer)
-            if self._pass < len(self.passes) and trainer.current_epoch + 1 < trainer.max_epochs:
+            if self._pass == len(self.passes):
+                self._write(trainer)  # now, not at the end of training: a later crash loses nothing
+            elif trainer.current_epoch + 1 < trainer.max_epochs:
                 self._announce(f"training epoch {trainer.current_epoch + 1}")
 
     @override
@@ -536,13 +540,27 @@ class KFACCollectorCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._accumulator is None:
             return {"pass": self._pass, "pass_examples": self._pass_examples}
-        return {
+        state = {
             "pass": self._pass,
             "pass_examples": self._pass_examples,
             "accumulator": self._accumulator.state_dict(),
             "max_uses": dict(self._max_uses),
             "arguments": self.arguments(),
         }
+        trainer = self._trainer
+        if trainer is not None and trainer.world_size > 1 and self._pass < len(self.passes):
+            # Each process holds part of the running pass; the checkpoint (rank zero's copy) needs the total.
+            # Lightning builds checkpoints on every rank, so this collective is matched.
+            phase, group = self.passes[self._pass]
+            total = KFACAccumulator(self._layers, self.dtype, trainer.strategy.root_device)
+            total.load_state_dict(state["accumulator"], trainer.strategy.root_device)
+            reduce = lambda t: trainer.strategy.reduce(t, reduce_op="sum")  # noqa: E731
+            total.reduce(self._groups[group], _PHASE_KEYS[phase], reduce)
+            state["accumulator"] = total.state_dict()
+            state["pass_examples"] = int(reduce(torch.tensor(float(self._pass_examples),
+                                                             device=trainer.strategy.root_device)))
+            state["world_size"] = trainer.world_size
+        return state
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -558,7 +576,13 @@ class KFACCollectorCallback(Callback):
         self._max_uses = dict(state.get("max_uses", {}))
         if "accumulator" in state:
             self._accumulator.load_state_dict(state["accumulator"], device)
-
+        world_size = state.get("world_size", 1)
+        if world_size > 1 and self._pass < len(self.passes):
+            # The running pass's sums are totals over all ranks: rank zero keeps them, the others restart at 0.
+            self._pass_examples = self._pass_examples // world_size
+            if self._trainer.global_rank != 0:
+                phase, group = self.passes[self._pass]
+                self._accumulator.clear(self._groups[group], _PHASE_KEYS[phase])
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._tracker is not None:

@@ -115,6 +115,13 @@ class KFACAccumulator:
                 count = torch.tensor(float(self.counts[name].get(_COUNT_KEYS[key], 0)), dtype=torch.float64, device=self._device)
                 self.counts[name][_COUNT_KEYS[key]] = int(round(float(reduce_fn(count))))
 
+    def clear(self, names: list[str], keys: tuple[str, ...]) -> None:
+        """Forget the sums ``keys`` of ``names`` and their counts."""
+        for name in names:
+            for key in keys:
+                self.sums[name].pop(key, None)
+                self.counts[name].pop(_COUNT_KEYS[key], None)
+
     def non_finite(self, names: list[str] | None = None) -> list[str]:
         """``layer: quantity`` of every sum holding a NaN or Inf."""
         entries = [(f"{name}: {key}", tensor) for name in (names or list(self.sums))
