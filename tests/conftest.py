@@ -52,8 +52,12 @@ def _deterministic():
 
 
 def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run ``lit-attrib ARGS`` in a subprocess (as a user would) and return the finished process."""
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    """Run ``lit-attrib ARGS`` in a subprocess (as a user would) and return the finished process.
+
+    ``tests/`` is on the subprocess's path, so configs may name test helpers by class_path.
+    """
+    path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     return subprocess.run(
         [sys.executable, "-m", "lit_attrib", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -9,7 +9,7 @@ forward (a looped, weight-tied block).
 from __future__ import annotations
 
 import torch
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import Callback, LightningDataModule, LightningModule
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers.pytorch_utils import Conv1D
@@ -150,3 +150,19 @@ def reference_lambda(net: TinyNet, rows: list[dict], eigenvectors: dict[str, tup
             q_a, q_g = eigenvectors[name]
             sums[name] = sums[name] + (q_g.T @ dw @ q_a) ** 2
     return {name: total / len(rows) for name, total in sums.items()}
+
+
+class KilledRun(RuntimeError):
+    """Raised by :class:`KillAtStep`: the run stops as if its process had been killed."""
+
+
+class KillAtStep(Callback):
+    """Stop a training run abruptly when it reaches ``step`` (checkpoints written before stay)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise KilledRun(f"killed at global step {self.step}")
+

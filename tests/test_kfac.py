@@ -8,7 +8,16 @@ import json
 import pytest
 import torch
 from lightning.pytorch import Callback, Trainer, seed_everything
-from reference_models import LOOPS, RowsDataModule, TinyModule, make_rows, reference_covariances, reference_lambda
+from reference_models import (
+    LOOPS,
+    KillAtStep,
+    KilledRun,
+    RowsDataModule,
+    TinyModule,
+    make_rows,
+    reference_covariances,
+    reference_lambda,
+)
 
 from lit_attrib.artifacts import load_factors
 from lit_attrib.callbacks import KFACCollectorCallback
@@ -76,7 +85,7 @@ def test_a_module_used_three_times_accumulates_every_use(tmp_path, module, rows)
     assert not torch.allclose(by_hand, last_only)
 
 
-@pytest.mark.parametrize("variant", ["batch_size_1", "shuffled", "layers_per_pass_1", "frozen"])
+@pytest.mark.parametrize("variant", ["batch_size_1", "shuffled", "layers_per_pass_1", "module_groups", "frozen"])
 def test_invariances(tmp_path, module, rows, variant):
     base = collect(tmp_path, module, RowsDataModule(rows, batch_size=8), name="base")
     if variant == "batch_size_1":
@@ -86,6 +95,9 @@ def test_invariances(tmp_path, module, rows, variant):
         other = collect(tmp_path, module, RowsDataModule(rows, batch_size=5, shuffle=True), name="other")
     elif variant == "layers_per_pass_1":
         other = collect(tmp_path, module, RowsDataModule(rows, batch_size=8), name="other", layers_per_pass=1)
+    elif variant == "module_groups":
+        other = collect(tmp_path, module, RowsDataModule(rows, batch_size=8), name="other",
+                        module_groups=[["net.conv", "net.head"], ["net.inp", "net.shared"]])
     else:
         frozen = copy.deepcopy(module).requires_grad_(False)
         other = collect(tmp_path, frozen, RowsDataModule(rows, batch_size=8), name="other")
@@ -159,19 +171,6 @@ def test_inverse_hvp_rejects_bad_shapes_and_damping():
 
 
 # ------------------------------------------------------------------------------ resume, precision
-class _Killed(RuntimeError):
-    pass
-
-
-class _Crash(Callback):
-    def __init__(self, at_step):
-        self.at_step = at_step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.at_step:
-            raise _Killed(f"killed at step {self.at_step}")  # the checkpoints written so far stay
-
-
 @pytest.mark.parametrize("kill_at", [2, 6], ids=["covariance-pass", "lambda-pass"])
 def test_kill_and_resume_equals_uninterrupted(tmp_path, facts_path, tokenizer_path, kill_at):
     """A fine-tuning run (lr > 0, shuffled, 4 batches an epoch) killed mid-pass and resumed from its checkpoint."""
@@ -188,12 +187,12 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path, facts_path, tokenizer_pa
                                            output_dir=str(tmp_path / name), plots=False),
                      ModelCheckpoint(dirpath=tmp_path / f"{name}-ck", every_n_train_steps=1, save_top_k=-1)]
         if crash is not None:
-            callbacks.append(_Crash(crash))
+            callbacks.append(KillAtStep(crash))
         trainer = _trainer(tmp_path, callbacks, max_epochs=2, limit_val_batches=0, enable_checkpointing=True)
         if crash is None:
             trainer.fit(module, data, ckpt_path=ckpt_path)
         else:
-            with pytest.raises(_Killed):
+            with pytest.raises(KilledRun):
                 trainer.fit(module, data, ckpt_path=ckpt_path)
         return trainer
 

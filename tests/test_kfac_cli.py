@@ -59,3 +59,43 @@ def test_inspect_factors_plots_saved_factors(tmp_path, capsys):
         main(["inspect-factors", str(tmp_path / "missing")])
     assert info.value.code == 2
     assert "no complete factors" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_ddp_fit_killed_and_resumed_equals_uninterrupted(tmp_path):
+    """Two processes, each holding part of the running sums when the checkpoint is taken."""
+
+    def overlay(name, kill=None):
+        callbacks = [
+            {"class_path": "lit_attrib.callbacks.KFACCollectorCallback",
+             "init_args": {"target_modules": ["*.mlp.down_proj"], "stages": ["fit"], "dtype": "float64",
+                           "output_dir": str(tmp_path / name), "plots": False}},
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(tmp_path / f"{name}-ck"), "every_n_train_steps": 1, "save_top_k": -1}},
+        ]
+        if kill is not None:
+            callbacks.append({"class_path": "reference_models.KillAtStep", "init_args": {"step": kill}})
+        config = {"trainer": {"callbacks": callbacks, "max_epochs": 2, "precision": "64-true", "logger": False,
+                              "limit_val_batches": 0, "enable_progress_bar": False, "default_root_dir": str(tmp_path),
+                              "strategy": "ddp", "devices": 2, "accelerator": "cpu"},
+                  "data": {"init_args": {"num_samples": 64, "val_size": 0, "batch_size": 8}}}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    full = run_cli("fit", "-c", QUICKSTART, "-c", overlay("full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = run_cli("fit", "-c", QUICKSTART, "-c", overlay("resumed", kill=2))
+    assert killed.returncode != 0 and "killed at global step 2" in killed.stderr
+    assert not (tmp_path / "resumed" / "factors.json").exists()
+    resumed = run_cli("fit", "-c", QUICKSTART, "-c", overlay("resumed"),
+                      "--ckpt_path", str(tmp_path / "resumed-ck" / "epoch=0-step=2.ckpt"))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    reference, result = load_factors(tmp_path / "full"), load_factors(tmp_path / "resumed")
+    for name in reference:
+        assert result.metadata["modules"][name]["lambda_examples"] == 64
+        for key in ("activation_covariance", "gradient_covariance", "lambda"):
+            # Same tolerance as the single-process kill-and-resume test.
+            difference = (result[name][key] - reference[name][key]).norm() / reference[name][key].norm()
+            assert difference < 1e-6, (name, key, float(difference))

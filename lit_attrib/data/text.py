@@ -9,7 +9,7 @@ from typing import Literal
 import datasets
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 from transformers import PreTrainedTokenizerBase
 
@@ -259,12 +259,21 @@ class TextDataModule(LightningDataModule):
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right") -> DataLoader:
         collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)
         columns = [c for c in ("input_ids", "labels", "index", "prompt", "reference") if c in dataset.column_names]
+        dataset = dataset.select_columns(columns)
         # A stateful loader: a checkpoint taken mid-epoch resumes at the next batch, in the same order.
-        loader_class = StatefulDataLoader if shuffle else DataLoader
+        # Across processes the order must not depend on any process's random state either: a seeded
+        # DistributedSampler (Lightning sets its epoch) instead of the random sampler Lightning would wrap.
+        loader_class, sampler = (StatefulDataLoader, None) if shuffle else (DataLoader, None)
+        trainer = self.trainer
+        if shuffle and trainer is not None and trainer.world_size > 1:
+            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                         shuffle=True, seed=self.hparams.seed)
+            shuffle = False
         return loader_class(
-            dataset.select_columns(columns),
+            dataset,
             batch_size=batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,

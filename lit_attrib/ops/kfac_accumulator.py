@@ -161,7 +161,8 @@ class KFACAccumulator:
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
-        cpu = lambda d: {k: v.detach().cpu() for k, v in d.items()}  # noqa: E731
+        # Copies, never views: a checkpoint must not change when the running sums do (or vice versa).
+        cpu = lambda d: {k: v.detach().to("cpu", copy=True) for k, v in d.items()}  # noqa: E731
         return {
             "sums": {name: cpu(sums) for name, sums in self.sums.items()},
             "counts": {name: dict(counts) for name, counts in self.counts.items()},
