@@ -10,12 +10,15 @@ float64). The script reports
    kronfluence stores un-normalised sums and their counts; they are divided here (A and G by the
    non-padding token count, Λ by the example count), which is lit_attrib's convention;
 3. overhead in training: ``Trainer.fit`` of N steps with ``KFACCollectorCallback(strategy="kfac")``
-   ÷ the same fit without it (goal ≤ 1.3, report only; min of two runs each).
+   ÷ the same fit without it (goal ≤ 1.3, report only).
+
+Every timing is the fastest of ``--repeats`` interleaved runs: the CPUs are shared, and a run that
+overlaps another process can be several times slower (the load average is recorded and checked).
 
 kronfluence only tracks ``nn.Linear``: for GPT-2 it gets a copy of the model whose ``Conv1D`` layers
 are replaced by equivalent ``nn.Linear`` layers (logits checked to match first).
 
-Run from the repository root: ``python benchmarks/kfac_factors.py`` (``--help`` for the options).
+Run: ``python benchmarks/kfac_factors.py`` (``--help`` for the options).
 """
 
 from __future__ import annotations
@@ -24,12 +27,14 @@ import argparse
 import copy
 import json
 import logging
+import os
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import datasets
+import kronfluence
 import torch
 import torch.nn.functional as F
 from kronfluence import Analyzer, FactorArguments, Task, prepare_model
@@ -43,8 +48,10 @@ from lit_attrib.callbacks import KFACCollectorCallback
 from lit_attrib.data import CausalLMCollator, TextDataModule
 from lit_attrib.modules import CausalLMModule
 
-DATA, TOKENIZER = "data/facts/facts.jsonl", "data/facts/tokenizer"
-RESULTS = Path(__file__).parent / "results" / "kfac_factors.json"
+ROOT = Path(__file__).resolve().parents[1]
+DATA, TOKENIZER = str(ROOT / "data/facts/facts.jsonl"), str(ROOT / "data/facts/tokenizer")
+RESULTS = ROOT / "benchmarks" / "results" / "kfac_factors.json"
+QUANTITIES = ("activation_covariance", "gradient_covariance", "lambda")
 TARGETS = {
     "gpt2": ["*.mlp.c_fc", "*.mlp.c_proj", "*.attn.c_attn", "*.attn.c_proj"],
     "llama": ["*.mlp.*", "*.self_attn.*_proj"],
@@ -96,9 +103,7 @@ def fit_ours(module: CausalLMModule, data: TextDataModule, kind: str, folder: st
     seconds = time.perf_counter() - start
     factors = load_factors(folder)
     return seconds, {
-        name.removeprefix("model."): {key: factors[name][key].double() for key in
-                                      ("activation_covariance", "gradient_covariance", "lambda")}
-        for name in factors
+        name.removeprefix("model."): {key: factors[name][key].double() for key in QUANTITIES} for name in factors
     }
 
 
@@ -186,26 +191,32 @@ def relative_differences(ours: dict, theirs: dict) -> dict[str, dict[str, float]
                            f"theirs only {sorted(set(theirs) - set(ours))}")
     return {key: {name: float(torch.linalg.norm(ours[name][key] - theirs[name][key])
                               / torch.linalg.norm(theirs[name][key])) for name in sorted(ours)}
-            for key in ("activation_covariance", "gradient_covariance", "lambda")}
+            for key in QUANTITIES}
 
 
 def compare_model(kind: str, args: argparse.Namespace) -> dict:
+    """Warm up both sides, then ``repeats`` interleaved timed fits of each; the fastest of each is reported."""
     config = model_config(kind, args.width, args.layers)
     module = build_module(config)
     data = datamodule(args.examples, args.batch_size, args.max_length)
     warmup = datamodule(args.warmup_examples, args.batch_size, args.max_length)
+    times = {"ours_s": [], "kronfluence_s": []}
     with tempfile.TemporaryDirectory() as folder:
-        fit_ours(module, warmup, kind, f"{folder}/ours_warmup")
-        our_seconds, ours = fit_ours(module, data, kind, f"{folder}/ours")
+        _, warm = fit_ours(module, warmup, kind, f"{folder}/ours_warmup")
         rows, collate = rows_and_collator(warmup)
         first_batch = collate([rows[i] for i in range(min(args.batch_size, len(rows)))])
-        analyzer = kronfluence_analyzer(module, sorted(ours), first_batch, f"{folder}/kronfluence")
+        analyzer = kronfluence_analyzer(module, sorted(warm), first_batch, f"{folder}/kronfluence")
         fit_theirs(analyzer, warmup, args.batch_size, "warmup")
-        their_seconds, theirs = fit_theirs(analyzer, data, args.batch_size, "factors")
+        for repeat in range(args.repeats):
+            seconds, ours = fit_ours(module, data, kind, f"{folder}/ours_{repeat}")
+            times["ours_s"].append(seconds)
+            seconds, theirs = fit_theirs(analyzer, data, args.batch_size, f"factors_{repeat}")
+            times["kronfluence_s"].append(seconds)
     differences = relative_differences(ours, theirs)
+    best = {key: min(values) for key, values in times.items()}
     return {
-        "config": config, "modules": len(ours), "ours_s": our_seconds, "kronfluence_s": their_seconds,
-        "time_ratio": our_seconds / their_seconds,
+        "config": config, "modules": len(ours), **best, "runs": times,
+        "time_ratio": best["ours_s"] / best["kronfluence_s"],
         "max_relative_difference": {key: max(values.values()) for key, values in differences.items()},
         "relative_difference": differences,
     }
@@ -226,13 +237,15 @@ def fit_seconds(args: argparse.Namespace, folder: str | None) -> float:
 
 
 def fit_overhead(args: argparse.Namespace) -> dict:
+    """``repeats`` interleaved fits without and with the collector; the fastest of each is compared."""
+    runs = {"without_s": [], "with_s": []}
     with tempfile.TemporaryDirectory() as folder:
-        runs = {"without_s": [], "with_s": []}
-        for _ in range(2):
+        for _ in range(args.repeats):
             runs["without_s"].append(fit_seconds(args, None))
             runs["with_s"].append(fit_seconds(args, folder))
     best = {key: min(values) for key, values in runs.items()}
-    return {**best, "runs": runs, "steps": args.fit_steps, "ratio": best["with_s"] / best["without_s"]}
+    return {**best, "runs": runs, "steps": args.fit_steps, "repeats": args.repeats,
+            "ratio": best["with_s"] / best["without_s"]}
 
 
 def print_table(results: dict) -> None:
@@ -242,14 +255,27 @@ def print_table(results: dict) -> None:
           f"{'max rel G':>12}{'max rel Λ':>12}")
     for kind, row in results["models"].items():
         diff = row["max_relative_difference"]
-        print(f"{kind:<7}{row['modules']:>8}{row['ours_s']:>9.2f}{row['kronfluence_s']:>11.2f}{row['time_ratio']:>8.3f}"
-              f"{diff['activation_covariance']:>12.2e}{diff['gradient_covariance']:>12.2e}{diff['lambda']:>12.2e}")
+        differences = "".join(f"{diff[key]:>12.2e}" for key in QUANTITIES)
+        print(f"{kind:<7}{row['modules']:>8}{row['ours_s']:>9.2f}{row['kronfluence_s']:>11.2f}"
+              f"{row['time_ratio']:>8.3f}{differences}")
     print("goals: ratio ≤ 0.5, max relative difference ≤ 1e-4 (kronfluence's sums divided by its counts: "
           "A, G per non-padding token, Λ per example)")
+    for kind, row in results["models"].items():
+        runs = row["runs"]
+        print(f"  {kind} runs: ours {_seconds(runs['ours_s'])}, kronfluence {_seconds(runs['kronfluence_s'])}")
     fit = results.get("fit_overhead")
     if fit:
-        print(f"\nfit with collector ÷ without (llama, {fit['steps']} steps, min of 2): "
+        print(f"\nfit with collector ÷ without (llama, {fit['steps']} steps, min of {fit['repeats']}): "
               f"{fit['with_s']:.2f} s / {fit['without_s']:.2f} s = {fit['ratio']:.3f}  (goal ≤ 1.3)")
+        print(f"  runs: with {_seconds(fit['runs']['with_s'])}, without {_seconds(fit['runs']['without_s'])}")
+    load = results["load_average_1min"]
+    if max(load.values()) > results["settings"]["threads"] + 0.5:
+        print(f"\nWARNING: 1-minute load average {load['before']:.1f} before, {load['after']:.1f} after: other "
+              f"processes shared the CPUs, so the timings are unreliable; rerun on an idle machine")
+
+
+def _seconds(values: list[float]) -> str:
+    return "/".join(f"{value:.2f}" for value in values) + " s"
 
 
 def main() -> None:
@@ -263,9 +289,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--fit-steps", type=int, default=30, help="training steps of the fit overhead runs (0 skips)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (the fastest counts)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
+    rows = sum(1 for line in open(DATA) if line.strip())
+    if max(args.examples, args.warmup_examples, args.fit_steps * args.batch_size) > rows:
+        parser.error(f"{DATA} has {rows} rows: --examples and --fit-steps × --batch-size must not exceed them")
 
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message=".*(num_workers|does not have many workers|bottleneck).*")
@@ -274,11 +304,13 @@ def main() -> None:
     for name in ("lightning", "lightning.pytorch", "kronfluence", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
+    load_before = os.getloadavg()[0]
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "versions": {"torch": torch.__version__, "kronfluence": __import__("kronfluence").__version__},
+               "versions": {"torch": torch.__version__, "kronfluence": kronfluence.__version__},
                "models": {kind: compare_model(kind, args) for kind in args.models}}
     if args.fit_steps > 0:
         results["fit_overhead"] = fit_overhead(args)
+    results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     print_table(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(results, indent=2) + "\n")

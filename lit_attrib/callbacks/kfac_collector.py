@@ -181,9 +181,7 @@ class KFACCollectorCallback(Callback):
         self._pending_state: dict | None = None
         self._stage: str | None = None
         self._observing = False
-        self._batch_mask: torch.Tensor | None = None
         self._where = ""
-        self._gradient_scale = 1.0
         self._max_uses: dict[str, int] = {}
         self._generator: torch.Generator | None = None
         self._written: Path | None = None
@@ -278,14 +276,13 @@ class KFACCollectorCallback(Callback):
     def _on_activation(self, layer: LayerInfo, use: int, activations: torch.Tensor) -> None:
         self._max_uses[layer.name] = max(self._max_uses.get(layer.name, 0), use + 1)
         if self.passes[self._pass][0] == "covariance":
-            self._accumulator.add_activations(layer, activations, self._batch_mask)
+            self._accumulator.add_activations(layer, activations)
 
     def _on_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:
-        gradients = gradients * self._gradient_scale
         if self.passes[self._pass][0] == "covariance":
-            self._accumulator.add_gradients(layer, gradients, self._batch_mask)
+            self._accumulator.add_gradients(layer, gradients)
         else:
-            self._accumulator.add_rotated_gradient(layer, activations, gradients, self._batch_mask)
+            self._accumulator.add_rotated_gradient(layer, activations, gradients)
 
     # ----------------------------------------------------------------------------- fit
     @override
@@ -428,16 +425,12 @@ class KFACCollectorCallback(Callback):
                 size = wanted
         self._tracker.enabled = set(self._groups[self.passes[self._pass][1]])
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        self._batch_mask = None if mask is None else mask.to(torch.bool)
-        self._gradient_scale = gradient_scale
+        self._accumulator.begin_batch(None if mask is None else mask.to(torch.bool), size, gradient_scale)
         self._pass_examples += size
         return batch
 
     def _end_batch(self, trainer: Trainer) -> None:
-        self._accumulator.end_batch()
-        self._batch_mask = None
-        group = self._groups[self.passes[self._pass][1]]
-        if bad := self._accumulator.non_finite(group):
+        if bad := self._accumulator.end_batch():
             raise TrainingError(
                 f"{type(self).__name__}[{self.name}]: non-finite values in {bad[:4]} in {self._where}; the "
                 f"activations or gradients of that layer hold NaN/Inf. "

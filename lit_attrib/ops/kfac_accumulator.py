@@ -13,7 +13,6 @@ import torch
 
 from lit_attrib.ops.kfac import (
     append_bias_column,
-    covariance_sum,
     eigendecompose,
     kfac_lambda,
     rotated_per_example_gradient,
@@ -25,22 +24,19 @@ __all__ = ["KFACAccumulator"]
 _COUNT_KEYS = {"activation": "activation_tokens", "gradient": "gradient_tokens", "lambda": "lambda_examples"}
 
 
-def _tokens(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """``(B, T, d)`` (or ``(N, d)``) -> ``(tokens, d)`` keeping the positions where ``mask`` is set."""
-    if x.ndim == 2:
-        return x
-    if mask is None:
-        return x.reshape(-1, x.shape[-1])
-    return x[mask]
-
-
 class KFACAccumulator:
     """Sums of ``a aᵀ``, ``g gᵀ`` and squared rotated per-example gradients, per layer.
+
+    Per batch: :meth:`begin_batch` (token mask and gradient scale), then the hooks' ``add_*`` calls
+    for every use of every layer, then :meth:`end_batch`. Updates are in place (``addmm_``), the bias
+    column of ``a`` is never materialised (its row of ``A`` is a running sum of ``a``), padding is
+    removed by multiplying with the mask, and finiteness is checked once per batch.
 
     Args:
         layers: the tracked layers, by name.
         dtype: accumulation dtype (float32 or float64); inputs are cast to it, so bf16 activations
             are accumulated in float32.
+        device: where the sums live.
     """
 
     def __init__(self, layers: dict[str, LayerInfo], dtype: torch.dtype = torch.float32,
@@ -52,51 +48,96 @@ class KFACAccumulator:
         self.counts: dict[str, dict[str, int]] = {name: {} for name in layers}
         self.eigen: dict[str, dict[str, torch.Tensor]] = {}
         self._batch_rotated: dict[str, torch.Tensor] = {}
+        self._mask: torch.Tensor | None = None  # (B * T, 1) in self.dtype, or None when every token counts
+        self._tokens = 0  # real tokens in the batch (with a mask)
+        self._examples = 0
+        self._scale = 1.0
+        self._checks: list[tuple[str, torch.Tensor]] = []
 
     # --------------------------------------------------------------------------------- updates
-    def _prepare(self, layer: LayerInfo, activations: torch.Tensor) -> torch.Tensor:
-        activations = activations.to(self.dtype)
-        return append_bias_column(activations) if layer.has_bias else activations
+    def begin_batch(self, mask: torch.Tensor | None, num_examples: int, gradient_scale: float = 1.0) -> None:
+        """Start a batch: ``mask (B, T)`` marks the tokens that count (``None``: all of them).
 
-    def _add(self, name: str, key: str, value: torch.Tensor, count: int, count_key: str) -> None:
-        sums = self.sums[name]
-        sums[key] = value if key not in sums else sums[key] + value
-        self.counts[name][count_key] = self.counts[name].get(count_key, 0) + count
+        ``gradient_scale`` turns the observed output gradients into those of the summed loss.
+        """
+        padded = mask is not None and not bool(mask.all())
+        self._mask = mask.reshape(-1, 1).to(self.dtype) if padded else None
+        self._tokens = int(mask.sum()) if padded else 0
+        self._examples = num_examples
+        self._scale = gradient_scale
 
-    def add_activations(self, layer: LayerInfo, activations: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Add ``Σ a aᵀ`` over the unmasked tokens of one use of ``layer``."""
-        rows = _tokens(self._prepare(layer, activations), mask)
-        self._add(layer.name, "activation", covariance_sum(rows), rows.shape[0], _COUNT_KEYS["activation"])
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(B, T, d) -> (N, d)`` rows, the same rows with padding zeroed, and the number of real rows."""
+        rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
+        if self._mask is not None and self._mask.shape[0] == rows.shape[0]:
+            return rows, rows * self._mask, self._tokens
+        return rows, rows, rows.shape[0]
 
-    def add_gradients(self, layer: LayerInfo, gradients: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """Add ``Σ g gᵀ`` over the unmasked tokens (``g`` of the sum-reduced loss)."""
-        rows = _tokens(gradients.to(self.dtype), mask)
-        self._add(layer.name, "gradient", covariance_sum(rows), rows.shape[0], _COUNT_KEYS["gradient"])
+    def _buffer(self, name: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        buffer = self.sums[name].get(key)
+        if buffer is None:
+            buffer = self.sums[name][key] = torch.zeros(shape, dtype=self.dtype, device=self._device)
+        return buffer
 
-    def add_rotated_gradient(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor,
-                             mask: torch.Tensor | None) -> None:
+    def _count(self, name: str, key: str, count: int) -> None:
+        self.counts[name][_COUNT_KEYS[key]] = self.counts[name].get(_COUNT_KEYS[key], 0) + count
+
+    def add_activations(self, layer: LayerInfo, activations: torch.Tensor) -> None:
+        """Add ``Σ a aᵀ`` (bias-appended ``a``) over the real tokens of one use of ``layer``."""
+        rows, masked, count = self._rows(activations)
+        width = rows.shape[1]
+        total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
+        total[:width, :width].addmm_(masked.T, rows)
+        if layer.has_bias:  # the appended 1: its row and column are Σ a, its corner the token count
+            column = masked.sum(0)
+            total[:width, width] += column
+            total[width, :width] += column
+            total[width, width] += count
+        self._count(layer.name, "activation", count)
+        self._checks.append((f"{layer.name}: activation", total[:width, :width].diagonal().sum()))
+
+    def add_gradients(self, layer: LayerInfo, gradients: torch.Tensor) -> None:
+        """Add ``Σ g gᵀ`` over the real tokens (``g`` of the sum-reduced loss, after the batch's scale)."""
+        rows, masked, count = self._rows(gradients)
+        total = self._buffer(layer.name, "gradient", (rows.shape[1],) * 2)
+        total.addmm_(masked.T, rows, alpha=self._scale ** 2)
+        self._count(layer.name, "gradient", count)
+        self._checks.append((f"{layer.name}: gradient", total.diagonal().sum()))
+
+    def add_rotated_gradient(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
         """Add one use's ``Q_Gᵀ DW_b Q_A`` to this batch's per-example buffer (uses add up before squaring)."""
-        activations = self._prepare(layer, activations)
+        activations = activations.to(self.dtype)
         gradients = gradients.to(self.dtype)
         if activations.ndim == 2:  # (N, d): one example of N tokens
             activations, gradients = activations.unsqueeze(0), gradients.unsqueeze(0)
-        if mask is not None and mask.shape == activations.shape[:2]:
-            activations = activations * mask.unsqueeze(-1).to(self.dtype)
+        if self._mask is not None and self._mask.shape[0] == activations.shape[0] * activations.shape[1]:
+            activations = activations * self._mask.view(*activations.shape[:2], 1)
+        if layer.has_bias:
+            activations = append_bias_column(activations)
         eigen = self.eigen[layer.name]
         rotated = rotated_per_example_gradient(
             activations, gradients, eigen["activation_eigenvectors"], eigen["gradient_eigenvectors"]
         )  # (B, out, in)
         buffer = self._batch_rotated.get(layer.name)
-        self._batch_rotated[layer.name] = rotated if buffer is None else buffer + rotated
+        self._batch_rotated[layer.name] = rotated if buffer is None else buffer.add_(rotated)
 
-    def end_batch(self) -> None:
-        """Square this batch's per-example rotated gradients into ``Σ (Q_Gᵀ DW Q_A)²``."""
+    def end_batch(self) -> list[str]:
+        """Square the batch's per-example rotated gradients into ``Σ (Q_Gᵀ DW Q_A)²``; return what went non-finite.
+
+        Returns:
+            ``layer: quantity`` of every sum that holds a NaN or Inf after this batch (one sync).
+        """
         for name, rotated in self._batch_rotated.items():
-            self._add(name, "lambda", rotated.square().sum(0), rotated.shape[0], _COUNT_KEYS["lambda"])
+            total = self._buffer(name, "lambda", tuple(rotated.shape[1:]))
+            total.add_(rotated.square().sum(0), alpha=self._scale ** 2)
+            self._count(name, "lambda", rotated.shape[0])
+            self._checks.append((f"{name}: lambda", total.sum()))
         self._batch_rotated.clear()
-
-    def discard_batch(self) -> None:
-        self._batch_rotated.clear()
+        checks, self._checks = self._checks, []
+        if not checks:
+            return []
+        finite = torch.stack([value for _, value in checks]).isfinite().tolist()
+        return list(dict.fromkeys(label for (label, _), ok in zip(checks, finite) if not ok))
 
     # ------------------------------------------------------------------------------ reading
     def reduce(self, names: list[str], keys: tuple[str, ...], reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
@@ -121,15 +162,6 @@ class KFACAccumulator:
             for key in keys:
                 self.sums[name].pop(key, None)
                 self.counts[name].pop(_COUNT_KEYS[key], None)
-
-    def non_finite(self, names: list[str] | None = None) -> list[str]:
-        """``layer: quantity`` of every sum holding a NaN or Inf."""
-        entries = [(f"{name}: {key}", tensor) for name in (names or list(self.sums))
-                   for key, tensor in sorted(self.sums[name].items())]
-        if not entries:
-            return []
-        flags = torch.stack([tensor.isfinite().all() for _, tensor in entries]).tolist()
-        return [label for (label, _), ok in zip(entries, flags) if not ok]
 
     def eigendecompose(self, names: list[str]) -> None:
         """Fix ``A`` and ``G`` of ``names`` (after summing across processes) and their float64 eigenbases."""
