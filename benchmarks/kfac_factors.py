@@ -223,10 +223,15 @@ def compare_model(kind: str, args: argparse.Namespace) -> dict:
 
 
 def fit_seconds(args: argparse.Namespace, folder: str | None) -> float:
-    """Wall time of ``Trainer.fit`` for ``fit_steps`` steps (one epoch), with the collector when ``folder``."""
+    """Wall time of ``Trainer.fit`` for ``fit_steps`` steps (one epoch), with the collector when ``folder``.
+
+    The model is built and the data tokenized before the clock starts; the collector's time includes
+    its end-of-epoch eigendecompositions and writing the factors.
+    """
     module = build_module(model_config("llama", args.width, args.layers), learning_rate=1e-4)
     data = TextDataModule(path=DATA, tokenizer=TOKENIZER, num_samples=args.fit_steps * args.batch_size, val_size=0,
                           batch_size=args.batch_size, max_length=args.max_length)
+    data.setup("fit")  # tokenize before the clock starts
     callbacks = [] if folder is None else [KFACCollectorCallback(
         target_modules=TARGETS["llama"], strategy="kfac", dtype="float32", output_dir=folder, plots=False,
         overwrite=True)]
