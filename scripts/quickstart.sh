@@ -12,7 +12,7 @@ lit-attrib predict -c configs/quickstart.yaml -c configs/compare_generation.yaml
   --ckpt_path runs/quickstart/checkpoints/last.ckpt
 
 run=$(ls -td runs/quickstart/tensorboard/version_* | head -1)
-lit-attrib validate -c configs/quickstart.yaml -c configs/factors_quickstart.yaml \
+lit-attrib predict -c configs/quickstart.yaml -c configs/factors_quickstart.yaml \
   --ckpt_path runs/quickstart/checkpoints/last.ckpt
 
 echo

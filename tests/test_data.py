@@ -160,3 +160,13 @@ def test_invalid_arguments_are_reported_together(facts_path, tokenizer_path):
     with pytest.raises(DataError) as info:
         TextDataModule(path=facts_path, tokenizer=tokenizer_path, max_length=1, batch_size=0, prompt_template="Q:")
     assert "max_length" in str(info.value) and "batch_size" in str(info.value) and "{input}" in str(info.value)
+
+
+def test_predict_content_examples_gives_whole_labelled_rows(facts_path, tokenizer_path):
+    data = TextDataModule(path=facts_path, tokenizer=tokenizer_path, num_samples=20, val_size=4,
+                          predict_split="train", predict_content="examples", eval_batch_size=16)
+    data.setup("predict")
+    assert data.predict_dataset["index"] == data.train_dataset["index"]
+    assert data.predict_dataset["labels"] == data.train_dataset["labels"]
+    batch = next(iter(data.predict_dataloader()))
+    assert "labels" in batch and bool(batch["attention_mask"][:, 0].all())  # right padding, as in training

@@ -29,9 +29,9 @@ def _overlay(tmp_path, name: str) -> str:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_ddp_factors_equal_one_process(tmp_path):
-    one = run_cli("validate", "-c", QUICKSTART, "-c", _overlay(tmp_path, "one"))
+    one = run_cli("predict", "-c", QUICKSTART, "-c", _overlay(tmp_path, "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    two = run_cli("validate", "-c", QUICKSTART, "-c", _overlay(tmp_path, "two"),
+    two = run_cli("predict", "-c", QUICKSTART, "-c", _overlay(tmp_path, "two"),
                   "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")
     assert two.returncode == 0, two.stderr[-3000:]
     single, double = load_factors(tmp_path / "one"), load_factors(tmp_path / "two")

@@ -176,3 +176,11 @@ def test_exactly_one_model_source():
         CausalLMModule()
     with pytest.raises(ModelError, match="exactly one of `pretrained`"):
         CausalLMModule(pretrained="x", config={"model_type": "llama"})
+
+
+def test_predict_step_generates_nothing_for_labelled_examples(facts_path, tokenizer_path):
+    data = _data(facts_path, tokenizer_path, predict_split="train", predict_content="examples")
+    data.setup("predict")
+    module = CausalLMModule(config=TINY_CONFIGS["llama"], tokenizer=tokenizer_path)
+    module.configure_model()
+    assert module.predict_step(next(iter(data.predict_dataloader())), 0) is None

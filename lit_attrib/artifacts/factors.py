@@ -79,8 +79,14 @@ def factors_exist(path: str | os.PathLike) -> bool:
 def save_factors(path: str | os.PathLike, modules: dict[str, dict[str, torch.Tensor]], metadata: dict) -> Path:
     """Write the artifact atomically: tensors first, ``factors.json`` last."""
     path = Path(path)
-    tensors = {f"{name}.{key}": tensor.detach().contiguous().cpu() for name, factors in modules.items()
-               for key, tensor in factors.items()}
+    tensors, seen = {}, set()
+    for name, factors in modules.items():
+        for key, tensor in factors.items():
+            tensor = tensor.detach().contiguous().cpu()
+            if tensor.data_ptr() in seen:  # layers reading one input share Q_A; safetensors stores each once
+                tensor = tensor.clone()
+            seen.add(tensor.data_ptr())
+            tensors[f"{name}.{key}"] = tensor
     with atomic_path(path / TENSORS_FILE) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
     write_json(path / METADATA_FILE, {"format": FORMAT, **metadata})

@@ -55,6 +55,8 @@ class GenerationWriter(BasePredictionWriter):
 
     @override
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx):
+        if not prediction:  # an analysis pass: nothing was generated
+            return
         with open(self._part(trainer), "a", encoding="utf-8") as handle:
             for row in prediction:
                 handle.write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -66,7 +68,8 @@ class GenerationWriter(BasePredictionWriter):
             parts = [self._dir(trainer) / f".generated.rank{rank}.jsonl.part" for rank in range(trainer.world_size)]
             rows = {row["index"]: row for part in parts for row in read_jsonl(part)}  # DDP may repeat padded rows
             ordered = [rows[index] for index in sorted(rows)]
-            write_jsonl(self._dir(trainer) / "generated.jsonl", ordered)
+            if ordered:
+                write_jsonl(self._dir(trainer) / "generated.jsonl", ordered)
             if ordered and "generated_base" in ordered[0]:
                 self._write_comparison(trainer, ordered)
             for part in parts:

@@ -63,9 +63,10 @@ class TextDataModule(LightningDataModule):
         batch_size: training batch size per device.
         eval_batch_size: validation and prediction batch size (default: ``batch_size``).
         num_workers: data-loader worker processes.
-        eval_split: rows used by ``validate``/``test`` run on their own (not during ``fit``): ``val``,
-            ``train`` (e.g. to collect curvature on the training data) or ``all``.
         predict_split: rows used by ``predict``: ``val``, ``train`` or ``all``.
+        predict_content: what ``predict`` batches hold: ``prompts`` (left-padded, for generation) or
+            ``examples`` (whole rows with labels, as in training: for analysis passes such as curvature
+            or influence, where the callbacks do the work and nothing is generated).
         predict_path: a separate file or hub id of prompts for ``predict`` (uses ``input_column``;
             ``output_column``, when present, is kept as the reference answer).
         predict_num_samples: use only the first rows of the prediction set.
@@ -91,8 +92,8 @@ class TextDataModule(LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        eval_split: Literal["val", "train", "all"] = "val",
         predict_split: Literal["val", "train", "all"] = "val",
+        predict_content: Literal["prompts", "examples"] = "prompts",
         predict_path: str | None = None,
         predict_num_samples: int | None = None,
     ) -> None:
@@ -145,27 +146,18 @@ class TextDataModule(LightningDataModule):
         return self._loader(self.train_dataset, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        dataset = self._eval_dataset()
-        if dataset is None:
+        if self.val_dataset is None:
             return []  # Lightning skips validation on an empty list
-        return self._loader(dataset, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False, padding_side="left")
+        side = "left" if self.hparams.predict_content == "prompts" else "right"
+        return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False, padding_side=side)
 
     # -------------------------------------------------------------------------------- helpers
-    def _eval_dataset(self) -> datasets.Dataset | None:
-        trainer = self.trainer
-        split = self.hparams.eval_split
-        if trainer is None or trainer.state.fn == "fit" or split == "val":
-            return self.val_dataset
-        if split == "train" or self.val_dataset is None:
-            return self.train_dataset
-        return datasets.concatenate_datasets([self.train_dataset, self.val_dataset])
-
     def _required_columns(self) -> list[str]:
         if self.hparams.format == "qa":
             return [self.hparams.input_column, self.hparams.output_column]
@@ -239,11 +231,12 @@ class TextDataModule(LightningDataModule):
 
     def _build_predict_dataset(self) -> datasets.Dataset:
         hp = self.hparams
-        if hp.format != "qa":
-            raise DataError("predict generates answers to prompts and needs format: qa")
+        examples = hp.predict_content == "examples"
+        if hp.format != "qa" and not examples:
+            raise DataError("predict generates answers to prompts and needs format: qa (or predict_content: examples)")
         if hp.predict_path is not None:
             source = load_source(hp.predict_path, subset=None, split="train")
-            require_columns(source, [hp.input_column], source=hp.predict_path)
+            require_columns(source, self._required_columns() if examples else [hp.input_column], source=hp.predict_path)
             source = source.add_column("index", list(range(len(source))))
         else:
             full = self._read(hp.path, hp.num_samples, self._required_columns())
@@ -254,7 +247,7 @@ class TextDataModule(LightningDataModule):
             source = full.select(rows)
         if hp.predict_num_samples is not None:
             source = source.select(range(min(hp.predict_num_samples, len(source))))
-        return self._tokenize(source, with_answer=False)
+        return self._tokenize(source, with_answer=examples)
 
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right") -> DataLoader:
         collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)

@@ -196,7 +196,11 @@ class CausalLMModule(LightningModule):
         # A plain attribute, not a submodule: it must stay out of state_dict and checkpoints.
         object.__setattr__(self, "_comparison_model", model.to(self.device).eval())
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[dict[str, Any]] | None:
+        """Generate answers to a batch of prompts; a batch of whole examples (with ``labels``) is an
+        analysis pass, where the callbacks do the work and nothing is generated."""
+        if "labels" in batch:
+            return None
         rows = [
             {"index": int(index), "prompt": prompt, "reference": reference}
             for index, prompt, reference in zip(batch["index"].tolist(), batch["prompt"], batch["reference"])

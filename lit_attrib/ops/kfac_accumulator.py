@@ -15,7 +15,7 @@ from lit_attrib.ops.kfac import (
     append_bias_column,
     eigendecompose,
     kfac_lambda,
-    rotated_per_example_gradient,
+    per_example_gradient,
 )
 from lit_attrib.tracking import LayerInfo
 
@@ -53,6 +53,9 @@ class KFACAccumulator:
         self._examples = 0
         self._scale = 1.0
         self._checks: list[tuple[str, torch.Tensor]] = []
+        # Layers that read the same input in one forward (q/k/v, gate/up) share its products: keyed by
+        # the input's memory, which the cache keeps alive (and so unique) until the batch ends.
+        self._shared: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     # --------------------------------------------------------------------------------- updates
     def begin_batch(self, mask: torch.Tensor | None, num_examples: int, gradient_scale: float = 1.0) -> None:
@@ -65,6 +68,7 @@ class KFACAccumulator:
         self._tokens = int(mask.sum()) if padded else 0
         self._examples = num_examples
         self._scale = gradient_scale
+        self._shared.clear()
 
     def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """``(B, T, d) -> (N, d)`` rows, the same rows with padding zeroed, and the number of real rows."""
@@ -82,14 +86,21 @@ class KFACAccumulator:
     def _count(self, name: str, key: str, count: int) -> None:
         self.counts[name][_COUNT_KEYS[key]] = self.counts[name].get(_COUNT_KEYS[key], 0) + count
 
+    @staticmethod
+    def _key(tensor: torch.Tensor, *extra) -> tuple:
+        return (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype, *extra)
+
     def add_activations(self, layer: LayerInfo, activations: torch.Tensor) -> None:
         """Add ``Σ a aᵀ`` (bias-appended ``a``) over the real tokens of one use of ``layer``."""
-        rows, masked, count = self._rows(activations)
-        width = rows.shape[1]
+        key = self._key(activations, "covariance")
+        if key not in self._shared:
+            rows, masked, count = self._rows(activations)
+            self._shared[key] = (activations, masked.T @ rows, masked.sum(0), count)
+        _, product, column, count = self._shared[key]
+        width = product.shape[0]
         total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
-        total[:width, :width].addmm_(masked.T, rows)
+        total[:width, :width] += product
         if layer.has_bias:  # the appended 1: its row and column are Σ a, its corner the token count
-            column = masked.sum(0)
             total[:width, width] += column
             total[width, :width] += column
             total[width, width] += count
@@ -106,18 +117,24 @@ class KFACAccumulator:
 
     def add_rotated_gradient(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
         """Add one use's ``Q_Gᵀ DW_b Q_A`` to this batch's per-example buffer (uses add up before squaring)."""
-        activations = activations.to(self.dtype)
-        gradients = gradients.to(self.dtype)
-        if activations.ndim == 2:  # (N, d): one example of N tokens
-            activations, gradients = activations.unsqueeze(0), gradients.unsqueeze(0)
-        if self._mask is not None and self._mask.shape[0] == activations.shape[0] * activations.shape[1]:
-            activations = activations * self._mask.view(*activations.shape[:2], 1)
-        if layer.has_bias:
-            activations = append_bias_column(activations)
         eigen = self.eigen[layer.name]
-        rotated = rotated_per_example_gradient(
-            activations, gradients, eigen["activation_eigenvectors"], eigen["gradient_eigenvectors"]
-        )  # (B, out, in)
+        key = self._key(activations, id(eigen["activation_eigenvectors"]), layer.has_bias)
+        if key not in self._shared:  # Q_Aᵀ a, shared by the layers with this input and this eigenbasis
+            source = activations
+            activations = activations.to(self.dtype)
+            if activations.ndim == 2:  # (N, d): one example of N tokens
+                activations = activations.unsqueeze(0)
+            if self._mask is not None and self._mask.shape[0] == activations.shape[0] * activations.shape[1]:
+                activations = activations * self._mask.view(*activations.shape[:2], 1)
+            if layer.has_bias:
+                activations = append_bias_column(activations)
+            self._shared[key] = (source, activations @ eigen["activation_eigenvectors"])
+        rotated_activations = self._shared[key][1]  # (B, T, in)
+        gradients = gradients.to(self.dtype)
+        if gradients.ndim == 2:
+            gradients = gradients.unsqueeze(0)
+        rotated_gradients = gradients @ eigen["gradient_eigenvectors"]  # (B, T, out)
+        rotated = per_example_gradient(rotated_activations, rotated_gradients)  # (B, out, in)
         buffer = self._batch_rotated.get(layer.name)
         self._batch_rotated[layer.name] = rotated if buffer is None else buffer.add_(rotated)
 
@@ -133,6 +150,7 @@ class KFACAccumulator:
             self._count(name, "lambda", rotated.shape[0])
             self._checks.append((f"{name}: lambda", total.sum()))
         self._batch_rotated.clear()
+        self._shared.clear()
         checks, self._checks = self._checks, []
         if not checks:
             return []
@@ -165,21 +183,33 @@ class KFACAccumulator:
 
     def eigendecompose(self, names: list[str]) -> None:
         """Fix ``A`` and ``G`` of ``names`` (after summing across processes) and their float64 eigenbases."""
+        done: list[tuple[torch.Tensor, tuple]] = []  # layers reading one input have equal A: decompose it once
+
+        def decompose(matrix: torch.Tensor) -> tuple:
+            for seen, result in done:
+                if seen.shape == matrix.shape and torch.equal(seen, matrix):
+                    return result
+            values, vectors = eigendecompose(matrix)
+            result = (values, vectors.to(self.dtype))
+            done.append((matrix, result))
+            return result
+
         for name in names:
             sums, counts = self.sums[name], self.counts[name]
             if "activation" not in sums or "gradient" not in sums:
                 raise RuntimeError(f"layer '{name}' saw no activations or no gradients in the covariance pass")
             activation = sums["activation"].double() / max(counts["activation_tokens"], 1)
             gradient = sums["gradient"].double() / max(counts["gradient_tokens"], 1)
-            activation_values, activation_vectors = eigendecompose(activation)
+            activation_values, activation_vectors = decompose(activation)
             gradient_values, gradient_vectors = eigendecompose(gradient)
+            gradient_vectors = gradient_vectors.to(self.dtype)
             self.eigen[name] = {
                 "activation_covariance": activation,
                 "gradient_covariance": gradient,
                 "activation_eigenvalues": activation_values,
-                "activation_eigenvectors": activation_vectors.to(self.dtype),
+                "activation_eigenvectors": activation_vectors,
                 "gradient_eigenvalues": gradient_values,
-                "gradient_eigenvectors": gradient_vectors.to(self.dtype),
+                "gradient_eigenvectors": gradient_vectors,
             }
 
     def factors(self, name: str, strategy: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
