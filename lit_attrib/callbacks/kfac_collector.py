@@ -180,7 +180,6 @@ class KFACCollectorCallback(Callback):
         self._tracker: LayerTracker | None = None
         self._pending_state: dict | None = None
         self._stage: str | None = None
-        self._observing = False
         self._where = ""
         self._max_uses: dict[str, int] = {}
         self._generator: torch.Generator | None = None
