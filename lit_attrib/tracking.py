@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lit_attrib.errors import ModelError
 
-__all__ = ["LayerInfo", "LayerTracker", "find_layers"]
+__all__ = ["SUPPORTED_TYPES", "LayerInfo", "LayerTracker", "find_layers", "layer_info"]
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
 
@@ -48,7 +48,8 @@ class LayerInfo:
                 "bias": self.has_bias}
 
 
-def _info(name: str, module: nn.Module) -> LayerInfo:
+def layer_info(name: str, module: nn.Module) -> LayerInfo:
+    """The :class:`LayerInfo` of a supported ``module`` named ``name``."""
     if isinstance(module, nn.Linear):
         return LayerInfo(name, module, "linear", module.in_features, module.out_features, module.bias is not None)
     in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
@@ -88,7 +89,7 @@ def find_layers(root: nn.Module, patterns: Iterable[str]) -> dict[str, LayerInfo
             problems.append(f"pattern '{pattern}' matches only containers {[n for n, _ in matches][:8]}; "
                             f"add a suffix such as '.*_proj' to reach their linear layers")
         for name, module in supported:
-            selected.setdefault(name, _info(name, module))
+            selected.setdefault(name, layer_info(name, module))
     if problems:
         raise ModelError("cannot select the layers to track:\n  - " + "\n  - ".join(problems))
     order = {name: i for i, (name, _) in enumerate(named)}

@@ -27,7 +27,7 @@ from torch import nn
 from lit_attrib.errors import ArtifactError
 from lit_attrib.io import atomic_path, write_json
 from lit_attrib.ops.kfac import ekfac_inverse_hvp
-from lit_attrib.tracking import SUPPORTED_TYPES, _info
+from lit_attrib.tracking import SUPPORTED_TYPES, layer_info
 
 __all__ = ["FACTOR_KEYS", "Factors", "factors_exist", "load_factors", "save_factors"]
 
@@ -147,7 +147,7 @@ def check_factors_against_model(factors: Factors, model: nn.Module) -> None:
         if not isinstance(module, SUPPORTED_TYPES):
             problems.append(f"'{name}' is a {type(module).__name__} in the model, saved as {saved['kind']}")
             continue
-        current = _info(name, module).describe()
+        current = layer_info(name, module).describe()
         for key in ("kind", "in_features", "out_features", "bias"):
             if current[key] != saved[key]:
                 problems.append(f"'{name}': {key} is {current[key]} in the model but {saved[key]} in the factors")

@@ -424,7 +424,7 @@ class KFACCollectorCallback(Callback):
                 size = wanted
         self._tracker.enabled = set(self._groups[self.passes[self._pass][1]])
         mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        self._accumulator.begin_batch(None if mask is None else mask.to(torch.bool), size, gradient_scale)
+        self._accumulator.begin_batch(None if mask is None else mask.to(torch.bool), gradient_scale)
         self._pass_examples += size
         return batch
 

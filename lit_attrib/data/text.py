@@ -119,6 +119,8 @@ class TextDataModule(LightningDataModule):
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self.predict_dataset: datasets.Dataset | None = None
+        self._source: datasets.Dataset | None = None
+        self._split_rows: dict[str, list[int]] = {}
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -131,10 +133,11 @@ class TextDataModule(LightningDataModule):
 
     def setup(self, stage: str) -> None:
         if self.train_dataset is None:
-            source = self._read(self.hparams.path, self.hparams.num_samples, self._required_columns())
-            train_rows, val_rows = seeded_split(len(source), self.hparams.val_size, self.hparams.seed)
-            self.train_dataset = self._tokenize(source.select(train_rows), with_answer=True)
-            self.val_dataset = self._tokenize(source.select(val_rows), with_answer=True) if val_rows else None
+            self._source = self._read(self.hparams.path, self.hparams.num_samples, self._required_columns())
+            train_rows, val_rows = seeded_split(len(self._source), self.hparams.val_size, self.hparams.seed)
+            self._split_rows = {"train": train_rows, "val": val_rows, "all": list(range(len(self._source)))}
+            self.train_dataset = self._tokenize(self._source.select(train_rows), with_answer=True)
+            self.val_dataset = self._tokenize(self._source.select(val_rows), with_answer=True) if val_rows else None
             rank_zero_info(
                 f"TextDataModule: {len(self.train_dataset)} training and {len(val_rows)} validation rows "
                 f"from '{self.hparams.path}'"
@@ -234,20 +237,19 @@ class TextDataModule(LightningDataModule):
         examples = hp.predict_content == "examples"
         if hp.format != "qa" and not examples:
             raise DataError("predict generates answers to prompts and needs format: qa (or predict_content: examples)")
+        limit = slice(None, hp.predict_num_samples)
         if hp.predict_path is not None:
             source = load_source(hp.predict_path, subset=None, split="train")
             require_columns(source, self._required_columns() if examples else [hp.input_column], source=hp.predict_path)
             source = source.add_column("index", list(range(len(source))))
-        else:
-            full = self._read(hp.path, hp.num_samples, self._required_columns())
-            train_rows, val_rows = seeded_split(len(full), hp.val_size, hp.seed)
-            rows = {"train": train_rows, "val": val_rows, "all": list(range(len(full)))}[hp.predict_split]
-            if not rows:
-                raise DataError(f"predict_split='{hp.predict_split}' is empty; set val_size > 0 or choose 'train'")
-            source = full.select(rows)
-        if hp.predict_num_samples is not None:
-            source = source.select(range(min(hp.predict_num_samples, len(source))))
-        return self._tokenize(source, with_answer=examples)
+            return self._tokenize(source.select(range(len(source))[limit]), with_answer=examples)
+        rows = self._split_rows[hp.predict_split][limit]  # the rows setup already read and split
+        if not rows:
+            raise DataError(f"predict_split='{hp.predict_split}' is empty; set val_size > 0 or choose 'train'")
+        if examples and hp.predict_split != "all":  # already tokenized, with their answers
+            split = self.train_dataset if hp.predict_split == "train" else self.val_dataset
+            return split.select(range(len(rows)))
+        return self._tokenize(self._source.select(rows), with_answer=examples)
 
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right") -> DataLoader:
         collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)

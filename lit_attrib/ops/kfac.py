@@ -14,14 +14,12 @@ import torch
 __all__ = [
     "DEFAULT_DAMPING_FACTOR",
     "append_bias_column",
-    "covariance_sum",
     "default_damping",
     "eigendecompose",
     "ekfac_inverse_hvp",
     "kfac_lambda",
     "per_example_gradient",
     "rotate_gradient",
-    "rotated_per_example_gradient",
 ]
 
 DEFAULT_DAMPING_FACTOR = 0.1
@@ -32,11 +30,6 @@ def append_bias_column(activations: torch.Tensor) -> torch.Tensor:
     """``(..., in) -> (..., in + 1)`` with a trailing column of ones (the bias input)."""
     ones = activations.new_ones(*activations.shape[:-1], 1)
     return torch.cat([activations, ones], dim=-1)
-
-
-def covariance_sum(rows: torch.Tensor) -> torch.Tensor:
-    """``Σ_n x_n x_nᵀ`` of ``rows (N, d)``: an un-normalised second moment, ``(d, d)``."""
-    return rows.T @ rows
 
 
 def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,22 +44,6 @@ def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 def per_example_gradient(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
     """``DW_b = Σ_t g_{b,t} a_{b,t}ᵀ``: ``a (B, T, in)``, ``g (B, T, out)`` -> ``(B, out, in)``."""
     return torch.einsum("bto,bti->boi", output_gradients, activations)
-
-
-def rotated_per_example_gradient(
-    activations: torch.Tensor,
-    output_gradients: torch.Tensor,
-    activation_eigenvectors: torch.Tensor,
-    gradient_eigenvectors: torch.Tensor,
-) -> torch.Tensor:
-    """``Q_Gᵀ DW_b Q_A`` for each example, without forming ``DW_b`` first: ``(B, out, in)``.
-
-    ``Q_Gᵀ (Σ_t g_t a_tᵀ) Q_A = Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ``: the rotation is applied to the token
-    vectors, which is cheaper than rotating ``B`` full matrices when ``T < min(in, out)``.
-    """
-    rotated_g = output_gradients @ gradient_eigenvectors  # (B, T, out)
-    rotated_a = activations @ activation_eigenvectors  # (B, T, in)
-    return per_example_gradient(rotated_a, rotated_g)
 
 
 def rotate_gradient(

@@ -50,7 +50,6 @@ class KFACAccumulator:
         self._batch_rotated: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None  # (B * T, 1) in self.dtype, or None when every token counts
         self._tokens = 0  # real tokens in the batch (with a mask)
-        self._examples = 0
         self._scale = 1.0
         self._checks: list[tuple[str, torch.Tensor]] = []
         # Layers that read the same input in one forward (q/k/v, gate/up) share its products: keyed by
@@ -58,7 +57,7 @@ class KFACAccumulator:
         self._shared: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     # --------------------------------------------------------------------------------- updates
-    def begin_batch(self, mask: torch.Tensor | None, num_examples: int, gradient_scale: float = 1.0) -> None:
+    def begin_batch(self, mask: torch.Tensor | None, gradient_scale: float = 1.0) -> None:
         """Start a batch: ``mask (B, T)`` marks the tokens that count (``None``: all of them).
 
         ``gradient_scale`` turns the observed output gradients into those of the summed loss.
@@ -66,7 +65,6 @@ class KFACAccumulator:
         padded = mask is not None and not bool(mask.all())
         self._mask = mask.reshape(-1, 1).to(self.dtype) if padded else None
         self._tokens = int(mask.sum()) if padded else 0
-        self._examples = num_examples
         self._scale = gradient_scale
         self._shared.clear()
 
@@ -171,7 +169,8 @@ class KFACAccumulator:
                          "lambda": layer.gradient_shape}[key]
                 value = self.sums[name].get(key, torch.zeros(shape, dtype=self.dtype, device=self._device))
                 self.sums[name][key] = reduce_fn(value)
-                count = torch.tensor(float(self.counts[name].get(_COUNT_KEYS[key], 0)), dtype=torch.float64, device=self._device)
+                count = torch.tensor(float(self.counts[name].get(_COUNT_KEYS[key], 0)), dtype=torch.float64,
+                                     device=self._device)
                 self.counts[name][_COUNT_KEYS[key]] = int(round(float(reduce_fn(count))))
 
     def clear(self, names: list[str], keys: tuple[str, ...]) -> None:
