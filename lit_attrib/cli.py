@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import torch
-
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info

@@ -61,8 +61,11 @@ class TinyModule(LightningModule):
     def forward(self, input_ids, attention_mask=None):
         return self.net(input_ids, attention_mask)
 
+    def per_token_loss(self, batch):
+        return token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+
     def per_example_loss(self, batch):
-        return token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"]).sum(-1)
+        return self.per_token_loss(batch).sum(-1)
 
     def training_step(self, batch, batch_idx):
         nll = token_nll(self(batch["input_ids"], batch["attention_mask"]), batch["labels"])
@@ -90,15 +93,27 @@ def make_rows(count: int = 24, vocab: int = 11, seed: int = 1) -> list[dict]:
 
 
 class RowsDataModule(LightningDataModule):
-    """The same rows for training, validation and prediction (so the stages can be compared)."""
+    """The same rows for training, validation and prediction (so the stages can be compared), plus
+    optional ``query``/``forget``/``retain`` loaders for the influence callbacks."""
 
-    def __init__(self, rows: list[dict], batch_size: int = 8, shuffle: bool = False) -> None:
+    def __init__(self, rows: list[dict], batch_size: int = 8, shuffle: bool = False, queries: list[dict] | None = None,
+                 forget: list[dict] | None = None, retain: list[dict] | None = None) -> None:
         super().__init__()
         self.rows, self.batch_size, self.shuffle = rows, batch_size, shuffle
+        self.sets = {"query": queries, "forget": forget, "retain": retain}
 
-    def _loader(self, shuffle: bool) -> DataLoader:
-        return DataLoader(self.rows, batch_size=self.batch_size, shuffle=shuffle,
+    def _loader(self, shuffle: bool, rows: list[dict] | None = None) -> DataLoader:
+        return DataLoader(self.rows if rows is None else rows, batch_size=self.batch_size, shuffle=shuffle,
                           collate_fn=CausalLMCollator(pad_token_id=0))
+
+    def query_dataloader(self):
+        return self._loader(False, self.sets["query"])
+
+    def forget_dataloader(self):
+        return self._loader(False, self.sets["forget"])
+
+    def retain_dataloader(self):
+        return self._loader(False, self.sets["retain"])
 
     def train_dataloader(self):
         return self._loader(self.shuffle)

@@ -1,7 +1,9 @@
 """Lightning callbacks: orchestration only (stages, ranks, logging, state, files)."""
 
 from lit_attrib.callbacks.generation_writer import GenerationWriter
+from lit_attrib.callbacks.influence import InfluenceCallback
 from lit_attrib.callbacks.kfac_collector import KFACCollectorCallback
+from lit_attrib.callbacks.token_influence import TokenInfluenceCallback
 from lit_attrib.callbacks.training_monitor import TrainingMonitor
 
-__all__ = ["GenerationWriter", "KFACCollectorCallback", "TrainingMonitor"]
+__all__ = ["GenerationWriter", "InfluenceCallback", "KFACCollectorCallback", "TokenInfluenceCallback", "TrainingMonitor"]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_attrib.artifacts.factors import METADATA_FILE, factors_exist, load_factors, save_factors
+from lit_attrib.callbacks._common import LossFn, _batch_size, _clone, _slice, default_loss, own_backward
 from lit_attrib.errors import ArtifactError, ModelError, TrainingError
 from lit_attrib.ops.kfac_accumulator import KFACAccumulator
 from lit_attrib.ops.loss import IGNORE_INDEX, loss_mask, token_nll
@@ -30,48 +30,8 @@ from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 __all__ = ["KFACCollectorCallback"]
 
 Stage = Literal["fit", "validate", "test", "predict"]
-LossFn = Callable[[LightningModule, Any], torch.Tensor]
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _PHASE_KEYS = {"covariance": ("activation", "gradient"), "lambda": ("lambda",)}
-
-
-def _clone(batch: Any) -> Any:
-    """A copy of the batch's tensors that autograd may use (batches made under inference mode may not)."""
-    if isinstance(batch, torch.Tensor):
-        return batch.clone()
-    if isinstance(batch, dict):
-        return {key: _clone(value) for key, value in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_clone(value) for value in batch)
-    return batch
-
-
-def _slice(batch: Any, size: int) -> Any:
-    """The first ``size`` examples of a batch (tensors and lists are cut along their first axis)."""
-    if isinstance(batch, (torch.Tensor, list)):
-        return batch[:size]
-    if isinstance(batch, dict):
-        return {key: _slice(value, size) for key, value in batch.items()}
-    if isinstance(batch, tuple):
-        return tuple(_slice(value, size) for value in batch)
-    return batch
-
-
-def _batch_size(batch: Any) -> int:
-    if isinstance(batch, dict) and "input_ids" in batch:
-        return int(batch["input_ids"].shape[0])
-    tensors = [v for v in (batch.values() if isinstance(batch, dict) else batch) if isinstance(v, torch.Tensor)]
-    return int(tensors[0].shape[0])
-
-
-def default_loss(pl_module: LightningModule, batch: Any) -> torch.Tensor:
-    """``pl_module.per_example_loss(batch)``: the summed loss of each example, ``(B,)``."""
-    if not hasattr(pl_module, "per_example_loss"):
-        raise ModelError(
-            f"{type(pl_module).__name__} has no per_example_loss(batch); pass loss_fn=your_function taking "
-            f"(pl_module, batch) and returning the summed loss of each example, shape (B,)"
-        )
-    return pl_module.per_example_loss(batch)
 
 
 class KFACCollectorCallback(Callback):
@@ -438,21 +398,12 @@ class KFACCollectorCallback(Callback):
 
     def _own_pass(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Forward and backward of the collector's own, leaving the parameters' ``.grad`` untouched."""
-        with torch.inference_mode(False), torch.enable_grad(), trainer.precision_plugin.forward_context():
+        with torch.inference_mode(False):
             batch = self._start_batch(trainer, _clone(batch), 1.0, own_pass=True)
-            if batch is None:
-                return
-            self._tracker.reset()
-            self._tracker.force_grad = self._tracker.active = True
-            try:
-                losses = self._sampled_loss(pl_module, batch) if self.fisher == "true" else self.loss_fn(pl_module, batch)
-                if losses.ndim != 1:
-                    raise ModelError(f"loss_fn must return one summed loss per example, shape (B,); got {tuple(losses.shape)}")
-                if self._tracker.outputs:
-                    torch.autograd.grad(losses.sum(), self._tracker.outputs, allow_unused=True)
-            finally:
-                self._tracker.active = self._tracker.force_grad = False
-                self._tracker.reset()
+        if batch is None:
+            return
+        loss_fn = self._sampled_loss if self.fisher == "true" else self.loss_fn
+        own_backward(trainer, pl_module, self._tracker, loss_fn, batch)
         self._end_batch(trainer)
 
     def _sampled_loss(self, pl_module: LightningModule, batch: dict) -> torch.Tensor:

@@ -63,13 +63,21 @@ class TextDataModule(LightningDataModule):
         batch_size: training batch size per device.
         eval_batch_size: validation and prediction batch size (default: ``batch_size``).
         num_workers: data-loader worker processes.
-        predict_split: rows used by ``predict``: ``val``, ``train`` or ``all``.
+        predict_split: rows used by ``predict``: ``val``, ``train`` or ``all`` (``TofuDataModule`` adds
+            ``forget`` and ``retain``).
         predict_content: what ``predict`` batches hold: ``prompts`` (left-padded, for generation) or
             ``examples`` (whole rows with labels, as in training: for analysis passes such as curvature
             or influence, where the callbacks do the work and nothing is generated).
         predict_path: a separate file or hub id of prompts for ``predict`` (uses ``input_column``;
             ``output_column``, when present, is kept as the reference answer).
         predict_num_samples: use only the first rows of the prediction set.
+        query_split: rows of :meth:`query_dataloader` (the queries of ``InfluenceCallback``) when no
+            ``query_path`` is given: ``val``, ``train``, ``all`` (``TofuDataModule``: also ``forget``,
+            ``retain``).
+        query_path: a file or hub id of queries instead: rows with ``input_column`` and
+            ``output_column``, or a ``generated.jsonl`` from ``GenerationWriter`` (its ``prompt`` and
+            ``generated`` answer: which training examples made the model answer this way?).
+        query_num_samples: use only the first rows of the queries.
     """
 
     def __init__(
@@ -92,10 +100,13 @@ class TextDataModule(LightningDataModule):
         batch_size: int = 8,
         eval_batch_size: int | None = None,
         num_workers: int = 0,
-        predict_split: Literal["val", "train", "all"] = "val",
+        predict_split: str = "val",
         predict_content: Literal["prompts", "examples"] = "prompts",
         predict_path: str | None = None,
         predict_num_samples: int | None = None,
+        query_split: str = "val",
+        query_path: str | None = None,
+        query_num_samples: int | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -119,6 +130,7 @@ class TextDataModule(LightningDataModule):
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
         self.predict_dataset: datasets.Dataset | None = None
+        self.query_dataset: datasets.Dataset | None = None
         self._source: datasets.Dataset | None = None
         self._split_rows: dict[str, list[int]] = {}
 
@@ -135,7 +147,8 @@ class TextDataModule(LightningDataModule):
         if self.train_dataset is None:
             self._source = self._read(self.hparams.path, self.hparams.num_samples, self._required_columns())
             train_rows, val_rows = seeded_split(len(self._source), self.hparams.val_size, self.hparams.seed)
-            self._split_rows = {"train": train_rows, "val": val_rows, "all": list(range(len(self._source)))}
+            self._split_rows = {"train": train_rows, "val": val_rows, "all": list(range(len(self._source))),
+                                **self._extra_splits(self._source)}
             self.train_dataset = self._tokenize(self._source.select(train_rows), with_answer=True)
             self.val_dataset = self._tokenize(self._source.select(val_rows), with_answer=True) if val_rows else None
             rank_zero_info(
@@ -160,6 +173,16 @@ class TextDataModule(LightningDataModule):
         side = "left" if self.hparams.predict_content == "prompts" else "right"
         return self._loader(self.predict_dataset, self.eval_batch_size, shuffle=False, padding_side=side)
 
+    def query_dataloader(self) -> DataLoader:
+        """Whole query examples (prompt + answer, loss on the answer) for ``InfluenceCallback``."""
+        if self.query_dataset is None:
+            self.query_dataset = self._build_query_dataset()
+        return self._loader(self.query_dataset, self.eval_batch_size, shuffle=False)
+
+    def split_dataloader(self, split: str) -> DataLoader:
+        """Whole examples of one named split (``train``, ``val``, ``all``, and the subclass's own)."""
+        return self._loader(self._examples(split, "split"), self.eval_batch_size, shuffle=False)
+
     # -------------------------------------------------------------------------------- helpers
     def _required_columns(self) -> list[str]:
         if self.hparams.format == "qa":
@@ -183,8 +206,13 @@ class TextDataModule(LightningDataModule):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _tokenize(self, rows: datasets.Dataset, *, with_answer: bool) -> datasets.Dataset:
-        """Tokenize rows; with ``with_answer=False`` keep prompts only (for generation)."""
+    def _tokenize(self, rows: datasets.Dataset, *, with_answer: bool, prompt_column: str | None = None,
+                  answer_column: str | None = None) -> datasets.Dataset:
+        """Tokenize rows; with ``with_answer=False`` keep prompts only (for generation).
+
+        With ``prompt_column`` the prompt is that column as it stands (already templated, e.g. a
+        ``generated.jsonl``), and the answer comes from ``answer_column``.
+        """
         hp = self.hparams
         tokenizer = self.tokenizer
         bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
@@ -194,10 +222,14 @@ class TextDataModule(LightningDataModule):
             if hp.format == "text":
                 ids = (bos + self._encode(self._text(row[hp.text_column])) + eos)[: hp.max_length]
                 return {"input_ids": ids, "labels": ids, "prompt_length": 0, "truncated": False}
-            prompt_ids = bos + self._encode(hp.prompt_template.format(input=self._text(row[hp.input_column])))
-            answer = hp.answer_template.format(output=self._text(row.get(hp.output_column)))
-            out = {"prompt": hp.prompt_template.format(input=self._text(row[hp.input_column])),
-                   "reference": self._text(row.get(hp.output_column))}
+            if prompt_column is None:
+                prompt = hp.prompt_template.format(input=self._text(row[hp.input_column]))
+            else:
+                prompt = str(row[prompt_column])
+            reference = self._text(row.get(answer_column or hp.output_column))
+            prompt_ids = bos + self._encode(prompt)
+            answer = hp.answer_template.format(output=reference)
+            out = {"prompt": prompt, "reference": reference}
             if not with_answer:
                 return {**out, "input_ids": prompt_ids, "prompt_length": len(prompt_ids), "truncated": False}
             answer_ids = self._encode(answer) + eos
@@ -232,6 +264,23 @@ class TextDataModule(LightningDataModule):
                 f"(the prompt is kept whole; raise max_length to keep full answers)"
             )
 
+    def _extra_splits(self, source: datasets.Dataset) -> dict[str, list[int]]:
+        """More named row sets (positions in the source) for subclasses, e.g. TOFU's forget/retain."""
+        return {}
+
+    def _examples(self, split: str, what: str, limit: int | None = None) -> datasets.Dataset:
+        """The tokenized whole examples of a named split (the rows ``setup`` already read)."""
+        if split not in self._split_rows:
+            raise DataError(f"{what}='{split}' is not a split of {type(self).__name__}; choose one of "
+                            f"{sorted(self._split_rows)}")
+        rows = self._split_rows[split][slice(None, limit)]
+        if not rows:
+            raise DataError(f"{what}='{split}' is empty" + ("; set val_size > 0 or choose 'train'" if split == "val" else ""))
+        if split in ("train", "val"):  # already tokenized, with their answers
+            dataset = self.train_dataset if split == "train" else self.val_dataset
+            return dataset.select(range(len(rows)))
+        return self._tokenize(self._source.select(rows), with_answer=True)
+
     def _build_predict_dataset(self) -> datasets.Dataset:
         hp = self.hparams
         examples = hp.predict_content == "examples"
@@ -243,13 +292,30 @@ class TextDataModule(LightningDataModule):
             require_columns(source, self._required_columns() if examples else [hp.input_column], source=hp.predict_path)
             source = source.add_column("index", list(range(len(source))))
             return self._tokenize(source.select(range(len(source))[limit]), with_answer=examples)
-        rows = self._split_rows[hp.predict_split][limit]  # the rows setup already read and split
+        if examples:
+            return self._examples(hp.predict_split, "predict_split", hp.predict_num_samples)
+        if hp.predict_split not in self._split_rows:
+            raise DataError(f"predict_split='{hp.predict_split}' is not a split of {type(self).__name__}; choose one "
+                            f"of {sorted(self._split_rows)}")
+        rows = self._split_rows[hp.predict_split][limit]
         if not rows:
             raise DataError(f"predict_split='{hp.predict_split}' is empty; set val_size > 0 or choose 'train'")
-        if examples and hp.predict_split != "all":  # already tokenized, with their answers
-            split = self.train_dataset if hp.predict_split == "train" else self.val_dataset
-            return split.select(range(len(rows)))
-        return self._tokenize(self._source.select(rows), with_answer=examples)
+        return self._tokenize(self._source.select(rows), with_answer=False)
+
+    def _build_query_dataset(self) -> datasets.Dataset:
+        hp = self.hparams
+        if hp.query_path is None:
+            return self._examples(hp.query_split, "query_split", hp.query_num_samples)
+        source = load_source(hp.query_path, subset=None, split="train")
+        if len(source) == 0:
+            raise DataError(f"query file '{hp.query_path}' has no rows")
+        if "index" not in source.column_names:
+            source = source.add_column("index", list(range(len(source))))
+        source = source.select(range(len(source))[slice(None, hp.query_num_samples)])
+        if {"prompt", "generated"} <= set(source.column_names):  # a GenerationWriter file: prompts are templated
+            return self._tokenize(source, with_answer=True, prompt_column="prompt", answer_column="generated")
+        require_columns(source, self._required_columns(), source=hp.query_path)
+        return self._tokenize(source, with_answer=True)
 
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right") -> DataLoader:
         collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)

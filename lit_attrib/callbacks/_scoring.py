@@ -1,0 +1,277 @@
+"""The skeleton the influence callbacks share: saved factors, layer selection, gradient passes through
+the tracked layers, and a resumable, index-ordered score pass over ``predict``'s batches."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from lit_attrib.artifacts.factors import Factors, load_factors
+from lit_attrib.artifacts.scores import ChunkStore
+from lit_attrib.callbacks._common import (
+    LossFn,
+    batch_indices,
+    check_context,
+    context_length,
+    datamodule_loader,
+    decode_texts,
+    default_loss,
+    iterate_batches,
+    own_backward,
+)
+from lit_attrib.errors import ArtifactError, DataError, TrainingError
+from lit_attrib.ops.kfac import append_bias_column
+from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class FactorScoringCallback(Callback):
+    """Base of :class:`InfluenceCallback` and :class:`TokenInfluenceCallback` (not used directly).
+
+    Subclasses implement :meth:`prepare` (gradients computed once when ``predict`` starts),
+    :meth:`score_batch` (a batch's scores, as tensors with the example on the first axis) and
+    :meth:`write` (the artifact, on rank zero, from the assembled chunks).
+    """
+
+    tensors_file = "scores.safetensors"
+    metadata_file = "scores.json"
+
+    def __init__(self, factors: str, target_modules: list[str] | None, damping: float | None, dtype: str,
+                 loss_fn: LossFn | None, output_dir: str | None, name: str, chunk_size: int, overwrite: bool) -> None:
+        problems = []
+        if dtype not in DTYPES:
+            problems.append(f"dtype must be one of {list(DTYPES)}; got '{dtype}'")
+        if chunk_size < 1:
+            problems.append(f"chunk_size must be at least 1; got {chunk_size}")
+        if damping is not None and damping < 0:
+            problems.append(f"damping must be non-negative (or null for 0.1 · mean(Λ)); got {damping}")
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
+        self.factors_path = factors
+        self.target_modules = target_modules
+        self.damping = damping
+        self.dtype = DTYPES[dtype]
+        self.loss_fn = loss_fn or default_loss
+        self.output_dir = output_dir
+        self.name = name
+        self.chunk_size = chunk_size
+        self.overwrite = overwrite
+        self.layers: dict[str, LayerInfo] = {}
+        self.factors: Factors | None = None
+        self._tracker: LayerTracker | None = None
+        self._store: ChunkStore | None = None
+        self._covered: set[int] = set()
+        self._context: int | None = None
+        self._seen = 0
+        self._skipped = 0
+        self._on_gradient = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def arguments(self) -> dict:
+        return {"factors": str(self.factors_path), "target_modules": self.target_modules, "damping": self.damping,
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
+
+    def folder(self, trainer: Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / self.name
+
+    # --------------------------------------------------------------------------- set-up
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = self.folder(trainer)
+        if (folder / self.metadata_file).is_file() and not self.overwrite:
+            saved = json.loads((folder / self.metadata_file).read_text()).get("arguments")
+            if saved != json.loads(json.dumps(self.arguments())):
+                raise ArtifactError(f"'{folder}' already holds {self.name} scores made with other arguments; choose "
+                                    f"another output_dir or name, or set overwrite=True to replace them")
+        self.factors = load_factors(self.factors_path, pl_module, device=pl_module.device)
+        self.layers = self._select_layers(pl_module)
+        self._tracker = LayerTracker(self.layers, on_gradient=self._dispatch_gradient).attach()
+        self._tracker.active = False
+        self._context = context_length(pl_module)
+        fingerprint = self.prepare(trainer, pl_module)
+        fingerprint = {"arguments": self.arguments(), "model": self._checksum(), **fingerprint}
+        self._store = ChunkStore(folder, fingerprint, trainer.global_rank, self.chunk_size)
+        if reason := self._store.prepare(trainer.is_global_zero):
+            rank_zero_warn(f"{type(self).__name__}[{self.name}]: discarded the partial results in '{folder}' "
+                           f"because {reason}")
+        trainer.strategy.barrier()
+        self._covered = self._store.covered()
+        self._seen = self._skipped = 0
+        if self._covered:
+            rank_zero_info(f"{type(self).__name__}[{self.name}]: resuming; {len(self._covered)} examples are "
+                           f"already scored in '{folder / '.chunks'}'")
+
+    def _select_layers(self, pl_module: LightningModule) -> dict[str, LayerInfo]:
+        saved = list(self.factors.metadata.get("modules", self.factors.modules))
+        layers = find_layers(pl_module, self.target_modules or saved)
+        if missing := [name for name in layers if name not in self.factors.modules]:
+            raise ArtifactError(
+                f"the factors in '{self.factors_path}' were not fitted for {missing[:8]}; they hold {saved[:8]}"
+                f"{' …' if len(saved) > 8 else ''}. Narrow target_modules, or collect factors for these layers"
+            )
+        return layers
+
+    def _checksum(self) -> str:
+        """A short hash of the tracked weights: chunks of other weights must not be resumed from."""
+        digest = hashlib.sha256()
+        for layer in self.layers.values():
+            for parameter in layer.module.parameters():
+                digest.update(parameter.detach().double().sum().cpu().numpy().tobytes())
+                digest.update(parameter.detach().double().abs().sum().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ------------------------------------------------------------------------ gradients
+    def _dispatch_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        if layer.has_bias:
+            activations = append_bias_column(activations)
+        self._on_gradient(layer, activations.to(self.dtype), gradients.to(self.dtype))
+
+    def backward(self, trainer: Trainer, pl_module: LightningModule, batch: Any, on_gradient) -> torch.Tensor:
+        """One own forward/backward; ``on_gradient(layer, a, g)`` gets every use of every tracked layer
+        (``a`` bias-appended, both in ``dtype``)."""
+        self._on_gradient = on_gradient
+        try:
+            return own_backward(trainer, pl_module, self._tracker, self.loss_fn, batch)
+        finally:
+            self._on_gradient = None
+
+    def example_gradients(self, trainer: Trainer, pl_module: LightningModule, loader_name: str, what: str,
+                          per_example: bool, shard: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+        """Gradients ``DW`` of each tracked layer over a datamodule loader.
+
+        Returns ``(gradients, indices, texts)``: with ``per_example`` each layer's ``(N, out, in)`` in
+        loader order; otherwise each layer's sum over the examples ``(out, in)`` (summed across
+        processes when ``shard`` splits the batches between them).
+        """
+        sums: dict[str, torch.Tensor] = {}
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        indices, texts, count = [], [], 0
+
+        def collect(layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> None:
+            if per_example:
+                current[layer.name] = current.get(layer.name, 0) + torch.einsum("bto,bti->boi", g, a)
+            else:
+                update = torch.einsum("bto,bti->oi", g, a)
+                sums[layer.name] = sums[layer.name] + update if layer.name in sums else update
+
+        loader = datamodule_loader(trainer, loader_name, what)
+        batches = iterate_batches(trainer, pl_module, loader, shard=shard)
+        for batch in tqdm(batches, desc=f"{self.name}: {loader_name} gradients", leave=False,
+                          disable=not trainer.is_global_zero):
+            check_context(batch, self._context, f"the {what[:-1] if what.endswith('s') else what} example")
+            current: dict[str, torch.Tensor] = {}
+            losses = self.backward(trainer, pl_module, batch, collect)
+            if not bool(torch.isfinite(losses).all()):
+                raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {loader_name} set "
+                                    f"(dataset indices {batch_indices(batch, count).tolist()[:8]})")
+            for name in self.layers:
+                if per_example:
+                    parts[name].append(current[name])
+            indices.append(batch_indices(batch, count))
+            texts.extend(decode_texts(trainer, pl_module, batch))
+            count += len(losses)
+        if shard and trainer.world_size > 1:
+            total = trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum")
+            count = int(total)
+            for name in self.layers:
+                if name not in sums:  # a rank without batches still joins the reduction
+                    sums[name] = torch.zeros(self.layers[name].gradient_shape, dtype=self.dtype, device=pl_module.device)
+                sums[name] = trainer.strategy.reduce(sums[name], reduce_op="sum")
+        if count == 0:
+            raise DataError(f"the {what} are empty: {loader_name}_dataloader() gave no examples; check the split "
+                            f"that feeds it")
+        gradients = {name: torch.cat(parts[name]) for name in self.layers} if per_example else sums
+        return gradients, torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), texts
+
+    # ---------------------------------------------------------------------- the pass
+    @override
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                             batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._store is None:
+            return
+        indices = batch_indices(batch, self._seen)
+        self._seen += len(indices)
+        if self._covered and set(indices.tolist()) <= self._covered:
+            self._skipped += len(indices)
+            return
+        check_context(batch, self._context, "the example")
+        tensors = self.score_batch(trainer, pl_module, batch)
+        for key, value in tensors.items():
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite {key} for dataset indices "
+                                    f"{indices.tolist()[:8]}; check the model and the factors' damping")
+        self._store.add(indices, tensors, decode_texts(trainer, pl_module, batch))
+
+    @override
+    def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._store is None:
+            return
+        self._store.flush()
+        trainer.strategy.barrier()
+        folder = self.folder(trainer)
+        if trainer.is_global_zero:
+            indices, tensors, texts = self._store.assemble()
+            metadata = {
+                "name": self.name,
+                "arguments": self.arguments(),
+                "world_size": trainer.world_size,
+                "global_step": trainer.global_step,
+                "resumed_examples": self._skipped,
+                "factors": {"path": str(self.factors_path), "strategy": self.factors.metadata.get("arguments", {}).get("strategy"),
+                            "global_step": self.factors.metadata.get("global_step")},
+                "modules": {name: layer.describe() for name, layer in self.layers.items()},
+                "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+            }
+            self.write(trainer, folder, indices, tensors, texts, metadata)
+            self._store.remove()
+        trainer.strategy.barrier()
+        self._store = None
+        self._tracker.detach()
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._tracker is not None:
+            self._tracker.detach()
+
+    # ----------------------------------------------------------------- for subclasses
+    def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        """Compute what every batch needs; return what the scores depend on beyond the arguments."""
+        raise NotImplementedError
+
+    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def write(self, trainer: Trainer, folder: Path, indices: torch.Tensor, tensors: dict[str, torch.Tensor],
+              texts: list[str], metadata: dict) -> None:
+        raise NotImplementedError
+
+
+def tensorboard_text(trainer: Trainer, tag: str, text: str) -> None:
+    """Add markdown ``text`` to TensorBoard when the trainer logs there."""
+    experiment = getattr(trainer.logger, "experiment", None)
+    if experiment is not None and hasattr(experiment, "add_text"):
+        experiment.add_text(tag, text, global_step=trainer.global_step)
+        experiment.flush()
+
+
+def markdown_cell(text: str, limit: int = 160) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[: limit - 1] + "…"
+    return text.replace("|", "\\|")

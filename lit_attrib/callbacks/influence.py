@@ -1,0 +1,168 @@
+"""InfluenceCallback: EKFAC influence of every training example on every query, in a ``predict`` pass."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_attrib.artifacts.scores import save_tensors
+from lit_attrib.callbacks._common import LossFn
+from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
+from lit_attrib.errors import ModelError
+from lit_attrib.io import write_json, write_jsonl
+from lit_attrib.ops.influence import LowRank, low_rank, pairwise_scores, token_pairwise_scores
+from lit_attrib.tracking import LayerInfo
+
+__all__ = ["InfluenceCallback"]
+
+FORMAT = "lit_attrib.scores/1"
+
+
+class InfluenceCallback(FactorScoringCallback):
+    """Influence ``I(z_q, z_m) = ∇L(z_q)ᵀ (H + λI)⁻¹ ∇L(z_m)`` of each training example on each query.
+
+    Run it in ``lit-attrib predict`` over the training set as whole examples (``TextDataModule``'s
+    ``predict_split: train`` and ``predict_content: examples``). When the pass starts, it computes
+    each query's gradient (queries from the datamodule's ``<queries>_dataloader()``, e.g.
+    ``TextDataModule.query_dataloader``, which reads the validation split, a file of questions or a
+    ``generated.jsonl`` of model answers) and preconditions it once with the saved EKFAC factors,
+    ``P_q = (H + λI)⁻¹ ∇L(z_q)``, optionally cut to rank r. Each training batch is then scored from
+    its layers' activations and output gradients (``Σ_t g_tᵀ P_q a_t``) in one backward pass.
+    **Positive = the training example lowers the query's loss (helpful).**
+
+    Writes ``scores.safetensors`` (``scores (N_query, N_train)`` in dataset index order, the
+    indices, optionally ``token_scores (N_query, N_train, T)`` that sum over T to ``scores``),
+    ``topk.jsonl`` (each query's ``top_k`` most helpful and most harmful training examples with
+    their text) and ``scores.json``; the top-k also as a TensorBoard text table. Partial results are
+    written every ``chunk_size`` examples, so a killed pass run again resumes where it stopped.
+
+    Args:
+        factors: folder of the EKFAC (or K-FAC) factors from ``KFACCollectorCallback``.
+        queries: the datamodule loader of the queries: ``<queries>_dataloader()``.
+        target_modules: fnmatch patterns of the layers to use; default every layer the factors hold.
+        query_gradient_rank: cut each preconditioned query gradient to this rank (truncated SVD);
+            ``null`` keeps full rank.
+        damping: ``λ``; default ``0.1 · mean(Λ)`` per layer.
+        top_k: helpful and harmful examples listed per query.
+        token_scores: also keep each training token's share of the score.
+        dtype: precision of the gradients and scores.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss; default
+            ``pl_module.per_example_loss``.
+        output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
+        name: the artifact's name (folder and TensorBoard tag).
+        chunk_size: training examples per partial-results file.
+        overwrite: replace scores in ``output_dir`` that were made with other arguments.
+    """
+
+    def __init__(
+        self,
+        factors: str,
+        queries: str = "query",
+        target_modules: list[str] | None = None,
+        query_gradient_rank: int | None = None,
+        damping: float | None = None,
+        top_k: int = 10,
+        token_scores: bool = False,
+        dtype: str = "float32",
+        loss_fn: LossFn | None = None,
+        output_dir: str | None = None,
+        name: str = "influence",
+        chunk_size: int = 256,
+        overwrite: bool = False,
+    ) -> None:
+        if query_gradient_rank is not None and query_gradient_rank < 1:
+            raise ValueError(f"query_gradient_rank must be at least 1 (or null for full rank); got {query_gradient_rank}")
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1; got {top_k}")
+        super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite)
+        self.queries = queries
+        self.query_gradient_rank = query_gradient_rank
+        self.top_k = top_k
+        self.token_scores = token_scores
+        self.preconditioned: dict[str, torch.Tensor | LowRank] = {}
+        self.query_indices = torch.empty(0, dtype=torch.long)
+        self.query_texts: list[str] = []
+        self._batch: dict[str, torch.Tensor] = {}
+
+    def arguments(self) -> dict:
+        return {**super().arguments(), "queries": self.queries, "query_gradient_rank": self.query_gradient_rank,
+                "token_scores": self.token_scores}
+
+    def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
+        gradients, self.query_indices, self.query_texts = self.example_gradients(
+            trainer, pl_module, self.queries, "queries", per_example=True)
+        self.preconditioned = {}
+        for name, layer in self.layers.items():
+            self.preconditioned[name] = self.precondition(layer, gradients.pop(name))
+        rank_zero_info(f"{type(self).__name__}[{self.name}]: {len(self.query_indices)} query gradient(s) "
+                       f"preconditioned over {len(self.layers)} layer(s)"
+                       + (f", rank {self.query_gradient_rank}" if self.query_gradient_rank else ""))
+        return {"queries": self.query_indices.tolist()}
+
+    def precondition(self, layer: LayerInfo, gradients: torch.Tensor) -> torch.Tensor | LowRank:
+        """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set."""
+        preconditioned = self.factors.inverse_hvp(layer.name, gradients, self.damping)
+        if self.query_gradient_rank is None:
+            return preconditioned
+        try:
+            return low_rank(preconditioned, self.query_gradient_rank)
+        except ValueError as exc:
+            raise ModelError(f"layer '{layer.name}': {exc}") from None
+
+    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
+        self._batch = {}
+        self.backward(trainer, pl_module, batch, self._score_layer)
+        result = {"scores": self._batch["scores"].T}  # (B, Q): the example first
+        if self.token_scores:
+            result["token_scores"] = self._batch["token_scores"].transpose(0, 1)  # (B, Q, T)
+        return result
+
+    def _score_layer(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        preconditioned = self.preconditioned[layer.name]
+        if self.token_scores:
+            tokens = token_pairwise_scores(preconditioned, activations, gradients)
+            self._accumulate("token_scores", tokens)
+            self._accumulate("scores", tokens.sum(-1))
+        else:
+            self._accumulate("scores", pairwise_scores(preconditioned, activations, gradients))
+
+    def _accumulate(self, key: str, value: torch.Tensor) -> None:
+        self._batch[key] = self._batch[key] + value if key in self._batch else value
+
+    def write(self, trainer: Trainer, folder: Path, indices: torch.Tensor, tensors: dict[str, torch.Tensor],
+              texts: list[str], metadata: dict) -> None:
+        scores = tensors["scores"].T.contiguous()  # (Q, N)
+        out = {"scores": scores, "query_indices": self.query_indices, "train_indices": indices}
+        if "token_scores" in tensors:
+            out["token_scores"] = tensors["token_scores"].transpose(0, 1).contiguous()  # (Q, N, T)
+        save_tensors(folder / "scores.safetensors", out, FORMAT)
+        k = min(self.top_k, scores.shape[1])
+        rows = []
+        for q, query_index in enumerate(self.query_indices.tolist()):
+            order = torch.argsort(scores[q], descending=True, stable=True)
+            entry = lambda i: {"index": int(indices[i]), "score": float(scores[q, i]), "text": texts[i]}  # noqa: E731
+            rows.append({"query_index": query_index, "query": self.query_texts[q],
+                         "helpful": [entry(i) for i in order[:k].tolist()],
+                         "harmful": [entry(i) for i in order.flip(0)[:k].tolist()]})
+        write_jsonl(folder / "topk.jsonl", rows)
+        write_json(folder / "scores.json", {
+            "format": FORMAT, **metadata, "num_queries": scores.shape[0], "num_train": scores.shape[1],
+            "sign": "positive = the training example lowers the query's loss (helpful)",
+        })
+        tensorboard_text(trainer, f"{self.name}/top_{k}", self._markdown(rows[:50], k))
+        rank_zero_info(f"{type(self).__name__}[{self.name}]: scores of {scores.shape[0]} queries × {scores.shape[1]} "
+                       f"training examples written to {folder}")
+
+    @staticmethod
+    def _markdown(rows: list[dict], k: int) -> str:
+        lines = ["| query | rank | helpful (score) | harmful (score) |", "|---|---|---|---|"]
+        for row in rows:
+            for rank, (good, bad) in enumerate(zip(row["helpful"], row["harmful"]), start=1):
+                query = f"#{row['query_index']} {markdown_cell(row['query'])}" if rank == 1 else ""
+                lines.append(f"| {query} | {rank} | #{good['index']} {markdown_cell(good['text'], 80)} ({good['score']:.3g}) "
+                             f"| #{bad['index']} {markdown_cell(bad['text'], 80)} ({bad['score']:.3g}) |")
+        return "\n".join(lines)
