@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -112,7 +113,7 @@ class ChunkStore:
         indices = torch.cat([record[0] for record in self._pending])
         tensors = {key: _cat_padded([record[1][key] for record in self._pending]) for key in self._pending[0][1]}
         texts = [text for record in self._pending for text in record[2]]
-        stamp = f"{os.getpid()}-{self._written:06d}"
+        stamp = f"{self._written:06d}-{uuid.uuid4().hex[:12]}"  # never the name of a chunk of an earlier run
         with atomic_path(self.folder / f"rank{self.rank:03d}-{stamp}.safetensors") as tmp:
             save_file({"index": indices, **{k: v.contiguous() for k, v in tensors.items()}}, str(tmp),
                       metadata={"texts": json.dumps(texts, ensure_ascii=False)})
