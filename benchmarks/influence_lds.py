@@ -43,6 +43,7 @@ from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # lit_attrib's passes show progress bars
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: use this checkout's lit_attrib
     sys.path.insert(0, str(ROOT))
@@ -57,6 +58,9 @@ COLUMNS = ("input_ids", "labels", "index")
 
 
 def quiet() -> None:
+    """Only this script's own output: no Lightning banners, warnings or progress bars."""
+    import lightning.pytorch  # noqa: F401  (sets its loggers' levels when imported: import first, then lower them)
+
     warnings.filterwarnings("ignore")
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "lit_attrib", "datasets", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)

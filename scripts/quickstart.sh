@@ -2,20 +2,35 @@
 # The quickstart, end to end on a tiny Llama built from config (no downloads; minutes on 2 CPU cores):
 #   1. fine-tune it on the shipped fictitious-facts QA data (validation perplexity, checkpoints, TensorBoard);
 #   2. answer the held-out questions with the fine-tuned model and its untrained base, side by side;
-#   3. fit EKFAC curvature factors of the fine-tuned model on its training data, with spectrum plots.
+#   3. fit EKFAC curvature factors of the fine-tuned model on its training data, with spectrum plots;
+#   4. influence: which training examples helped (and hurt) the model on held-out questions;
+#   5. token scores: which tokens of the forget set (the last 10% of the people, TOFU's layout) move
+#      along forget-minus-retain, coloured on an HTML page.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
+ckpt=runs/quickstart/checkpoints/last.ckpt
 
 lit-attrib fit -c configs/quickstart.yaml
-lit-attrib predict -c configs/quickstart.yaml -c configs/compare_generation.yaml \
-  --ckpt_path runs/quickstart/checkpoints/last.ckpt
-
+lit-attrib predict -c configs/quickstart.yaml -c configs/compare_generation.yaml --ckpt_path $ckpt
 run=$(ls -td runs/quickstart/tensorboard/version_* | head -1)
-lit-attrib predict -c configs/quickstart.yaml -c configs/factors_quickstart.yaml \
-  --ckpt_path runs/quickstart/checkpoints/last.ckpt
+lit-attrib predict -c configs/quickstart.yaml -c configs/factors_quickstart.yaml --ckpt_path $ckpt
+lit-attrib predict -c configs/quickstart.yaml -c configs/influence_quickstart.yaml --ckpt_path $ckpt
+lit-attrib predict -c configs/quickstart.yaml -c configs/token_influence_quickstart.yaml --ckpt_path $ckpt
+
+python - <<'PY'
+import json
+rows = [json.loads(line) for line in open("runs/quickstart/influence/topk.jsonl")]
+print("\nMost helpful training examples for two held-out questions (runs/quickstart/influence/topk.jsonl):")
+for row in rows[:2]:
+    print("  query:", row["query"].replace("\n", " "))
+    for hit in row["helpful"][:3]:
+        print(f"    {hit['score']:+.3g}  #{hit['index']}  {hit['text'].replace(chr(10), ' ')}")
+PY
 
 echo
 echo "Done. Base vs fine-tuned answers: $run/comparison.md (all rows: $run/generated.jsonl)"
 echo "EKFAC factors: runs/quickstart/factors/ (plots: runs/quickstart/factors/plots/*.png)"
-echo "Checkpoints: runs/quickstart/checkpoints/   Curves: tensorboard --logdir runs/quickstart"
+echo "Influence: runs/quickstart/influence/{scores.safetensors,topk.jsonl}"
+echo "Token scores: open runs/quickstart/token_influence/token_scores.html"
+echo "Checkpoints: runs/quickstart/checkpoints/   Curves, top-k and top tokens: tensorboard --logdir runs/quickstart"

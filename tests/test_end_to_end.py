@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
+import torch
+import yaml
 from conftest import REPO, override_config, run_cli
+from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -53,6 +57,46 @@ def test_quickstart_fit_lowers_perplexity_and_logs_everything(tmp_path):
     table = (tmp_path / "predict" / "comparison.md").read_text()
     assert "| index | prompt | reference | base | fine-tuned |" in table and len(table.splitlines()) == 14
     assert not list((tmp_path / "predict").glob(".*.part")), "part files were left behind"
+
+    # The rest of the main job: factors -> influence -> token scores, on the fine-tuned model.
+    def step(config: str, extra: list[str] = (), **init_args) -> subprocess.CompletedProcess:
+        result = run_cli("predict", *layers, "-c", overlay(tmp_path, config, **init_args), *extra,
+                         "--ckpt_path", str(checkpoint))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    step("factors_quickstart.yaml", output_dir=str(tmp_path / "factors"), plots=False)
+    # Querying with training questions: each ranks its own training example first.
+    step("influence_quickstart.yaml", ["--data.init_args.query_split", "train", "--data.init_args.query_num_samples",
+                                       "48"], factors=str(tmp_path / "factors"), output_dir=str(tmp_path / "self"))
+    scores = load_file(str(tmp_path / "self" / "scores.safetensors"))
+    top = scores["train_indices"][scores["scores"].argmax(1)]
+    self_rate = float((top == scores["query_indices"]).double().mean())
+    assert self_rate >= 0.9, self_rate
+    # Querying with held-out paraphrases: how often is the top example a phrasing of the same fact?
+    step("influence_quickstart.yaml", factors=str(tmp_path / "factors"), output_dir=str(tmp_path / "paraphrase"))
+    scores = load_file(str(tmp_path / "paraphrase" / "scores.safetensors"))
+    facts = [json.loads(line)["fact_id"] for line in (REPO / "data" / "facts" / "facts.jsonl").read_text().splitlines()]
+    top = scores["train_indices"][scores["scores"].argmax(1)].tolist()
+    paraphrase_rate = sum(facts[t] == facts[q] for t, q in zip(top, scores["query_indices"].tolist())) / len(top)
+    print(f"top-1 is the query's own training example: {self_rate:.1%} of 48 training questions; "
+          f"a paraphrase of the same fact: {paraphrase_rate:.1%} of {len(top)} held-out questions")
+    assert paraphrase_rate >= 0.5, paraphrase_rate
+    assert "influence/top_5/text_summary" in _events(tmp_path / "tb" / "version_4").Tags()["tensors"]
+    # Token scores of the forget set (the facts data in TOFU's layout), with the HTML page.
+    step("token_influence_quickstart.yaml", factors=str(tmp_path / "factors"), output_dir=str(tmp_path / "tokens"))
+    tokens = load_file(str(tmp_path / "tokens" / "token_scores.safetensors"))
+    assert tokens["scores"].shape[0] == 60 and bool(torch.isfinite(tokens["scores"]).all())
+    assert (tmp_path / "tokens" / "token_scores.html").read_text().count('class="q"') == 60
+
+
+def overlay(tmp_path, config: str, **init_args) -> str:
+    """``configs/<config>`` with its (first) callback's arguments updated, written to tmp_path."""
+    data = yaml.safe_load((REPO / "configs" / config).read_text())
+    data["trainer"]["callbacks"][0]["init_args"].update(init_args)
+    path = tmp_path / config
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
 
 
 @pytest.mark.slow
