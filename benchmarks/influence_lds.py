@@ -239,7 +239,7 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--intermediate-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--scheduler", default="cosine")
@@ -247,6 +247,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--init-seed", type=int, default=0)
     parser.add_argument("--order-seed", type=int, default=0, help="seed of the training batches' order")
+    parser.add_argument("--train-seeds", type=int, default=1,
+                        help="retrain each subset with this many data-order seeds (order-seed, +1, ...) and average")
     parser.add_argument("--num-samples", type=int, default=None, help="use only the first rows of the file")
     parser.add_argument("--queries", type=int, default=None, help="validation rows used as queries (all if unset)")
     parser.add_argument("--subsets", type=int, default=50)
@@ -307,17 +309,21 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.subset_seed)
     size = round(args.fraction * len(train_rows))
     subsets = [sorted(torch.randperm(len(train_rows), generator=generator)[:size].tolist()) for _ in range(args.subsets)]
-    jobs = [(module_args, recipe, train_rows, query_rows, subset) for subset in subsets]
+    order_seeds = [args.order_seed + s for s in range(args.train_seeds)]
+    jobs = [(module_args, {**recipe, "order_seed": seed}, train_rows, query_rows, subset)
+            for seed in order_seeds for subset in subsets]
     tick = time.perf_counter()
     if args.workers > 1:
         with ProcessPoolExecutor(args.workers, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
-            actual = list(pool.map(retrain, jobs))
+            losses = list(pool.map(retrain, jobs))
     else:
-        actual = [retrain(job) for job in jobs]
+        losses = [retrain(job) for job in jobs]
     timings["retrain_s"] = time.perf_counter() - tick
-    actual = torch.tensor(actual, dtype=torch.float64)  # (M, Q)
-    print(f"retrained {len(subsets)} models on {size} rows each in {timings['retrain_s']:.1f} s "
-          f"({args.workers} worker(s)); mean query loss {float(actual.mean()):.3f}", flush=True)
+    per_seed = torch.tensor(losses, dtype=torch.float64).view(len(order_seeds), len(subsets), len(query_rows))
+    actual = per_seed.mean(0)  # (M, Q): each subset's query losses, averaged over the data-order seeds
+    print(f"retrained {len(jobs)} models ({len(subsets)} subsets × {len(order_seeds)} data-order seed(s)) on {size} "
+          f"rows each in {timings['retrain_s']:.1f} s ({args.workers} worker(s)); mean query loss "
+          f"{float(actual.mean()):.3f}", flush=True)
 
     # LDS.
     membership = torch.zeros(len(subsets), len(train_rows), dtype=torch.float64)
@@ -329,6 +335,13 @@ def main() -> None:
         predicted = -(membership @ matrix.T)  # (M, Q): const − Σ_{m∈S_k} score[q, m]
         per_query[method] = spearman_per_query(predicted, actual)
         results[method] = summary(per_query[method])
+    seed_agreement = None
+    if len(order_seeds) > 1:  # how well one retraining predicts another: a ceiling for any attribution method
+        seed_agreement = summary(spearman_per_query(per_seed[0], per_seed[1]))
+        for method in METHODS:
+            predicted = -(membership @ scores[method].T)
+            results[method]["per_seed"] = [summary(spearman_per_query(predicted, per_seed[s]))["mean"]
+                                           for s in range(len(order_seeds))]
     timings["total_s"] = time.perf_counter() - started
 
     print()
@@ -340,6 +353,10 @@ def main() -> None:
     print(f"EKFAC − identity per query: mean {float(paired.mean()):+.3f} ± {float(paired.std() / math.sqrt(len(paired))):.3f}"
           f" (s.e.), EKFAC higher on {int((paired > 0).sum())}/{len(paired)} queries -> goal "
           f"{'met' if beats else 'NOT met'}")
+    if seed_agreement is not None:
+        print(f"retraining noise: Spearman of query losses between data-order seeds {order_seeds[0]} and "
+              f"{order_seeds[1]} over the subsets {seed_agreement['mean']:.3f} ± {seed_agreement['stderr']:.3f}; "
+              + ", ".join(f"{m} per seed {', '.join(f'{v:.3f}' for v in results[m]['per_seed'])}" for m in METHODS))
     print(f"total {timings['total_s']:.0f} s")
 
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -359,9 +376,11 @@ def main() -> None:
         "ekfac_minus_identity": {"mean": float(paired.mean()), "stderr": float(paired.std() / math.sqrt(len(paired))),
                                  "queries_higher": int((paired > 0).sum())},
         "goal_ekfac_beats_identity": beats,
+        "seed_agreement": seed_agreement,
         "per_query": per_query,
         "query_indices": [row["index"] for row in query_rows],
         "retrained_query_losses": actual.tolist(),
+        "retrained_query_losses_per_seed": per_seed.tolist() if len(order_seeds) > 1 else None,
         "subsets_dataset_indices": [[train_rows[i]["index"] for i in subset] for subset in subsets],
         "timings": timings,
         "load_average_at_end": load,

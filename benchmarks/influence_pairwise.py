@@ -39,6 +39,8 @@ import time
 import warnings
 from pathlib import Path
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # both libraries' progress bars (tqdm reads it when imported)
+
 import datasets
 import kronfluence
 import torch
@@ -50,7 +52,7 @@ from lit_attrib.callbacks import InfluenceCallback
 from lit_attrib.data import TextDataModule
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kfac_factors import (  # noqa: E402  (the factors benchmark's model, data, Task and fitting helpers)
+from kfac_factors import (  # the factors benchmark's model, data, Task and fitting helpers
     DATA,
     ROOT,
     TARGETS,
@@ -209,7 +211,7 @@ def print_table(results: dict) -> None:
     load = results["load_average_1min"]
     print(f"1-minute load average: {load['before']:.2f} before, {load['after']:.2f} after")
     if max(load.values()) > s["threads"] + 0.5:
-        print(f"\nWARNING: other processes shared the CPUs, so the timings are unreliable; rerun on an idle machine")
+        print("\nWARNING: other processes shared the CPUs, so the timings are unreliable; rerun on an idle machine")
 
 
 def _seconds(values: list[float]) -> str:
@@ -232,7 +234,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
-    rows = sum(1 for line in open(DATA) if line.strip())
+    with open(DATA) as handle:
+        rows = sum(1 for line in handle if line.strip())
     if args.examples + args.queries > rows:
         parser.error(f"{DATA} has {rows} rows: --examples + --queries must not exceed them")
     if args.warmup_examples > args.examples:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -153,20 +154,24 @@ class FactorScoringCallback(Callback):
             self._on_gradient = None
 
     def example_gradients(self, trainer: Trainer, pl_module: LightningModule, loader_name: str, what: str,
-                          per_example: bool, shard: bool = False) -> tuple[dict[str, torch.Tensor], torch.Tensor, list[str]]:
+                          per_example: Callable[[LayerInfo, torch.Tensor], Any] | None = None,
+                          shard: bool = False) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
         """Gradients ``DW`` of each tracked layer over a datamodule loader.
 
-        Returns ``(gradients, indices, texts)``: with ``per_example`` each layer's ``(N, out, in)`` in
-        loader order; otherwise each layer's sum over the examples ``(out, in)`` (summed across
-        processes when ``shard`` splits the batches between them).
+        Returns ``(gradients, indices, texts)``. With ``per_example``, each layer's list of
+        ``per_example(layer, DW)`` over the batches, ``DW (B, out, in)`` being the batch's per-example
+        gradients (so that only one batch of them is held at a time); otherwise each layer's sum
+        over the examples ``(out, in)`` (summed across processes when ``shard`` splits the batches).
         """
         sums: dict[str, torch.Tensor] = {}
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in self.layers}
+        parts: dict[str, list[Any]] = {name: [] for name in self.layers}
         indices, texts, count = [], [], 0
+        current: dict[str, torch.Tensor] = {}
 
         def collect(layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> None:
-            if per_example:
-                current[layer.name] = current.get(layer.name, 0) + torch.einsum("bto,bti->boi", g, a)
+            if per_example is not None:
+                update = torch.einsum("bto,bti->boi", g, a)
+                current[layer.name] = current[layer.name] + update if layer.name in current else update
             else:
                 update = torch.einsum("bto,bti->oi", g, a)
                 sums[layer.name] = sums[layer.name] + update if layer.name in sums else update
@@ -176,28 +181,31 @@ class FactorScoringCallback(Callback):
         for batch in tqdm(batches, desc=f"{self.name}: {loader_name} gradients", leave=False,
                           disable=not trainer.is_global_zero):
             check_context(batch, self._context, f"the {what[:-1] if what.endswith('s') else what} example")
-            current: dict[str, torch.Tensor] = {}
+            current.clear()
             losses = self.backward(trainer, pl_module, batch, collect)
             if not bool(torch.isfinite(losses).all()):
                 raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {loader_name} set "
                                     f"(dataset indices {batch_indices(batch, count).tolist()[:8]})")
-            for name in self.layers:
-                if per_example:
-                    parts[name].append(current[name])
+            if per_example is not None:
+                for name, layer in self.layers.items():
+                    unused = torch.zeros(len(losses), *layer.gradient_shape, dtype=self.dtype, device=pl_module.device)
+                    parts[name].append(per_example(layer, current.pop(name, unused)))
             indices.append(batch_indices(batch, count))
             texts.extend(decode_texts(trainer, pl_module, batch))
             count += len(losses)
+        if per_example is None:
+            for name, layer in self.layers.items():  # a layer the loss never reached, or a rank without batches
+                if name not in sums:
+                    sums[name] = torch.zeros(layer.gradient_shape, dtype=self.dtype, device=pl_module.device)
         if shard and trainer.world_size > 1:
             total = trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum")
             count = int(total)
             for name in self.layers:
-                if name not in sums:  # a rank without batches still joins the reduction
-                    sums[name] = torch.zeros(self.layers[name].gradient_shape, dtype=self.dtype, device=pl_module.device)
                 sums[name] = trainer.strategy.reduce(sums[name], reduce_op="sum")
         if count == 0:
             raise DataError(f"the {what} are empty: {loader_name}_dataloader() gave no examples; check the split "
                             f"that feeds it")
-        gradients = {name: torch.cat(parts[name]) for name in self.layers} if per_example else sums
+        gradients = parts if per_example is not None else sums
         return gradients, torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), texts
 
     # ---------------------------------------------------------------------- the pass

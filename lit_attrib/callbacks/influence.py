@@ -93,11 +93,16 @@ class InfluenceCallback(FactorScoringCallback):
                 "token_scores": self.token_scores}
 
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
-        gradients, self.query_indices, self.query_texts = self.example_gradients(
-            trainer, pl_module, self.queries, "queries", per_example=True)
+        # Each batch of query gradients is preconditioned (and cut to rank r) as soon as it is known,
+        # so that only one batch of full per-example gradients is ever held.
+        parts, self.query_indices, self.query_texts = self.example_gradients(
+            trainer, pl_module, self.queries, "queries", per_example=self.precondition)
         self.preconditioned = {}
-        for name, layer in self.layers.items():
-            self.preconditioned[name] = self.precondition(layer, gradients.pop(name))
+        for name, batches in parts.items():
+            if self.query_gradient_rank is None:
+                self.preconditioned[name] = torch.cat(batches)
+            else:
+                self.preconditioned[name] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         rank_zero_info(f"{type(self).__name__}[{self.name}]: {len(self.query_indices)} query gradient(s) "
                        f"preconditioned over {len(self.layers)} layer(s)"
                        + (f", rank {self.query_gradient_rank}" if self.query_gradient_rank else ""))

@@ -108,7 +108,7 @@ class TokenInfluenceCallback(FactorScoringCallback):
         counts = {}
         for loader_name, sign in sets:
             sums, indices, _ = self.example_gradients(trainer, pl_module, loader_name, f"{loader_name} examples",
-                                                      per_example=False, shard=True)
+                                                      shard=True)
             count = self._count(trainer, pl_module, indices)
             counts[loader_name] = count
             for name, total in sums.items():
