@@ -11,7 +11,8 @@ import yaml
 from conftest import REPO, run_cli
 
 from lit_attrib.cli import main
-from lit_attrib.data import TextDataModule
+from lit_attrib.callbacks import InfluenceCallback, TokenInfluenceCallback
+from lit_attrib.data import TextDataModule, TofuDataModule
 from lit_attrib.modules import CausalLMModule
 
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -76,18 +77,30 @@ def _documented(cls) -> dict[str, str]:
     return {name: " ".join(text.split()[:4]) for name, text in found.items()}
 
 
-@pytest.mark.parametrize(("flag", "cls"), [("--model.help", CausalLMModule), ("--data.help", TextDataModule)])
+@pytest.mark.parametrize(("flag", "cls"), [("--model.help", CausalLMModule), ("--data.help", TextDataModule),
+                                           ("--data.help", TofuDataModule)])
 def test_help_documents_every_argument(flag, cls, capsys):
     code, out, _ = _parse(["fit", flag, cls.__name__], capsys)
     assert code == 0
     out = " ".join(out.split())
     documented = _documented(cls)
-    for name in inspect.signature(cls.__init__).parameters:
-        if name == "self":
+    for name, parameter in inspect.signature(cls.__init__).parameters.items():
+        if name == "self" or parameter.kind is parameter.VAR_KEYWORD:
             continue
         assert name in documented, f"{cls.__name__}.{name} has no docstring entry"
         assert f"--{flag.split('.')[0][2:]}.{name} " in out, name
         assert documented[name] in out, name
+
+
+@pytest.mark.parametrize("cls", [InfluenceCallback, TokenInfluenceCallback])
+def test_callback_help_documents_every_argument(cls, capsys):
+    code, out, _ = _parse(["predict", "--trainer.callbacks.help", cls.__name__], capsys)
+    assert code == 0
+    out = " ".join(out.split())
+    documented = _documented(cls)
+    for name in inspect.signature(cls.__init__).parameters:
+        if name != "self":
+            assert name in documented and documented[name] in out, name
 
 
 # ------------------------------------------------------------------------ errors, end to end
