@@ -48,7 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run from a checkout: use this checkout's lit_attrib
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
 DATA, TOKENIZER = str(ROOT / "data/facts/facts.jsonl"), str(ROOT / "data/facts/tokenizer")
 RESULTS = ROOT / "benchmarks" / "results" / "influence_lds.json"
@@ -235,7 +235,8 @@ def summary(values: list[float]) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--intermediate-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
@@ -308,7 +309,8 @@ def main() -> None:
     # Subsets and retraining.
     generator = torch.Generator().manual_seed(args.subset_seed)
     size = round(args.fraction * len(train_rows))
-    subsets = [sorted(torch.randperm(len(train_rows), generator=generator)[:size].tolist()) for _ in range(args.subsets)]
+    subsets = [sorted(torch.randperm(len(train_rows), generator=generator)[:size].tolist())
+               for _ in range(args.subsets)]
     order_seeds = [args.order_seed + s for s in range(args.train_seeds)]
     jobs = [(module_args, {**recipe, "order_seed": seed}, train_rows, query_rows, subset)
             for seed in order_seeds for subset in subsets]
@@ -350,7 +352,8 @@ def main() -> None:
         print(f"{method:<18} {result['mean']:7.3f} {result['stderr']:8.3f} {result['median']:8.3f}")
     beats = results["ekfac"]["mean"] > results["identity"]["mean"]
     paired = torch.tensor(per_query["ekfac"]) - torch.tensor(per_query["identity"])
-    print(f"EKFAC − identity per query: mean {float(paired.mean()):+.3f} ± {float(paired.std() / math.sqrt(len(paired))):.3f}"
+    paired_se = float(paired.std() / math.sqrt(len(paired)))
+    print(f"EKFAC − identity per query: mean {float(paired.mean()):+.3f} ± {paired_se:.3f}"
           f" (s.e.), EKFAC higher on {int((paired > 0).sum())}/{len(paired)} queries -> goal "
           f"{'met' if beats else 'NOT met'}")
     if seed_agreement is not None:

@@ -151,6 +151,11 @@ def decode_texts(trainer: Trainer, pl_module: LightningModule, batch: Any) -> li
     return [tokenizer.decode([t for t, m in zip(row, keep) if m], skip_special_tokens=True) for row, keep in zip(ids, mask)]
 
 
+def show_progress(trainer: Trainer) -> bool:
+    """A callback's own progress bar shows on rank zero when the trainer shows its progress bar."""
+    return trainer.is_global_zero and trainer.progress_bar_callback is not None
+
+
 def batch_indices(batch: Any, start: int) -> torch.Tensor:
     """The batch's dataset ``index`` column, or running positions from ``start`` when it has none."""
     if isinstance(batch, dict) and "index" in batch:

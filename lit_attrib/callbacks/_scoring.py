@@ -28,6 +28,7 @@ from lit_attrib.callbacks._common import (
     default_loss,
     iterate_batches,
     own_backward,
+    show_progress,
 )
 from lit_attrib.errors import ArtifactError, DataError, TrainingError
 from lit_attrib.ops.kfac import append_bias_column
@@ -179,7 +180,7 @@ class FactorScoringCallback(Callback):
         loader = datamodule_loader(trainer, loader_name, what)
         batches = iterate_batches(trainer, pl_module, loader, shard=shard)
         for batch in tqdm(batches, desc=f"{self.name}: {loader_name} gradients", leave=False,
-                          disable=not trainer.is_global_zero):
+                          disable=not show_progress(trainer)):
             check_context(batch, self._context, f"the {what[:-1] if what.endswith('s') else what} example")
             current.clear()
             losses = self.backward(trainer, pl_module, batch, collect)

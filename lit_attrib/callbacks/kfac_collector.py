@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_attrib.artifacts.factors import METADATA_FILE, factors_exist, load_factors, save_factors
-from lit_attrib.callbacks._common import LossFn, _batch_size, _clone, _slice, default_loss, own_backward
+from lit_attrib.callbacks._common import LossFn, _batch_size, _clone, _slice, default_loss, own_backward, show_progress
 from lit_attrib.errors import ArtifactError, ModelError, TrainingError
 from lit_attrib.ops.kfac_accumulator import KFACAccumulator
 from lit_attrib.ops.loss import IGNORE_INDEX, loss_mask, token_nll
@@ -431,7 +431,7 @@ class KFACCollectorCallback(Callback):
             self._announce("an extra loop over the data")
             for loader in loaders:
                 progress = tqdm(loader, desc=f"{self.name}: {self.passes[self._pass][0]} pass",
-                                disable=not trainer.is_global_zero, leave=False)
+                                disable=not show_progress(trainer), leave=False)
                 for batch_idx, batch in enumerate(progress):
                     self._where = f"batch {batch_idx} of the {self.passes[self._pass][0]} pass"
                     batch = trainer.strategy.batch_to_device(batch, pl_module.device)
