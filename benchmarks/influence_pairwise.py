@@ -33,13 +33,12 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
-
-os.environ.setdefault("TQDM_DISABLE", "1")  # both libraries' progress bars (tqdm reads it when imported)
 
 import datasets
 import kronfluence
@@ -218,6 +217,18 @@ def _seconds(values: list[float]) -> str:
     return "/".join(f"{value:.2f}" for value in values) + " s"
 
 
+def lit_attrib_commit() -> str:
+    """The checked-out commit, with ``+dirty`` when lit_attrib/ has uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "lit_attrib"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -250,7 +261,8 @@ def main() -> None:
 
     load_before = os.getloadavg()[0]
     results = {"settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-               "versions": {"torch": torch.__version__, "kronfluence": kronfluence.__version__},
+               "versions": {"torch": torch.__version__, "kronfluence": kronfluence.__version__,
+                            "lit_attrib_commit": lit_attrib_commit()},
                "models": {kind: compare_model(kind, args) for kind in args.models}}
     results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     print_table(results)

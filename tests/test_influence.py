@@ -113,9 +113,12 @@ def test_explicit_damping_is_used(tmp_path, module, rows, factors):
                                rtol=1e-8, atol=0)
 
 
-def test_low_rank_query_gradients_equal_truncated_svd_reference(tmp_path, module, rows, factors):
+@pytest.mark.parametrize("expand", [0.0, 1.0], ids=["through-tokens", "expanded"])
+def test_low_rank_query_gradients_equal_truncated_svd_reference(tmp_path, module, rows, factors, expand):
     rank = 2
-    scores, _ = influence(tmp_path, module, RowsDataModule(rows, queries=rows[:3]), query_gradient_rank=rank)
+    scores, callback = influence(tmp_path, module, RowsDataModule(rows, queries=rows[:3]), query_gradient_rank=rank,
+                                 expand_low_rank_gb=expand)
+    assert all(isinstance(p, tuple) != bool(expand) for p in callback.preconditioned.values())
     inverses = {name: explicit_inverse(factors, name) for name in LAYERS}
     expected = torch.zeros(3, len(rows), dtype=torch.float64)
     for q in range(3):

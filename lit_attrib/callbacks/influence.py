@@ -46,6 +46,10 @@ class InfluenceCallback(FactorScoringCallback):
         target_modules: fnmatch patterns of the layers to use; default every layer the factors hold.
         query_gradient_rank: cut each preconditioned query gradient to this rank (truncated SVD);
             ``null`` keeps full rank.
+        expand_low_rank_gb: a rank-r query gradient is contracted through the tokens
+            (``T·Q·r·(out + in)`` per example); where multiplying it back out to ``(Q, out, in)`` makes
+            the contraction cheaper (``(T + Q)·out·in``), it is expanded, layer by layer, as long as the
+            expanded layers take at most this many GB together. 0 never expands (least memory).
         damping: ``λ``; default ``0.1 · mean(Λ)`` per layer.
         top_k: helpful and harmful examples listed per query.
         token_scores: also keep each training token's share of the score.
@@ -64,6 +68,7 @@ class InfluenceCallback(FactorScoringCallback):
         queries: str = "query",
         target_modules: list[str] | None = None,
         query_gradient_rank: int | None = None,
+        expand_low_rank_gb: float = 1.0,
         damping: float | None = None,
         top_k: int = 10,
         token_scores: bool = False,
@@ -76,6 +81,8 @@ class InfluenceCallback(FactorScoringCallback):
     ) -> None:
         if query_gradient_rank is not None and query_gradient_rank < 1:
             raise ValueError(f"query_gradient_rank must be at least 1 (or null for full rank); got {query_gradient_rank}")
+        if expand_low_rank_gb < 0:
+            raise ValueError(f"expand_low_rank_gb must be non-negative; got {expand_low_rank_gb}")
         if top_k < 1:
             raise ValueError(f"top_k must be at least 1; got {top_k}")
         super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite)
@@ -83,6 +90,9 @@ class InfluenceCallback(FactorScoringCallback):
         self.query_gradient_rank = query_gradient_rank
         self.top_k = top_k
         self.token_scores = token_scores
+        self.expand_low_rank_gb = expand_low_rank_gb
+        self._expanded_bytes = 0
+        self._decided: set[str] = set()
         self.preconditioned: dict[str, torch.Tensor | LowRank] = {}
         self.query_indices = torch.empty(0, dtype=torch.long)
         self.query_texts: list[str] = []
@@ -90,11 +100,13 @@ class InfluenceCallback(FactorScoringCallback):
 
     def arguments(self) -> dict:
         return {**super().arguments(), "queries": self.queries, "query_gradient_rank": self.query_gradient_rank,
-                "token_scores": self.token_scores}
+                "token_scores": self.token_scores}  # expand_low_rank_gb changes the speed, not the scores
 
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         # Each batch of query gradients is preconditioned (and cut to rank r) as soon as it is known,
         # so that only one batch of full per-example gradients is ever held.
+        self._decided.clear()
+        self._expanded_bytes = 0
         parts, self.query_indices, self.query_texts = self.example_gradients(
             trainer, pl_module, self.queries, "queries", per_example=self.precondition)
         self.preconditioned = {}
@@ -127,6 +139,8 @@ class InfluenceCallback(FactorScoringCallback):
         return result
 
     def _score_layer(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        if layer.name not in self._decided:
+            self._maybe_expand(layer, tokens=activations.shape[1])
         preconditioned = self.preconditioned[layer.name]
         if self.token_scores:
             tokens = token_pairwise_scores(preconditioned, activations, gradients)
@@ -134,6 +148,22 @@ class InfluenceCallback(FactorScoringCallback):
             self._accumulate("scores", tokens.sum(-1))
         else:
             self._accumulate("scores", pairwise_scores(preconditioned, activations, gradients))
+
+    def _maybe_expand(self, layer: LayerInfo, tokens: int) -> None:
+        """Multiply a layer's rank-r factors back out when that contracts faster and the memory allows."""
+        self._decided.add(layer.name)
+        preconditioned = self.preconditioned[layer.name]
+        if not isinstance(preconditioned, tuple) or self.token_scores:
+            return
+        left, right = preconditioned
+        queries, out_features, rank = left.shape
+        in_features = right.shape[-1]
+        through_tokens = tokens * queries * rank * (out_features + in_features)
+        expanded = (tokens + queries) * out_features * in_features
+        size = queries * out_features * in_features * left.element_size()
+        if expanded < through_tokens and self._expanded_bytes + size <= self.expand_low_rank_gb * 2**30:
+            self.preconditioned[layer.name] = left @ right  # still rank r, now cheaper to contract
+            self._expanded_bytes += size
 
     def _accumulate(self, key: str, value: torch.Tensor) -> None:
         self._batch[key] = self._batch[key] + value if key in self._batch else value

@@ -29,8 +29,18 @@ def low_rank(preconditioned: torch.Tensor, rank: int) -> LowRank:
             f"query_gradient_rank={rank} is not between 1 and the rank of a ({out_features}, {in_features}) "
             f"gradient ({min(out_features, in_features)}); lower it or set it to null for full rank"
         )
-    u, s, vh = torch.linalg.svd(preconditioned, full_matrices=False)
-    return (u[..., :rank] * s[..., None, :rank]).contiguous(), vh[..., :rank, :].contiguous()
+    # The top singular pairs from the eigendecomposition of the smaller Gram matrix, in float64
+    # (faster than a full SVD of the tall matrix; float64 keeps the squared condition harmless).
+    matrix = preconditioned.double()
+    if out_features >= in_features:
+        values, right = torch.linalg.eigh(matrix.mT @ matrix)  # ascending
+        right = right[..., :, -rank:].flip(-1)  # (Q, in, r)
+        left = matrix @ right  # = U_r Σ_r
+        return left.to(preconditioned.dtype).contiguous(), right.mT.to(preconditioned.dtype).contiguous()
+    values, left = torch.linalg.eigh(matrix @ matrix.mT)
+    left = left[..., :, -rank:].flip(-1)  # (Q, out, r): U_r
+    right = left.mT @ matrix  # = Σ_r V_rᵀ
+    return left.to(preconditioned.dtype).contiguous(), right.to(preconditioned.dtype).contiguous()
 
 
 def token_pairwise_scores(preconditioned: torch.Tensor | LowRank, activations: torch.Tensor,
@@ -61,5 +71,6 @@ def pairwise_scores(preconditioned: torch.Tensor | LowRank, activations: torch.T
     """
     if isinstance(preconditioned, tuple) or preconditioned.shape[0] == 1:
         return token_pairwise_scores(preconditioned, activations, output_gradients).sum(-1)
-    example_gradients = torch.einsum("bto,bti->boi", output_gradients, activations)
-    return torch.einsum("qoi,boi->qb", preconditioned, example_gradients)
+    # Plain matrix products: einsum would copy both operands into its own layout first.
+    example_gradients = torch.bmm(output_gradients.mT, activations)  # (B, out, in)
+    return preconditioned.flatten(1) @ example_gradients.flatten(1).T
