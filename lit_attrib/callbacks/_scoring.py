@@ -4,6 +4,7 @@ the tracked layers, and a resumable, index-ordered score pass over ``predict``'s
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class FactorScoringCallback(Callback):
+class FactorScoringCallback(Callback, ABC):
     """Base of :class:`InfluenceCallback` and :class:`TokenInfluenceCallback` (not used directly).
 
     Subclasses implement :meth:`prepare` (gradients computed once when ``predict`` starts),
@@ -260,16 +261,18 @@ class FactorScoringCallback(Callback):
             self._tracker.detach()
 
     # ----------------------------------------------------------------- for subclasses
+    @abstractmethod
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """Compute what every batch needs; return what the scores depend on beyond the arguments."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        """The batch's scores, each tensor with the example on its first axis."""
 
+    @abstractmethod
     def write(self, trainer: Trainer, folder: Path, indices: torch.Tensor, tensors: dict[str, torch.Tensor],
               texts: list[str], metadata: dict) -> None:
-        raise NotImplementedError
+        """Write the artifact (rank zero) from the assembled chunks."""
 
 
 def tensorboard_text(trainer: Trainer, tag: str, text: str) -> None:
