@@ -52,7 +52,8 @@ def token_scores_html(tokens: list[list[str]], scores: torch.Tensor, mask: torch
         colormap: a diverging matplotlib colour map.
     """
     scored = scores[mask].abs().double()
-    scale = float(torch.quantile(scored, 0.99)) if scored.numel() else 1.0
+    # kthvalue, not quantile: quantile refuses more than 2**24 values.
+    scale = float(torch.kthvalue(scored, max(1, round(0.99 * scored.numel()))).values) if scored.numel() else 1.0
     scale = scale if scale > 0 else 1.0
     cmap = colormaps[colormap]
     gradient = ", ".join(to_hex(cmap(x / 8)) for x in range(9))

@@ -170,3 +170,54 @@ def test_predict_content_examples_gives_whole_labelled_rows(facts_path, tokenize
     assert data.predict_dataset["labels"] == data.train_dataset["labels"]
     batch = next(iter(data.predict_dataloader()))
     assert "labels" in batch and bool(batch["attention_mask"][:, 0].all())  # right padding, as in training
+
+
+def test_tofu_layout_forgets_the_last_authors():
+    from lit_attrib.data.tofu import forget_retain_rows
+
+    forget, retain = forget_retain_rows(4000, 10)  # TOFU: forget10 = rows 3600-3999 of "full"
+    assert forget == list(range(3600, 4000)) and retain == list(range(3600))
+    assert len(forget_retain_rows(4000, 1)[0]) == 40
+    groups = ["a"] * 3 + ["b"] * 2 + ["c"] * 4 + ["d"]
+    assert forget_retain_rows(len(groups), 50, groups) == ([5, 6, 7, 8, 9], [0, 1, 2, 3, 4])  # authors c and d
+    assert forget_retain_rows(len(groups), 30, groups)[0] == [9]  # 1.2 authors round to 1: d
+    assert forget_retain_rows(len(groups), 1, groups)[0] == [9]  # at least one author
+
+
+def test_tofu_datamodule_on_the_facts_data(facts_path, tokenizer_path):
+    import json
+
+    from lit_attrib.data import TofuDataModule
+
+    data = TofuDataModule(tokenizer=tokenizer_path, path=facts_path, subset=None, group_column="person",
+                          forget_split="forget10", max_length=64, eval_batch_size=64)
+    data.setup("predict")
+    people = [json.loads(line)["person"] for line in open(facts_path)]
+    forget = torch.cat([b["index"] for b in data.forget_dataloader()]).tolist()
+    retain = torch.cat([b["index"] for b in data.retain_dataloader()]).tolist()
+    assert len({people[i] for i in forget}) == 5 and set(people[i] for i in forget) == set(people[-60:])
+    assert sorted(forget + retain) == list(range(len(people))) and not set(forget) & set(retain)
+    assert torch.cat([b["index"] for b in data.query_dataloader()]).tolist() == forget
+    with pytest.raises(DataError, match="forget_split must be one of"):
+        TofuDataModule(tokenizer=tokenizer_path, path=facts_path, forget_split="forget20")
+
+
+def test_queries_from_a_generated_jsonl_score_the_model_answer(tmp_path, facts_path, tokenizer_path):
+    import json
+
+    from lit_attrib.data import TextDataModule
+    from lit_attrib.ops import IGNORE_INDEX
+
+    generated = tmp_path / "generated.jsonl"
+    rows = [{"index": 7, "prompt": "Question: Who?\nAnswer:", "reference": "x", "generated": "Nobody at all."},
+            {"index": 3, "prompt": "Question: Where?\nAnswer:", "reference": "y", "generated": "Here."}]
+    generated.write_text("\n".join(json.dumps(r) for r in rows))
+    data = TextDataModule(path=facts_path, tokenizer=tokenizer_path, query_path=str(generated), max_length=64)
+    data.setup("predict")
+    batch = next(iter(data.query_dataloader()))
+    assert batch["index"].tolist() == [7, 3]
+    tokenizer = data.tokenizer
+    for row, ids, labels in zip(rows, batch["input_ids"].tolist(), batch["labels"].tolist()):
+        answer = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
+        assert tokenizer.decode(answer, skip_special_tokens=True) == " " + row["generated"]
+        assert tokenizer.decode(ids, skip_special_tokens=True).startswith(row["prompt"])

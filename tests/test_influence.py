@@ -118,7 +118,7 @@ def test_low_rank_query_gradients_equal_truncated_svd_reference(tmp_path, module
     rank = 2
     scores, callback = influence(tmp_path, module, RowsDataModule(rows, queries=rows[:3]), query_gradient_rank=rank,
                                  expand_low_rank_gb=expand)
-    assert all(isinstance(p, tuple) != bool(expand) for p in callback.preconditioned.values())
+    assert sorted(callback.expanded) == (sorted(LAYERS) if expand else [])  # in backward order
     inverses = {name: explicit_inverse(factors, name) for name in LAYERS}
     expected = torch.zeros(3, len(rows), dtype=torch.float64)
     for q in range(3):
@@ -177,11 +177,11 @@ def test_killed_pass_resumes_and_gives_the_same_scores(tmp_path, module, rows, f
     with pytest.raises(KilledRun):
         _trainer(tmp_path, [callback, KillAfterBatches(4)]).predict(module, data, return_predictions=False)
     assert not (tmp_path / "killed" / "scores.json").exists()  # no half-written artifact
-    assert len(list((tmp_path / "killed" / ".chunks").glob("*.safetensors"))) == 4
+    assert len(list((tmp_path / "killed" / ".chunks-influence").glob("chunk-*.safetensors"))) == 4
     resumed, callback = influence(tmp_path, module, data, name="killed", chunk_size=3)
     assert json.loads((tmp_path / "killed" / "scores.json").read_text())["resumed_examples"] == 12
     torch.testing.assert_close(resumed["scores"], expected["scores"], rtol=1e-12, atol=0)
-    assert not (tmp_path / "killed" / ".chunks").exists()
+    assert not (tmp_path / "killed" / ".chunks-influence").exists()
 
 
 def test_chunks_of_other_weights_are_not_resumed(tmp_path, module, rows, factors):
@@ -259,6 +259,7 @@ def test_token_scores_on_a_tiny_llama_equal_the_autograd_loop(tmp_path, tokenize
     data = RowsDataModule(rows, batch_size=3, forget=rows[:2], retain=rows[2:])
     result, callback = token_influence(tmp_path, module, data)
     params = {name: module.get_submodule(name).weight for name in layers}
+    assert not callback.direction and all(t.device.type == "cpu" for t in callback.tangents.values())  # released
     tangents = {name: callback.tangents[f"pl_module.{name}.weight"] for name in layers}
     for i, row in enumerate(rows):
         batch = {"input_ids": torch.tensor([row["input_ids"]]), "labels": torch.tensor([row["labels"]]),
@@ -316,3 +317,29 @@ def test_loss_of_the_wrong_shape_names_the_expected_shape(tmp_path, module, rows
         token_influence(tmp_path, module, RowsDataModule(rows[:3], batch_size=3, forget=rows[:2], retain=rows[2:]),
                         token_loss_fn=lambda m, b: m.per_example_loss(b))
 
+
+
+def test_resume_over_another_predict_set_keeps_only_this_pass_rows(tmp_path, module, rows, factors):
+    with pytest.raises(KilledRun):
+        callback = InfluenceCallback(factors=str(tmp_path / "factors"), output_dir=str(tmp_path / "i"), chunk_size=4,
+                                     dtype="float64")
+        _trainer(tmp_path, [callback, KillAfterBatches(2)]).predict(
+            module, RowsDataModule(rows, batch_size=4, queries=rows[:2]), return_predictions=False)
+    subset = rows[4:16]  # the killed run's chunks also hold rows 0-3, which this pass does not cover
+    scores, _ = influence(tmp_path, module, RowsDataModule(subset, batch_size=4, queries=rows[:2]), name="i",
+                          chunk_size=4)
+    assert scores["train_indices"].tolist() == list(range(4, 16))
+    assert json.loads((tmp_path / "i" / "scores.json").read_text())["resumed_examples"] == 4
+    torch.testing.assert_close(scores["scores"], reference_scores(module, factors, rows[:2], subset), rtol=1e-8, atol=0)
+
+
+def test_one_callback_runs_twice_without_leftover_hooks(tmp_path, module, rows, factors):
+    data = RowsDataModule(rows, batch_size=5, queries=rows[:2])
+    callback = InfluenceCallback(factors=str(tmp_path / "factors"), output_dir=str(tmp_path / "twice"), dtype="float64")
+    results = []
+    for _ in range(2):
+        _trainer(tmp_path, [callback]).predict(module, data, return_predictions=False)
+        results.append(load_file(str(tmp_path / "twice" / "scores.safetensors"))["scores"])
+        assert all(not m._forward_hooks for m in module.modules())
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    assert callback.preconditioned == {}  # released after writing

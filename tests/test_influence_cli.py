@@ -17,7 +17,7 @@ def _overlay(tmp_path, config: str, name: str, **init_args) -> str:
     data["trainer"]["callbacks"][0]["init_args"].update(init_args)
     data["trainer"].update(default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
                            precision="64-true")
-    # 45 rows: 2 processes with batches of 4 do not divide them, so the sampler repeats rows.
+    # 45 rows: 2 processes with batches of 4 do not divide them (predict's sampler gives each row to one rank).
     data["data"]["init_args"].update(num_samples=45, val_size=0, eval_batch_size=4)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))

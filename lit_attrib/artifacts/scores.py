@@ -6,11 +6,12 @@ Pairwise influence: ``scores.safetensors`` (``scores (N_query, N_train)``, ``que
 ``mask``, ``input_ids``, ``query_indices``), ``token_scores.html`` and ``token_scores.json`` (last).
 Rows and columns are in dataset index order.
 
-While a pass runs, each process writes what it has scored to ``<folder>/.chunks/`` every
+While a pass runs, each process writes what it has scored to ``<folder>/.chunks-<name>/`` every
 ``chunk_size`` examples (one safetensors file each, written atomically). A killed pass, run again with
-the same arguments, model and queries, skips the examples the chunks already hold; the final
-artifact is assembled from the chunks, in index order (examples repeated by a distributed sampler's
-padding are kept once), and the chunks are then removed.
+the same arguments, model, factors and queries, skips the examples the chunks already hold; the final
+artifact is assembled from the chunks of the examples this pass saw (each process lists them), in
+index order (examples repeated by a distributed sampler's padding are kept once), and the chunks
+are then removed.
 """
 
 from __future__ import annotations
@@ -28,9 +29,8 @@ from safetensors.torch import load_file, save_file
 from lit_attrib.errors import ArtifactError
 from lit_attrib.io import atomic_path
 
-__all__ = ["ChunkStore", "load_score_artifact", "save_tensors"]
+__all__ = ["ChunkStore", "save_tensors"]
 
-CHUNKS = ".chunks"
 MANIFEST = "manifest.json"
 
 
@@ -40,14 +40,6 @@ def save_tensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], fmt:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"format": fmt})
 
 
-def load_score_artifact(path: str | os.PathLike, tensors_file: str, metadata_file: str) -> tuple[dict, dict]:
-    """``(tensors, metadata)`` of a complete score artifact in folder ``path``."""
-    path = Path(path)
-    if not (path / metadata_file).is_file() or not (path / tensors_file).is_file():
-        raise ArtifactError(f"no complete scores in '{path}' (expected {tensors_file} and {metadata_file})")
-    return load_file(str(path / tensors_file)), json.loads((path / metadata_file).read_text())
-
-
 class ChunkStore:
     """Per-process partial results of a scoring pass, kept on disk so that the pass can resume.
 
@@ -55,21 +47,23 @@ class ChunkStore:
     may differ in their last axis (the sequence length) and are zero-padded when assembled.
 
     Args:
-        folder: the artifact folder; chunks go to ``folder/.chunks``.
+        folder: the artifact folder; chunks go to ``folder/.chunks-<name>``.
+        name: the artifact's name (callbacks writing to one folder keep their chunks apart).
         fingerprint: what the results depend on (arguments, model checksum, queries). Chunks made
             with another fingerprint are discarded.
         rank: this process's rank (part of the chunk file names).
         chunk_size: examples per chunk file.
     """
 
-    def __init__(self, folder: str | os.PathLike, fingerprint: dict, rank: int, chunk_size: int) -> None:
-        self.folder = Path(folder) / CHUNKS
+    def __init__(self, folder: str | os.PathLike, name: str, fingerprint: dict, rank: int, chunk_size: int) -> None:
+        self.folder = Path(folder) / f".chunks-{name}"
         self.fingerprint = json.loads(json.dumps(fingerprint))  # as it will read back from JSON
         self.rank = rank
         self.chunk_size = chunk_size
         self._pending: list[tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]] = []
         self._pending_count = 0
         self._written = 0
+        self._seen: list[torch.Tensor] = []
 
     def prepare(self, is_global_zero: bool) -> str | None:
         """On rank zero: discard stale chunks and write the manifest. Returns why chunks were dropped."""
@@ -90,7 +84,7 @@ class ChunkStore:
         return reason
 
     def files(self) -> list[Path]:
-        return sorted(self.folder.glob("*.safetensors")) if self.folder.is_dir() else []
+        return sorted(self.folder.glob("chunk-*.safetensors")) if self.folder.is_dir() else []
 
     def covered(self) -> set[int]:
         """Dataset indices that the chunks on disk (of every process) already hold."""
@@ -99,6 +93,16 @@ class ChunkStore:
             with safe_open(str(file), framework="pt") as handle:
                 done.update(handle.get_tensor("index").tolist())
         return done
+
+    def see(self, indices: torch.Tensor) -> None:
+        """Note indices this pass covers (scored now or by an earlier run)."""
+        self._seen.append(indices.detach().cpu())
+
+    def write_seen(self) -> None:
+        """This process's list of the pass's indices (call before the barrier that precedes :meth:`assemble`)."""
+        seen = torch.cat(self._seen) if self._seen else torch.empty(0, dtype=torch.long)
+        with atomic_path(self.folder / f"seen-rank{self.rank:03d}.safetensors") as tmp:
+            save_file({"index": seen}, str(tmp))
 
     def add(self, indices: torch.Tensor, tensors: dict[str, torch.Tensor], texts: list[str] | None = None) -> None:
         self._pending.append((indices.detach().cpu(), {k: v.detach().cpu() for k, v in tensors.items()},
@@ -114,7 +118,7 @@ class ChunkStore:
         tensors = {key: _cat_padded([record[1][key] for record in self._pending]) for key in self._pending[0][1]}
         texts = [text for record in self._pending for text in record[2]]
         stamp = f"{self._written:06d}-{uuid.uuid4().hex[:12]}"  # never the name of a chunk of an earlier run
-        with atomic_path(self.folder / f"rank{self.rank:03d}-{stamp}.safetensors") as tmp:
+        with atomic_path(self.folder / f"chunk-rank{self.rank:03d}-{stamp}.safetensors") as tmp:
             save_file({"index": indices, **{k: v.contiguous() for k, v in tensors.items()}}, str(tmp),
                       metadata={"texts": json.dumps(texts, ensure_ascii=False)})
         self._written += 1
@@ -122,7 +126,8 @@ class ChunkStore:
         self._pending_count = 0
 
     def assemble(self) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[str]]:
-        """Every chunk on disk, in dataset index order, each index once: ``(indices, tensors, texts)``."""
+        """The chunks of the indices this pass saw (every process's list), in dataset index order, each
+        index once: ``(indices, tensors, texts)``. Chunks of a killed run over other rows are left out."""
         files = self.files()
         if not files:
             raise ArtifactError(f"no scored examples in '{self.folder}': the pass saw no batches")
@@ -137,6 +142,10 @@ class ChunkStore:
         indices = indices[order]
         first = torch.ones_like(indices, dtype=torch.bool)
         first[1:] = indices[1:] != indices[:-1]
+        seen_files = sorted(self.folder.glob("seen-rank*.safetensors"))
+        if seen_files:
+            seen = torch.cat([load_file(str(f))["index"] for f in seen_files])
+            first &= torch.isin(indices, seen)
         keep = order[first]
         return indices[first], {key: value[keep] for key, value in tensors.items()}, [texts[i] for i in keep.tolist()]
 

@@ -12,6 +12,7 @@ from lit_attrib.errors import DataError, ModelError
 from lit_attrib.tracking import LayerTracker
 
 LossFn = Callable[[LightningModule, Any], torch.Tensor]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _clone(batch: Any) -> Any:

@@ -4,8 +4,8 @@ the tracked layers, and a resumable, index-ordered score pass over ``predict``'s
 from __future__ import annotations
 
 import hashlib
-from abc import ABC, abstractmethod
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +20,7 @@ from typing_extensions import override
 from lit_attrib.artifacts.factors import Factors, load_factors
 from lit_attrib.artifacts.scores import ChunkStore
 from lit_attrib.callbacks._common import (
+    DTYPES,
     LossFn,
     batch_indices,
     check_context,
@@ -35,8 +36,6 @@ from lit_attrib.errors import ArtifactError, DataError, TrainingError
 from lit_attrib.ops.kfac import append_bias_column
 from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
 
 class FactorScoringCallback(Callback, ABC):
     """Base of :class:`InfluenceCallback` and :class:`TokenInfluenceCallback` (not used directly).
@@ -48,6 +47,7 @@ class FactorScoringCallback(Callback, ABC):
 
     tensors_file = "scores.safetensors"
     metadata_file = "scores.json"
+    needs_texts = True
 
     def __init__(self, factors: str, target_modules: list[str] | None, damping: float | None, dtype: str,
                  loss_fn: LossFn | None, output_dir: str | None, name: str, chunk_size: int, overwrite: bool) -> None:
@@ -97,6 +97,8 @@ class FactorScoringCallback(Callback, ABC):
     # --------------------------------------------------------------------------- set-up
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._tracker is not None:  # hooks of an earlier pass that ended in an exception
+            self._tracker.detach()
         folder = self.folder(trainer)
         if (folder / self.metadata_file).is_file() and not self.overwrite:
             saved = json.loads((folder / self.metadata_file).read_text()).get("arguments")
@@ -109,8 +111,10 @@ class FactorScoringCallback(Callback, ABC):
         self._tracker.active = False
         self._context = context_length(pl_module)
         fingerprint = self.prepare(trainer, pl_module)
-        fingerprint = {"arguments": self.arguments(), "model": self._checksum(), **fingerprint}
-        self._store = ChunkStore(folder, fingerprint, trainer.global_rank, self.chunk_size)
+        fingerprint = {"arguments": self.arguments(), "model": self._checksum(), "prepared": self._digest(),
+                       "factors": hashlib.sha256(json.dumps(self.factors.metadata, sort_keys=True).encode()).hexdigest()[:16],
+                       **fingerprint}
+        self._store = ChunkStore(folder, self.name, fingerprint, trainer.global_rank, self.chunk_size)
         if reason := self._store.prepare(trainer.is_global_zero):
             rank_zero_warn(f"{type(self).__name__}[{self.name}]: discarded the partial results in '{folder}' "
                            f"because {reason}")
@@ -130,6 +134,14 @@ class FactorScoringCallback(Callback, ABC):
                 f"{' …' if len(saved) > 8 else ''}. Narrow target_modules, or collect factors for these layers"
             )
         return layers
+
+    def _digest(self) -> str:
+        """A hash of what :meth:`prepare` computed (query gradients or the direction): it depends on the
+        model, the factors, the damping and the queries' content, all of which the chunks depend on."""
+        digest = hashlib.sha256()
+        for tensor in self.prepared_tensors():
+            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
 
     def _checksum(self) -> str:
         """A short hash of the tracked weights: chunks of other weights must not be resumed from."""
@@ -157,10 +169,10 @@ class FactorScoringCallback(Callback, ABC):
 
     def example_gradients(self, trainer: Trainer, pl_module: LightningModule, loader_name: str, what: str,
                           per_example: Callable[[LayerInfo, torch.Tensor], Any] | None = None,
-                          shard: bool = False) -> tuple[dict[str, Any], torch.Tensor, list[str]]:
+                          shard: bool = False) -> tuple[dict[str, Any], torch.Tensor, list[str], int]:
         """Gradients ``DW`` of each tracked layer over a datamodule loader.
 
-        Returns ``(gradients, indices, texts)``. With ``per_example``, each layer's list of
+        Returns ``(gradients, indices, texts, count)``, ``count`` over every process. With ``per_example``, each layer's list of
         ``per_example(layer, DW)`` over the batches, ``DW (B, out, in)`` being the batch's per-example
         gradients (so that only one batch of them is held at a time); otherwise each layer's sum
         over the examples ``(out, in)`` (summed across processes when ``shard`` splits the batches).
@@ -182,7 +194,7 @@ class FactorScoringCallback(Callback, ABC):
         batches = iterate_batches(trainer, pl_module, loader, shard=shard)
         for batch in tqdm(batches, desc=f"{self.name}: {loader_name} gradients", leave=False,
                           disable=not show_progress(trainer)):
-            check_context(batch, self._context, f"the {what[:-1] if what.endswith('s') else what} example")
+            check_context(batch, self._context, f"an example of the {what}")
             current.clear()
             losses = self.backward(trainer, pl_module, batch, collect)
             if not bool(torch.isfinite(losses).all()):
@@ -193,7 +205,8 @@ class FactorScoringCallback(Callback, ABC):
                     unused = torch.zeros(len(losses), *layer.gradient_shape, dtype=self.dtype, device=pl_module.device)
                     parts[name].append(per_example(layer, current.pop(name, unused)))
             indices.append(batch_indices(batch, count))
-            texts.extend(decode_texts(trainer, pl_module, batch))
+            if self.needs_texts:
+                texts.extend(decode_texts(trainer, pl_module, batch))
             count += len(losses)
         if per_example is None:
             for name, layer in self.layers.items():  # a layer the loss never reached, or a rank without batches
@@ -208,7 +221,7 @@ class FactorScoringCallback(Callback, ABC):
             raise DataError(f"the {what} are empty: {loader_name}_dataloader() gave no examples; check the split "
                             f"that feeds it")
         gradients = parts if per_example is not None else sums
-        return gradients, torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), texts
+        return gradients, torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), texts, count
 
     # ---------------------------------------------------------------------- the pass
     @override
@@ -216,8 +229,12 @@ class FactorScoringCallback(Callback, ABC):
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._store is None:
             return
+        if trainer.world_size > 1 and not (isinstance(batch, dict) and "index" in batch):
+            raise DataError(f"{type(self).__name__} needs each batch's dataset 'index' column under several processes "
+                            f"(to put the scores in dataset order); add it to the rows your datamodule yields")
         indices = batch_indices(batch, self._seen)
         self._seen += len(indices)
+        self._store.see(indices)
         if self._covered and set(indices.tolist()) <= self._covered:
             self._skipped += len(indices)
             return
@@ -227,13 +244,14 @@ class FactorScoringCallback(Callback, ABC):
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite {key} for dataset indices "
                                     f"{indices.tolist()[:8]}; check the model and the factors' damping")
-        self._store.add(indices, tensors, decode_texts(trainer, pl_module, batch))
+        self._store.add(indices, tensors, decode_texts(trainer, pl_module, batch) if self.needs_texts else None)
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._store is None:
             return
         self._store.flush()
+        self._store.write_seen()
         trainer.strategy.barrier()
         folder = self.folder(trainer)
         if trainer.is_global_zero:
@@ -249,11 +267,19 @@ class FactorScoringCallback(Callback, ABC):
                 "modules": {name: layer.describe() for name, layer in self.layers.items()},
                 "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
             }
+            (folder / self.metadata_file).unlink(missing_ok=True)  # the old metadata must not vouch for new tensors
             self.write(trainer, folder, indices, tensors, texts, metadata)
             self._store.remove()
         trainer.strategy.barrier()
         self._store = None
         self._tracker.detach()
+        self.factors = None
+        self.release()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._tracker is not None:
+            self._tracker.detach()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -264,6 +290,14 @@ class FactorScoringCallback(Callback, ABC):
     @abstractmethod
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         """Compute what every batch needs; return what the scores depend on beyond the arguments."""
+
+    @abstractmethod
+    def prepared_tensors(self) -> list[torch.Tensor]:
+        """What :meth:`prepare` computed, for the resume fingerprint."""
+
+    @abstractmethod
+    def release(self) -> None:
+        """Drop what :meth:`prepare` computed once the pass is written (it may be large)."""
 
     @abstractmethod
     def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:

@@ -93,6 +93,7 @@ class InfluenceCallback(FactorScoringCallback):
         self.expand_low_rank_gb = expand_low_rank_gb
         self._expanded_bytes = 0
         self._decided: set[str] = set()
+        self.expanded: list[str] = []
         self.preconditioned: dict[str, torch.Tensor | LowRank] = {}
         self.query_indices = torch.empty(0, dtype=torch.long)
         self.query_texts: list[str] = []
@@ -106,8 +107,9 @@ class InfluenceCallback(FactorScoringCallback):
         # Each batch of query gradients is preconditioned (and cut to rank r) as soon as it is known,
         # so that only one batch of full per-example gradients is ever held.
         self._decided.clear()
+        self.expanded = []
         self._expanded_bytes = 0
-        parts, self.query_indices, self.query_texts = self.example_gradients(
+        parts, self.query_indices, self.query_texts, _ = self.example_gradients(
             trainer, pl_module, self.queries, "queries", per_example=self.precondition)
         self.preconditioned = {}
         for name, batches in parts.items():
@@ -119,6 +121,12 @@ class InfluenceCallback(FactorScoringCallback):
                        f"preconditioned over {len(self.layers)} layer(s)"
                        + (f", rank {self.query_gradient_rank}" if self.query_gradient_rank else ""))
         return {"queries": self.query_indices.tolist()}
+
+    def prepared_tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.preconditioned.values() for t in (p if isinstance(p, tuple) else (p,))]
+
+    def release(self) -> None:
+        self.preconditioned = {}
 
     def precondition(self, layer: LayerInfo, gradients: torch.Tensor) -> torch.Tensor | LowRank:
         """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set."""
@@ -164,6 +172,7 @@ class InfluenceCallback(FactorScoringCallback):
         if expanded < through_tokens and self._expanded_bytes + size <= self.expand_low_rank_gb * 2**30:
             self.preconditioned[layer.name] = left @ right  # still rank r, now cheaper to contract
             self._expanded_bytes += size
+            self.expanded.append(layer.name)
 
     def _accumulate(self, key: str, value: torch.Tensor) -> None:
         self._batch[key] = self._batch[key] + value if key in self._batch else value

@@ -21,7 +21,16 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_attrib.artifacts.factors import METADATA_FILE, factors_exist, load_factors, save_factors
-from lit_attrib.callbacks._common import LossFn, _batch_size, _clone, _slice, default_loss, own_backward, show_progress
+from lit_attrib.callbacks._common import (
+    DTYPES,
+    LossFn,
+    _batch_size,
+    _clone,
+    _slice,
+    default_loss,
+    own_backward,
+    show_progress,
+)
 from lit_attrib.errors import ArtifactError, ModelError, TrainingError
 from lit_attrib.ops.kfac_accumulator import KFACAccumulator
 from lit_attrib.ops.loss import IGNORE_INDEX, loss_mask, token_nll
@@ -30,7 +39,6 @@ from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 __all__ = ["KFACCollectorCallback"]
 
 Stage = Literal["fit", "validate", "test", "predict"]
-_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 _PHASE_KEYS = {"covariance": ("activation", "gradient"), "lambda": ("lambda",)}
 
 
@@ -107,8 +115,8 @@ class KFACCollectorCallback(Callback):
             problems.append(f"strategy must be 'kfac' or 'ekfac'; got '{strategy}'")
         if fisher not in ("empirical", "true"):
             problems.append(f"fisher must be 'empirical' or 'true'; got '{fisher}'")
-        if dtype not in _DTYPES:
-            problems.append(f"dtype must be one of {list(_DTYPES)}; got '{dtype}'")
+        if dtype not in DTYPES:
+            problems.append(f"dtype must be one of {list(DTYPES)}; got '{dtype}'")
         stages = list(stages or ["fit", "validate", "test", "predict"])
         if unknown := [s for s in stages if s not in ("fit", "validate", "test", "predict")]:
             problems.append(f"unknown stages {unknown}; choose among fit, validate, test, predict")
@@ -121,7 +129,7 @@ class KFACCollectorCallback(Callback):
         self.max_examples = max_examples
         self.layers_per_pass = layers_per_pass
         self.module_groups = module_groups
-        self.dtype = _DTYPES[dtype]
+        self.dtype = DTYPES[dtype]
         self.output_dir = output_dir
         self.name = name
         self.loss_fn = loss_fn or default_loss

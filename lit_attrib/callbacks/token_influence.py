@@ -72,6 +72,7 @@ class TokenInfluenceCallback(FactorScoringCallback):
 
     tensors_file = "token_scores.safetensors"
     metadata_file = "token_scores.json"
+    needs_texts = False
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class TokenInfluenceCallback(FactorScoringCallback):
         self.top_tokens = top_tokens
         self.direction: dict[str, torch.Tensor] = {}
         self.tangents: dict[str, torch.Tensor] = {}
+        self._loss_module: _TokenLoss | None = None
 
     def arguments(self) -> dict:
         return {**super().arguments(), "positive": self.positive, "negative": self.negative,
@@ -107,13 +109,13 @@ class TokenInfluenceCallback(FactorScoringCallback):
         direction: dict[str, torch.Tensor] = {}
         counts = {}
         for loader_name, sign in sets:
-            sums, indices, _ = self.example_gradients(trainer, pl_module, loader_name, f"{loader_name} examples",
-                                                      shard=True)
-            count = self._count(trainer, pl_module, indices)
+            sums, _, _, count = self.example_gradients(trainer, pl_module, loader_name, f"{loader_name} examples",
+                                                       shard=True)
             counts[loader_name] = count
             for name, total in sums.items():
                 direction[name] = direction.get(name, 0) + sign * total / count
         self.direction = direction
+        self._loss_module = _TokenLoss(pl_module, self.token_loss_fn)
         self.tangents = {}
         for name, layer in self.layers.items():
             v = self.factors.inverse_hvp(name, direction[name], self.damping)
@@ -121,11 +123,6 @@ class TokenInfluenceCallback(FactorScoringCallback):
         rank_zero_info(f"{type(self).__name__}[{self.name}]: direction from "
                        + " minus ".join(f"{n} ({c} examples)" for n, c in counts.items()))
         return {"counts": counts}
-
-    @staticmethod
-    def _count(trainer: Trainer, pl_module: LightningModule, indices: torch.Tensor) -> int:
-        count = torch.tensor(float(len(indices)), device=pl_module.device)
-        return int(trainer.strategy.reduce(count, reduce_op="sum")) if trainer.world_size > 1 else len(indices)
 
     @staticmethod
     def _as_parameters(layer: LayerInfo, vector: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,6 +135,14 @@ class TokenInfluenceCallback(FactorScoringCallback):
             tangents[f"pl_module.{layer.name}.bias"] = vector[:, -1].to(module.bias.dtype).contiguous()
         return tangents
 
+    def prepared_tensors(self) -> list[torch.Tensor]:
+        return list(self.tangents.values())
+
+    def release(self) -> None:
+        # v stays readable (on the CPU) after the pass, as the tangents of the tracked parameters.
+        self.tangents = {key: value.cpu() for key, value in self.tangents.items()}
+        self.direction, self._loss_module = {}, None
+
     # ------------------------------------------------------------------------ scoring
     def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         scores = self.token_scores(trainer, pl_module, batch)
@@ -148,9 +153,9 @@ class TokenInfluenceCallback(FactorScoringCallback):
 
     def token_scores(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> torch.Tensor:
         """``S[b, t] = vᵀ ∇θ L(x_bt)`` by one JVP through ``token_loss_fn``, ``(B, T)``."""
-        module = _TokenLoss(pl_module, self.token_loss_fn)
-        named = dict(module.named_parameters())
-        primals = {key: named[key].detach() for key in self.tangents}
+        module = self._loss_module
+        # get_parameter, not named_parameters(): that drops tied weights (a GPT-2 lm_head is wte's).
+        primals = {key: module.get_parameter(key).detach() for key in self.tangents}
 
         def losses(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
             return torch.func.functional_call(module, parameters, (batch,), strict=False)

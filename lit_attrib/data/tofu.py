@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import datasets
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from lit_attrib.data.text import TextDataModule
@@ -87,6 +87,9 @@ class TofuDataModule(TextDataModule):
         forget, _ = forget_retain_rows(len(source), FORGET_SPLITS[hp.forget_split], groups)
         retain_percent = RETAIN_SPLITS[hp.retain_split or "retain" + f"{100 - FORGET_SPLITS[hp.forget_split]:02d}"]
         _, retain = forget_retain_rows(len(source), retain_percent, groups)
+        if overlap := set(forget) & set(retain):
+            rank_zero_warn(f"{hp.forget_split} and {hp.retain_split} share {len(overlap)} rows (the retain split is not "
+                           f"the forget split's complement), so the direction d partly cancels")
         if not forget or not retain:
             raise DataError(f"{hp.forget_split} of {len(source)} rows leaves an empty forget or retain set; use more rows")
         rank_zero_info(f"TofuDataModule: {hp.forget_split} = {len(forget)} rows, "

@@ -33,11 +33,11 @@ def low_rank(preconditioned: torch.Tensor, rank: int) -> LowRank:
     # (faster than a full SVD of the tall matrix; float64 keeps the squared condition harmless).
     matrix = preconditioned.double()
     if out_features >= in_features:
-        values, right = torch.linalg.eigh(matrix.mT @ matrix)  # ascending
+        _, right = torch.linalg.eigh(matrix.mT @ matrix)  # ascending eigenvalues
         right = right[..., :, -rank:].flip(-1)  # (Q, in, r)
         left = matrix @ right  # = U_r Σ_r
         return left.to(preconditioned.dtype).contiguous(), right.mT.to(preconditioned.dtype).contiguous()
-    values, left = torch.linalg.eigh(matrix @ matrix.mT)
+    _, left = torch.linalg.eigh(matrix @ matrix.mT)
     left = left[..., :, -rank:].flip(-1)  # (Q, out, r): U_r
     right = left.mT @ matrix  # = Σ_r V_rᵀ
     return left.to(preconditioned.dtype).contiguous(), right.to(preconditioned.dtype).contiguous()
