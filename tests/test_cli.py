@@ -10,8 +10,8 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from lit_attrib.cli import main
 from lit_attrib.callbacks import InfluenceCallback, TokenInfluenceCallback
+from lit_attrib.cli import main
 from lit_attrib.data import TextDataModule, TofuDataModule
 from lit_attrib.modules import CausalLMModule
 
