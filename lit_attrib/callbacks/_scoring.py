@@ -123,7 +123,7 @@ class FactorScoringCallback(Callback, ABC):
         self._seen = self._skipped = 0
         if self._covered:
             rank_zero_info(f"{type(self).__name__}[{self.name}]: resuming; {len(self._covered)} examples are "
-                           f"already scored in '{folder / '.chunks'}'")
+                           f"already scored in '{self._store.folder}'")
 
     def _select_layers(self, pl_module: LightningModule) -> dict[str, LayerInfo]:
         saved = list(self.factors.metadata.get("modules", self.factors.modules))
