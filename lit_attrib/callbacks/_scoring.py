@@ -136,11 +136,15 @@ class FactorScoringCallback(Callback, ABC):
         return layers
 
     def _digest(self) -> str:
-        """A hash of what :meth:`prepare` computed (query gradients or the direction): it depends on the
-        model, the factors, the damping and the queries' content, all of which the chunks depend on."""
+        """A fingerprint of what :meth:`prepare` computed (query gradients or the direction): it depends on
+        the model, the factors, the damping and the queries' content, all of which the chunks depend on.
+        Sums and a strided sample of each tensor, not all its bytes (those can be gigabytes)."""
         digest = hashlib.sha256()
         for tensor in self.prepared_tensors():
-            digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+            flat = tensor.detach().flatten()
+            sample = flat[:: max(1, flat.numel() // 4096)]
+            summary = torch.cat([sample.double(), flat.double().sum()[None], flat.double().abs().sum()[None]])
+            digest.update(summary.cpu().numpy().tobytes())
         return digest.hexdigest()[:16]
 
     def _checksum(self) -> str:
