@@ -1,0 +1,118 @@
+"""CountSketch and TensorSketch of per-example gradients (seed 001's projected TracIn / SDI).
+
+A CountSketch of ``x ∈ R^d`` into ``R^m`` adds ``s(i) x_i`` to bucket ``h(i)``, with a random bucket
+``h(i)`` and sign ``s(i) = ±1`` per coordinate; ``⟨CS(x), CS(y)⟩`` is an unbiased estimate of ``⟨x, y⟩``.
+A TensorSketch of ``u ⊗ v`` is the circular convolution ``CS_1(u) ⊛ CS_2(v)``: the CountSketch of
+``u ⊗ v`` with bucket ``h_1(i) + h_2(j) mod m`` and sign ``s_1(i) s_2(j)``. For a linear layer's
+per-example gradient ``DW = Σ_t g_t a_tᵀ`` (bias column appended to ``a``) that gives
+
+    TS(DW) = IFFT( Σ_t FFT(CS_G(g_t)) ⊙ FFT(CS_A(a_t)) ),
+
+computed from the activations and output gradients without forming ``DW``.
+
+Hash and sign tables are drawn on the CPU from ``torch.Generator().manual_seed(seed)`` and then moved
+to the device, so the same seed gives bit-identical tables on every device. Each parameter block
+gets its own seed (:func:`block_seed`), so blocks sketched into one shared ``m``-dimensional vector
+are independent and their cross terms vanish in expectation.
+
+Reference: Pham & Pagh 2013 (TensorSketch), https://doi.org/10.1145/2487575.2487591.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+__all__ = ["CountSketch", "TensorSketch", "block_seed"]
+
+
+def block_seed(seed: int, name: str) -> int:
+    """The seed of one parameter block: the global seed mixed with a stable hash of its name."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62)
+
+
+class CountSketch:
+    """A seeded CountSketch ``R^dim -> R^sketch_dim`` applied along the last axis.
+
+    Args:
+        dim: input dimension ``d``.
+        sketch_dim: output dimension ``m``.
+        seed: seed of the bucket and sign tables (drawn on the CPU: identical on every device).
+        device: where the tables live.
+
+    Raises:
+        ValueError: ``dim`` or ``sketch_dim`` below 1.
+    """
+
+    def __init__(self, dim: int, sketch_dim: int, seed: int, device: str | torch.device = "cpu") -> None:
+        if dim < 1 or sketch_dim < 1:
+            raise ValueError(f"CountSketch needs dim ≥ 1 and sketch_dim ≥ 1; got dim={dim}, sketch_dim={sketch_dim}")
+        generator = torch.Generator().manual_seed(seed)
+        self.dim, self.sketch_dim, self.seed = dim, sketch_dim, seed
+        self.buckets = torch.randint(0, sketch_dim, (dim,), generator=generator).to(device)
+        self.signs = (torch.randint(0, 2, (dim,), generator=generator) * 2 - 1).to(device)
+
+    def matrix(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """The explicit ``(m, d)`` sketch matrix (for references and tests)."""
+        out = torch.zeros(self.sketch_dim, self.dim, dtype=dtype, device=self.buckets.device)
+        out[self.buckets, torch.arange(self.dim, device=self.buckets.device)] = self.signs.to(dtype)
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``(..., d) -> (..., m)``."""
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"expected a last axis of {self.dim}; got {tuple(x.shape)}")
+        out = x.new_zeros(*x.shape[:-1], self.sketch_dim)
+        return out.index_add_(-1, self.buckets, x * self.signs.to(x.dtype))
+
+
+class TensorSketch:
+    """A seeded TensorSketch of ``(out, in)`` matrices, in particular of ``Σ_t g_t a_tᵀ``.
+
+    Args:
+        out_features: rows (the output-gradient side, ``g``).
+        in_features: columns (the activation side, ``a``, bias column included).
+        sketch_dim: output dimension ``m``.
+        seed: seed of both CountSketches.
+        device: where the tables live.
+    """
+
+    def __init__(self, out_features: int, in_features: int, sketch_dim: int, seed: int,
+                 device: str | torch.device = "cpu") -> None:
+        self.left = CountSketch(out_features, sketch_dim, seed, device)
+        self.right = CountSketch(in_features, sketch_dim, seed + 1, device)
+        self.sketch_dim = sketch_dim
+
+    @property
+    def buckets(self) -> torch.Tensor:
+        """``(out, in)`` bucket of each matrix entry: ``h_G(i) + h_A(j) mod m``."""
+        return (self.left.buckets[:, None] + self.right.buckets[None, :]) % self.sketch_dim
+
+    @property
+    def signs(self) -> torch.Tensor:
+        """``(out, in)`` sign of each matrix entry: ``s_G(i) s_A(j)``."""
+        return self.left.signs[:, None] * self.right.signs[None, :]
+
+    def dense(self, matrix: torch.Tensor) -> torch.Tensor:
+        """The sketch of explicit matrices ``(..., out, in) -> (..., m)`` (the same map as :meth:`outer`)."""
+        flat = (matrix * self.signs.to(matrix.dtype)).flatten(-2)
+        out = flat.new_zeros(*flat.shape[:-1], self.sketch_dim)
+        return out.index_add_(-1, self.buckets.flatten(), flat)
+
+    def outer(self, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """Sketch of ``Σ_t g_t a_tᵀ`` per example: ``g (B, T, out)``, ``a (B, T, in)`` -> ``(B, m)``.
+
+        Goes through the FFT (``B·T·(out + in + m log m)`` operations) or, where that is cheaper,
+        through the explicit per-example matrices (``B·T·out·in``); both are the same map.
+        """
+        batch, tokens, out_features = output_gradients.shape
+        in_features = activations.shape[-1]
+        m = self.sketch_dim
+        through_fft = tokens * (out_features + in_features + 3 * m * max(1, m.bit_length()))
+        if out_features * in_features * tokens <= through_fft:
+            return self.dense(torch.bmm(output_gradients.mT, activations))
+        dtype = torch.promote_types(output_gradients.dtype, torch.float32)
+        left = torch.fft.rfft(self.left(output_gradients.to(dtype)), n=m)  # (B, T, m // 2 + 1)
+        right = torch.fft.rfft(self.right(activations.to(dtype)), n=m)
+        return torch.fft.irfft((left * right).sum(1), n=m)  # (B, m)
