@@ -15,7 +15,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from lit_attrib.io import atomic_path  # noqa: E402
 
-__all__ = ["default_inspect_modules", "factor_figures", "write_factor_plots"]
+__all__ = ["default_inspect_modules", "factor_figures", "sdi_trajectory_figure", "write_factor_plots"]
 
 _MAX_HEATMAP_SIDE = 256
 
@@ -128,3 +128,27 @@ def write_factor_plots(factors: Any, folder: str | Path, modules: list[str] | No
                 writer.add_histogram(f"{tag}/{name}/{key}", layer[key].double().flatten(), global_step=step)
             writer.flush()
     return written
+
+
+def sdi_trajectory_figure(sdi: torch.Tensor, train_indices: torch.Tensor, steps: list[str], top_k: int = 8) -> plt.Figure:
+    """Seed 001's per-step influence trajectories: left, the ``top_k`` training examples with the largest
+    total |influence| (averaged over the queries), their influence at each step; right, each step's share
+    of all |influence|. ``sdi (N_train, N_query, S)``."""
+    mean = sdi.double().mean(1)  # (N_train, S)
+    order = torch.argsort(mean.sum(1).abs(), descending=True)[:top_k]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [3, 2]})
+    x = range(len(steps))
+    for position in order.tolist():
+        left.plot(x, mean[position].numpy(), marker="o", label=f"train {int(train_indices[position])}")
+    left.axhline(0, color="grey", lw=0.8)
+    left.set_xticks(list(x), steps, rotation=30 if len(steps) > 6 else 0)
+    left.set(xlabel="step", ylabel="influence (mean over queries)",
+             title=f"Per-step influence of the top {len(order)} training examples")
+    left.legend(fontsize="small", ncol=2)
+    share = sdi.double().abs().sum((0, 1))
+    share = share / share.sum().clamp(min=1e-300)
+    right.bar(list(x), share.numpy(), color="tab:blue")
+    right.set_xticks(list(x), steps, rotation=30 if len(steps) > 6 else 0)
+    right.set(xlabel="step", ylabel="share of |influence|", title="Where influence enters")
+    fig.tight_layout()
+    return fig

@@ -18,7 +18,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lit_attrib.errors import ModelError
 
-__all__ = ["SUPPORTED_TYPES", "LayerInfo", "LayerTracker", "find_layers", "layer_info"]
+__all__ = ["SUPPORTED_TYPES", "LayerInfo", "LayerTracker", "find_layers", "find_parameter_modules", "layer_info"]
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
 
@@ -27,8 +27,9 @@ SUPPORTED_TYPES = (nn.Linear, Conv1D)
 class LayerInfo:
     """A tracked layer in lit_attrib's linear convention ``y = W a (+ b)``, ``W (out, in)``.
 
-    ``kind`` is ``"linear"`` (``nn.Linear``, weight stored ``(out, in)``) or ``"conv1d"``
-    (transformers' GPT-2 ``Conv1D``, weight stored ``(in, out)``).
+    ``kind`` is ``"linear"`` (``nn.Linear``, weight stored ``(out, in)``), ``"conv1d"`` (transformers'
+    GPT-2 ``Conv1D``, weight stored ``(in, out)``), ``"embedding"`` (``out`` = rows, ``in`` = width) or
+    ``"other"`` (any other module with parameters of its own; only the sketching callback takes these).
     """
 
     name: str
@@ -49,7 +50,11 @@ class LayerInfo:
 
 
 def layer_info(name: str, module: nn.Module) -> LayerInfo:
-    """The :class:`LayerInfo` of a supported ``module`` named ``name``."""
+    """The :class:`LayerInfo` of ``module`` named ``name``."""
+    if isinstance(module, nn.Embedding):
+        return LayerInfo(name, module, "embedding", module.embedding_dim, module.num_embeddings, False)
+    if not isinstance(module, SUPPORTED_TYPES):
+        return LayerInfo(name, module, "other", 0, 0, False)
     if isinstance(module, nn.Linear):
         return LayerInfo(name, module, "linear", module.in_features, module.out_features, module.bias is not None)
     in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
@@ -96,6 +101,38 @@ def find_layers(root: nn.Module, patterns: Iterable[str]) -> dict[str, LayerInfo
     return dict(sorted(selected.items(), key=lambda item: order[item[0]]))
 
 
+def find_parameter_modules(root: nn.Module, patterns: Iterable[str] | None) -> dict[str, LayerInfo]:
+    """Every module with parameters of its own that ``patterns`` select, in model order.
+
+    A pattern naming a container (``"block"``, ``"model.layers.*"``) selects all modules inside it;
+    ``None`` selects the whole model. Unlike :func:`find_layers`, any module type is returned (kind
+    ``"other"`` where it is neither linear nor an embedding); callers decide what they support.
+
+    Raises:
+        ModelError: a pattern matches nothing (the message lists module names that exist).
+    """
+    named = [(name, module) for name, module in root.named_modules() if name]
+    owners = [name for name, module in named if next(module.parameters(recurse=False), None) is not None]
+    if patterns is None:
+        chosen = set(owners)
+    else:
+        patterns = list(patterns)
+        if not patterns:
+            raise ModelError("target_modules is empty; give fnmatch patterns such as 'block' or '*.mlp.*'")
+        chosen, problems = set(), []
+        for pattern in patterns:
+            roots = [name for name, _ in named if fnmatch.fnmatchcase(name, pattern)]
+            hits = {name for name in owners if any(name == r or name.startswith(r + ".") for r in roots)}
+            if not hits:
+                shown = ", ".join(owners[:12]) + (f", … ({len(owners)} in all)" if len(owners) > 12 else "")
+                problems.append(f"pattern '{pattern}' matches no module with parameters; those are named like: {shown}")
+            chosen |= hits
+        if problems:
+            raise ModelError("cannot select the modules to track:\n  - " + "\n  - ".join(problems))
+    modules = dict(named)
+    return {name: layer_info(name, modules[name]) for name in owners if name in chosen}
+
+
 ActivationFn = Callable[[LayerInfo, int, torch.Tensor], None]
 GradientFn = Callable[[LayerInfo, int, torch.Tensor, torch.Tensor], None]
 
@@ -108,6 +145,7 @@ class LayerTracker:
         on_activation: called as ``on_activation(layer, use, a)`` in the forward pass.
         on_gradient: called as ``on_gradient(layer, use, a, g)`` when the output's gradient is known.
 
+    ``uses`` counts each layer's calls and ``calls`` lists the layers in the order they were called.
     Only ``enabled`` layers report, and only while ``active``; activations are detached. With
     ``force_grad`` (an analysis pass of its own), an output that does not require a gradient (a
     frozen model) is made a leaf that does, and every reported output is kept in ``outputs`` until
@@ -124,6 +162,7 @@ class LayerTracker:
         self.active = True
         self.force_grad = False
         self.uses: dict[str, int] = {}
+        self.calls: list[str] = []
         self.outputs: list[torch.Tensor] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -141,6 +180,7 @@ class LayerTracker:
     def reset(self) -> None:
         """Start counting uses afresh and forget kept outputs (call before each forward pass)."""
         self.uses.clear()
+        self.calls.clear()
         self.outputs.clear()
 
     def __enter__(self) -> LayerTracker:
@@ -155,6 +195,7 @@ class LayerTracker:
                 return None
             use = self.uses.get(layer.name, 0)
             self.uses[layer.name] = use + 1
+            self.calls.append(layer.name)
             activation = inputs[0].detach()
             if self.on_activation is not None:
                 self.on_activation(layer, use, activation)

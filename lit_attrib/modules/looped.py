@@ -95,7 +95,8 @@ class LoopedTransformerModule(LightningModule):
         length = input_ids.shape[1]
         if length > self.hparams.max_length:
             raise ValueError(f"input of {length} tokens is longer than max_length={self.hparams.max_length}")
-        injected = self.embed(input_ids) + self.position(torch.arange(length, device=input_ids.device))
+        positions = torch.arange(length, device=input_ids.device).expand_as(input_ids)  # per example: its hooks
+        injected = self.embed(input_ids) + self.position(positions)  # then see per-example gradients
         h = torch.zeros_like(injected)
         for _ in range(self.hparams.n_loops):
             h = self.block(h + injected, attention_mask)

@@ -116,3 +116,51 @@ class TensorSketch:
         left = torch.fft.rfft(self.left(output_gradients.to(dtype)), n=m)  # (B, T, m // 2 + 1)
         right = torch.fft.rfft(self.right(activations.to(dtype)), n=m)
         return torch.fft.irfft((left * right).sum(1), n=m)  # (B, m)
+
+
+def embedding_sketch(sketch: TensorSketch, ids: torch.Tensor, output_gradients: torch.Tensor,
+                     padding_idx: int | None = None) -> torch.Tensor:
+    """Sketch of an embedding's per-example gradient ``Σ_t e_{id_t} g_tᵀ`` (``(vocab, dim)``) without forming it.
+
+    The one-hot side's CountSketch is a single signed bucket, so the convolution is a circular shift:
+    ``TS = Σ_t s_L(id_t) · roll(CS_R(g_t), h_L(id_t))`` (``B·T·m`` operations, no FFT). ``ids (B, T)``,
+    ``g (B, T, dim)`` -> ``(B, m)``; tokens equal to ``padding_idx`` get no gradient, as in ``nn.Embedding``.
+    """
+    m = sketch.sketch_dim
+    ids = ids.reshape(ids.shape[0], -1)
+    right = sketch.right(output_gradients.reshape(ids.shape[0], ids.shape[1], -1))  # (B, T, m)
+    signs = sketch.left.signs[ids].to(right.dtype)
+    if padding_idx is not None:
+        signs = signs.masked_fill(ids == padding_idx, 0)
+    positions = (torch.arange(m, device=ids.device) + sketch.left.buckets[ids][..., None]) % m  # (B, T, m)
+    out = right.new_zeros(ids.shape[0], m)
+    return out.scatter_add_(1, positions.flatten(1), (right * signs[..., None]).flatten(1))
+
+
+def embedding_example_gradients(ids: torch.Tensor, output_gradients: torch.Tensor, num_embeddings: int,
+                                padding_idx: int | None = None) -> torch.Tensor:
+    """Per-example gradient of an embedding table: ``ids (B, T)``, ``g (B, T, dim)`` -> ``(B, vocab, dim)``."""
+    batch = ids.shape[0]
+    ids = ids.reshape(batch, -1)
+    g = output_gradients.reshape(batch, ids.shape[1], -1)
+    if padding_idx is not None:
+        g = g.masked_fill((ids == padding_idx)[..., None], 0)
+    out = g.new_zeros(batch, num_embeddings, g.shape[-1])
+    return out.scatter_add_(1, ids[..., None].expand(-1, -1, g.shape[-1]), g)
+
+
+def functional_example_gradients(module: torch.nn.Module, inputs: torch.Tensor,
+                                 output_gradients: torch.Tensor) -> torch.Tensor:
+    """Per-example gradient of ``module``'s own parameters, flattened in ``named_parameters`` order: ``(B, P)``.
+
+    For modules that treat every example on its own (norms, elementwise scales): the vector-Jacobian
+    product of ``module(x_b)`` with ``g_b``, vectorised over the batch with ``torch.func``.
+    """
+    params = {name: p.detach() for name, p in module.named_parameters(recurse=False)}
+
+    def one(x: torch.Tensor, g: torch.Tensor) -> dict[str, torch.Tensor]:
+        _, pullback = torch.func.vjp(lambda p: torch.func.functional_call(module, p, (x[None],)), params)
+        return pullback(g[None])[0]
+
+    grads = torch.func.vmap(one)(inputs, output_gradients.to(inputs.dtype))
+    return torch.cat([grads[name].flatten(1) for name in params], 1)

@@ -1,0 +1,834 @@
+"""SketchedGradCallback: step-decomposed influence (SDI) and TracIn from sketched per-example gradients (seed 001).
+
+``TracIn(z_i, z'_j) = Σ_c η_c ⟨∇L(z_i; θ_c), ∇L(z'_j; θ_c)⟩``. A module used at steps ``s = 1..S`` of
+one forward (the iterations of a looped, weight-tied block) has ``∇ = Σ_s ∇^{(s)}``, and
+``SDI[i, j, s] = Σ_c η_c ⟨∇L(z_i), ∇^{(s)}L(z'_j)⟩``: the query's gradient is split by step, so SDI
+summed over ``s`` is TracIn. Gradients are never materialised: each use's activations ``a`` and output
+gradients ``g`` are sketched during the backward pass (TensorSketch of ``Σ_t g_t a_tᵀ`` for linear
+and embedding weights, CountSketch of the per-example gradient for other, 1-D parameters), all into
+one ``m``-dimensional vector per example (independent hash tables per parameter block, so cross
+terms vanish in expectation). ``exact: true`` keeps the full per-example gradients instead (the
+small-model reference).
+
+Steps: every tracked module must be called the same number of times ``S`` per forward, except
+modules called once (an embedding before the loop, a norm and readout after it): those get a
+``prelude`` step when called before the looped modules' first call and a ``readout`` step when
+called after their last; one called inside the loop, or any other count, is an error.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from typing_extensions import override
+
+from lit_attrib.artifacts.scores import ChunkStore, save_tensors
+from lit_attrib.callbacks._common import (
+    DTYPES,
+    LossFn,
+    batch_indices,
+    check_context,
+    context_length,
+    datamodule_loader,
+    default_loss,
+    iterate_batches,
+    own_backward,
+    show_progress,
+)
+from lit_attrib.callbacks._scoring import tensorboard_text
+from lit_attrib.errors import ArtifactError, DataError, ModelError, TrainingError
+from lit_attrib.io import atomic_path, write_json, write_jsonl
+from lit_attrib.ops.kfac import append_bias_column
+from lit_attrib.ops.loss import loss_mask
+from lit_attrib.ops.sketch import (
+    CountSketch,
+    TensorSketch,
+    block_seed,
+    embedding_example_gradients,
+    embedding_sketch,
+    functional_example_gradients,
+)
+from lit_attrib.tracking import LayerInfo, LayerTracker, find_parameter_modules
+
+__all__ = ["SketchedGradCallback", "step_layout"]
+
+FORMAT = "lit_attrib.sdi/1"
+_NORMS = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.RMSNorm)
+
+
+def step_layout(uses: dict[str, int], calls: list[str]) -> tuple[list[str], dict[str, list[int]]]:
+    """Which step each use of each module belongs to.
+
+    Args:
+        uses: calls of each tracked module in one forward.
+        calls: the tracked modules in the order they were called.
+
+    Returns:
+        ``(step_names, steps)``: names such as ``["prelude", "loop 1", …, "loop S", "readout"]`` and,
+        per module, the step index of each of its uses.
+
+    Raises:
+        ModelError: a module was never called, a count is neither 1 nor the largest, or a module
+            called once sits inside the loop.
+    """
+    counts = sorted(set(uses.values()))
+    loops = max(counts)
+    if set(counts) - {1, loops}:
+        detail = ", ".join(f"{name}: {count}" for name, count in sorted(uses.items(), key=lambda kv: kv[1])[:12])
+        raise ModelError(
+            f"the tracked modules are called different numbers of times in one forward ({detail}); SDI's steps are "
+            f"the calls of the looped modules, and only modules called once (before or after the loop) can be "
+            f"placed besides them. Narrow target_modules to the looped block (e.g. 'block'), or to modules "
+            f"called equally often"
+        )
+    if loops == 1 or len(counts) == 1:
+        names = [f"loop {s + 1}" for s in range(loops)] if loops > 1 else ["step 1"]
+        return names, {name: list(range(count)) for name, count in uses.items()}
+    positions = [i for i, name in enumerate(calls) if uses[name] == loops]
+    first, last = min(positions), max(positions)
+    place: dict[str, str] = {}
+    inside = []
+    for name, count in uses.items():
+        if count == 1:
+            at = calls.index(name)
+            if at < first:
+                place[name] = "prelude"
+            elif at > last:
+                place[name] = "readout"
+            else:
+                inside.append(name)
+    if inside:
+        raise ModelError(
+            f"modules {inside[:8]} are called once, inside the loop of the modules called {loops} times; their "
+            f"step is ambiguous. Leave them out of target_modules"
+        )
+    prelude = "prelude" in place.values()
+    names = (["prelude"] if prelude else []) + [f"loop {s + 1}" for s in range(loops)]
+    names += ["readout"] if "readout" in place.values() else []
+    steps = {}
+    for name, count in uses.items():
+        if count == loops:
+            steps[name] = [s + int(prelude) for s in range(loops)]
+        else:
+            steps[name] = [0 if place[name] == "prelude" else len(names) - 1]
+    return names, steps
+
+
+class _Features:
+    """Per-example features of each tracked module's own parameters, from one use's ``a`` and ``g``.
+
+    Sketched: every module adds its sketch into one shared ``(B, m)`` vector. Exact: each module's
+    flattened gradient lives at its own offset of a ``(B, P)`` vector (``P`` parameters in all).
+    Modules that share a weight (tied embeddings) share its hash tables and its offset.
+    """
+
+    def __init__(self, layers: dict[str, LayerInfo], sketch_dim: int, exact: bool, seed: int,
+                 dtype: torch.dtype, device: torch.device, canonical: dict[int, str]) -> None:
+        self.exact, self.dtype = exact, dtype
+        self.layers = layers
+        self.sketches: dict[str, Any] = {}
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.blocks: list[dict] = []
+        offsets_by_key: dict[str, tuple[int, int]] = {}
+        total = 0
+        for name, layer in layers.items():
+            parameters = list(layer.module.parameters(recurse=False))
+            key = canonical[id(parameters[0])]
+            size = sum(p.numel() for p in parameters)
+            if key in offsets_by_key:
+                if offsets_by_key[key][1] != size:
+                    raise ModelError(f"{name} shares its weight {key} with another tracked module but not its layout; "
+                                     f"track one of them only")
+                self.offsets[name] = offsets_by_key[key]
+            else:
+                self.offsets[name] = offsets_by_key[key] = (total, size)
+                total += size
+                self.blocks.append({"parameters": key, "module": name, "type": type(layer.module).__name__,
+                                    "numel": size})
+            block = block_seed(seed, key)
+            if layer.kind in ("linear", "conv1d"):
+                self.sketches[name] = TensorSketch(layer.out_features, layer.in_features + int(layer.has_bias),
+                                                   sketch_dim, block, device)
+            elif layer.kind == "embedding":
+                self.sketches[name] = TensorSketch(layer.out_features, layer.in_features, sketch_dim, block, device)
+            else:
+                self.sketches[name] = CountSketch(size, sketch_dim, block, device)
+        self.size = total if exact else sketch_dim
+        for block in self.blocks:
+            block["share"] = round(block["numel"] / total, 6)
+
+    def __call__(self, layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``(B, size)`` features of this use (exact: only the module's own slice is filled)."""
+        batch = g.shape[0]
+        if layer.kind in ("linear", "conv1d"):
+            a = a.reshape(batch, -1, a.shape[-1]).to(self.dtype)
+            g = g.reshape(batch, -1, g.shape[-1]).to(self.dtype)
+            if layer.has_bias:
+                a = append_bias_column(a)
+            if not self.exact:
+                return self.sketches[layer.name].outer(g, a)
+            gradient = torch.bmm(g.mT, a)  # (B, out, in [+ 1])
+            weight = gradient[..., : layer.in_features]
+            parts = [(weight if layer.kind == "linear" else weight.mT).flatten(1)]
+            if layer.has_bias:
+                parts.append(gradient[..., layer.in_features])
+            return self._place(layer, torch.cat(parts, 1))
+        if layer.kind == "embedding":
+            padding = layer.module.padding_idx
+            if not self.exact:
+                return embedding_sketch(self.sketches[layer.name], a, g.to(self.dtype), padding)
+            gradient = embedding_example_gradients(a, g.to(self.dtype), layer.out_features, padding)
+            return self._place(layer, gradient.flatten(1))
+        gradient = functional_example_gradients(layer.module, a, g.to(a.dtype)).to(self.dtype)  # in the module's dtype
+        return self._place(layer, gradient) if self.exact else self.sketches[layer.name](gradient)
+
+    def _place(self, layer: LayerInfo, gradient: torch.Tensor) -> torch.Tensor:
+        start, size = self.offsets[layer.name]
+        out = gradient.new_zeros(gradient.shape[0], self.size)
+        out[:, start: start + size] = gradient
+        return out
+
+
+def _per_example(module: torch.nn.Module) -> bool:
+    """Modules whose per-example gradient torch.func can take from one input (norms and their kin)."""
+    own = list(module.parameters(recurse=False))
+    return (isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")) and all(p.ndim == 1 for p in own)
+
+
+def example_checksums(batch: Any) -> torch.Tensor:
+    """A hash of each example's tokens (``input_ids`` where attended, ``labels`` where taken), ``(B,)``.
+
+    Independent of right padding, so cached sketches are recognised whatever the batch they came in.
+    Batches that are not dicts of ``input_ids`` get zeros (no check).
+    """
+    if not isinstance(batch, dict) or "input_ids" not in batch:
+        return torch.zeros(len(batch_indices(batch, 0)), dtype=torch.long)
+    ids = batch["input_ids"].detach().cpu().long()
+    weights = (torch.arange(1, ids.shape[1] + 1) * 1_000_003) % 2_147_483_647 + 1
+    mask = batch.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask.detach().cpu().long()
+    total = ((ids + 3) * mask * weights).sum(-1)
+    if "labels" in batch:
+        labels = batch["labels"].detach().cpu().long()
+        taken = loss_mask(labels).long()
+        total = total * 31 + ((labels + 5) * taken * (weights * 7919 % 2_147_483_647)).sum(-1)
+    return total
+
+
+def _natural(path: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
+
+
+class SketchedGradCallback(Callback):
+    """Step-decomposed influence and TracIn of each training example on each query.
+
+    Two modes:
+
+    - **checkpoint mode** (``checkpoints`` given; runs in ``lit-attrib predict``, TracInCP): for each
+      checkpoint, its weights are loaded, the queries (``<queries>_dataloader()``) are sketched per
+      step, and the training examples (the datamodule's ``predict_dataloader()``) are sketched once
+      and weighted by ``η_c`` (``eta``, or the learning rate stored in the checkpoint). Training
+      sketches are cached on disk per checkpoint, so a killed pass resumes and a second query set
+      needs no forward or backward of the training set (its batches are still read, to check the
+      cached examples are unchanged). The model's own weights are restored afterwards.
+    - **online mode** (no ``checkpoints``; runs in ``lit-attrib fit``, TracIn-ideal): the real
+      training backward gives each batch's sketches for free (rescaled from the training loss's
+      reduction to each example's summed loss); the queries are sketched every ``every_n_steps``
+      optimizer steps with the current weights, and each batch adds ``lr · ⟨train, query⟩``.
+
+    Writes ``sdi.safetensors`` (``sdi (N_train, N_query, S)`` in ``sdi`` mode, ``tracin (N_train,
+    N_query)``, ``train_indices``, ``query_indices``), ``topk.jsonl`` (each query's most helpful and
+    harmful training examples with their step trajectory), ``trajectories.png`` (also in
+    TensorBoard) and ``sdi.json`` (steps, checkpoints and η, how the parameters share the sketch),
+    written last. Rows and columns are in dataset index order; results do not depend on batching,
+    shuffling or the number of processes. **Positive = the training example lowers the query's
+    loss (helpful).**
+
+    Args:
+        target_modules: fnmatch patterns of modules (a container selects every module in it);
+            default the whole model.
+        sketch_dim: ``m``, the sketch dimension shared by all tracked parameters.
+        mode: ``sdi`` (per step) or ``tracin`` (summed over steps only; cheaper).
+        exact: keep full per-example gradients instead of sketches (small models; the reference).
+        checkpoints: checkpoint files or glob patterns (checkpoint mode); ``null`` for online mode.
+        eta: checkpoint weights ``η_c``: one number for all, one per checkpoint, or ``null`` for
+            the learning rate each checkpoint's optimizer state holds.
+        queries: the datamodule loader of the queries: ``<queries>_dataloader()``.
+        every_n_steps: online mode: sketch the queries again every this many optimizer steps.
+        seed: seed of the hash and sign tables (identical on every device).
+        strict: refuse parameters without a dedicated sketch (anything but linear, embedding and
+            norm layers); ``false`` sketches their per-example gradients taken through torch.func.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss; default
+            ``pl_module.per_example_loss``.
+        train_loss_reduction: online mode: how the training step reduced its loss (``auto`` reads
+            ``pl_module.loss_reduction``): ``sum``, ``example_mean`` or ``token_mean``.
+        dtype: precision of the sketches and scores.
+        top_k: helpful and harmful training examples listed per query.
+        output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
+        name: the artifact's name (folder and TensorBoard tag).
+        chunk_size: training examples per cached sketch file.
+        keep_sketches: keep the cached training sketches after the pass (for other query sets).
+        overwrite: replace results in ``output_dir`` that were made with other arguments.
+    """
+
+    def __init__(
+        self,
+        target_modules: list[str] | None = None,
+        sketch_dim: int = 1024,
+        mode: Literal["sdi", "tracin"] = "sdi",
+        exact: bool = False,
+        checkpoints: list[str] | str | None = None,
+        eta: float | list[float] | None = None,
+        queries: str = "query",
+        every_n_steps: int = 1,
+        seed: int = 0,
+        strict: bool = True,
+        loss_fn: LossFn | None = None,
+        train_loss_reduction: Literal["auto", "sum", "example_mean", "token_mean"] = "auto",
+        dtype: str = "float32",
+        top_k: int = 10,
+        output_dir: str | None = None,
+        name: str = "sdi",
+        chunk_size: int = 1024,
+        keep_sketches: bool = True,
+        overwrite: bool = False,
+    ) -> None:
+        problems = []
+        if not isinstance(sketch_dim, int) or sketch_dim < 1:
+            problems.append(f"sketch_dim must be an integer of at least 1; got {sketch_dim!r}")
+        if mode not in ("sdi", "tracin"):
+            problems.append(f"mode must be 'sdi' or 'tracin'; got {mode!r}")
+        if every_n_steps < 1:
+            problems.append(f"every_n_steps must be at least 1; got {every_n_steps}")
+        if dtype not in DTYPES:
+            problems.append(f"dtype must be one of {list(DTYPES)}; got '{dtype}'")
+        if chunk_size < 1:
+            problems.append(f"chunk_size must be at least 1; got {chunk_size}")
+        if top_k < 0:
+            problems.append(f"top_k must be non-negative; got {top_k}")
+        if isinstance(checkpoints, str):
+            checkpoints = [checkpoints]
+        if checkpoints is not None and not checkpoints:
+            problems.append("checkpoints is empty; give checkpoint files or globs, or null for online mode in fit")
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
+        self.target_modules = target_modules
+        self.sketch_dim = sketch_dim
+        self.mode = mode
+        self.exact = exact
+        self.checkpoints = checkpoints
+        self.eta = eta
+        self.queries = queries
+        self.every_n_steps = every_n_steps
+        self.seed = seed
+        self.strict = strict
+        self.loss_fn = loss_fn or default_loss
+        self.train_loss_reduction = train_loss_reduction
+        self.dtype = DTYPES[dtype]
+        self.top_k = top_k
+        self.output_dir = output_dir
+        self.name = name
+        self.chunk_size = chunk_size
+        self.keep_sketches = keep_sketches
+        self.overwrite = overwrite
+        self.layers: dict[str, LayerInfo] = {}
+        self.step_names: list[str] | None = None
+        self._steps: dict[str, list[int]] | None = None
+        self._tracker: LayerTracker | None = None
+        self._features: _Features | None = None
+        self._collect = None
+        self._records: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._queries: torch.Tensor | None = None
+        self._query_indices: torch.Tensor | None = None
+        self._used: list[dict] = []
+        self._online = False
+        self._refreshed_at = -1
+        self._lr = 0.0
+        self._scale = 1.0
+        self._train_features: torch.Tensor | None = None
+        self._context: int | None = None
+        self._original: dict[str, torch.Tensor] | None = None
+        self._layout_checked = False
+        self._batch_size = 0
+        self._queries_kept: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def arguments(self) -> dict:
+        return {"target_modules": self.target_modules, "sketch_dim": self.sketch_dim, "mode": self.mode,
+                "exact": self.exact, "checkpoints": self.checkpoints, "eta": self.eta, "queries": self.queries,
+                "every_n_steps": self.every_n_steps, "seed": self.seed, "strict": self.strict,
+                "dtype": str(self.dtype).replace("torch.", ""),
+                "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
+
+    def folder(self, trainer: Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / self.name
+
+    # --------------------------------------------------------------------------- set-up
+    def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        folder = self.folder(trainer)
+        if (folder / "sdi.json").is_file() and not self.overwrite:
+            saved = json.loads((folder / "sdi.json").read_text()).get("arguments")
+            if saved != json.loads(json.dumps(self.arguments())):
+                raise ArtifactError(f"'{folder}' already holds {self.name} results made with other arguments; choose "
+                                    f"another output_dir or name, or set overwrite=True to replace them")
+        if self._tracker is not None:  # hooks of an earlier pass that ended in an exception
+            self._tracker.detach()
+        self.layers = find_parameter_modules(pl_module, self.target_modules)
+        if self.strict and not self.exact:
+            unsupported = [f"{name} ({type(layer.module).__name__})" for name, layer in self.layers.items()
+                           if layer.kind == "other" and not _per_example(layer.module)]
+            if unsupported:
+                raise ModelError(
+                    f"{type(self).__name__} has no sketch for the parameters of {unsupported[:8]}: only linear, "
+                    f"embedding and norm layers are sketched during backprop. Set exact: true (full per-example "
+                    f"gradients, small models), leave them out of target_modules, or set strict: false to sketch "
+                    f"their per-example gradients taken through torch.func"
+                )
+        canonical = {}
+        for parameter_name, parameter in pl_module.named_parameters(remove_duplicate=False):
+            canonical.setdefault(id(parameter), parameter_name)
+        self._features = _Features(self.layers, self.sketch_dim, self.exact, self.seed, self.dtype,
+                                   pl_module.device, canonical)
+        self._tracker = LayerTracker(self.layers, on_gradient=self._on_gradient).attach()
+        self._tracker.active = False
+        self._context = context_length(pl_module)
+        self._records = []
+        self.step_names = self._steps = None
+        size = "exact gradients" if self.exact else f"one sketch of m = {self.sketch_dim}"
+        shares = ", ".join(f"{b['parameters']} {b['share']:.1%}" for b in self._features.blocks[:6])
+        rank_zero_info(f"{type(self).__name__}[{self.name}]: {len(self.layers)} modules, "
+                       f"{sum(b['numel'] for b in self._features.blocks):,} parameters in {size} "
+                       f"(shares: {shares}{', …' if len(self._features.blocks) > 6 else ''})")
+
+    # ------------------------------------------------------------------------ gradients
+    def _on_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        if self._collect is None:
+            return
+        if gradients.shape[0] != self._batch_size:
+            raise ModelError(
+                f"{layer.name}'s output has {gradients.shape[0]} rows for a batch of {self._batch_size}: it is shared by "
+                f"the whole batch (e.g. position embeddings of arange(T) broadcast later), so per-example gradients "
+                f"cannot be taken from it. Leave it out of target_modules, or give it per-example inputs"
+            )
+        if not self._layout_checked:  # the forward is complete once the first gradient arrives
+            self._check_layout()
+            self._layout_checked = True
+        active, self._tracker.active = self._tracker.active, False  # torch.func re-runs norm layers
+        try:
+            features = self._features(layer, activations, gradients)
+        finally:
+            self._tracker.active = active
+        self._collect(layer, self._steps[layer.name][use], features)
+
+    def _check_layout(self) -> None:
+        """Steps from this forward's calls; the first forward fixes them, later ones must agree."""
+        uses = dict(self._tracker.uses)
+        if missing := [name for name in self.layers if name not in uses]:
+            raise ModelError(f"tracked modules {missing[:8]} were not called in the forward pass; leave them out of "
+                             f"target_modules")
+        names, steps = step_layout(uses, self._tracker.calls)
+        if self._steps is None:
+            self.step_names, self._steps = names, steps
+        elif steps != self._steps:
+            raise ModelError(f"the tracked modules' calls changed between forward passes (steps {self.step_names} "
+                             f"before, {names} now); SDI needs the same number of loop steps in every forward")
+
+    def _example_features(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                          per_step: bool) -> torch.Tensor:
+        """One own forward/backward: ``(B, S, size)`` per step, or ``(B, size)`` summed over steps."""
+        holder: dict[str, torch.Tensor] = {}
+
+        def collect(layer: LayerInfo, step: int, features: torch.Tensor) -> None:
+            if "x" not in holder:
+                shape = (features.shape[0], len(self.step_names), features.shape[1]) if per_step else features.shape
+                holder["x"] = features.new_zeros(shape)
+            (holder["x"][:, step] if per_step else holder["x"]).add_(features)
+
+        self._collect = collect
+        self._layout_checked = False
+        self._batch_size = len(batch_indices(batch, 0))
+        try:
+            losses = own_backward(trainer, pl_module, self._tracker, self.loss_fn, batch)
+        finally:
+            self._collect = None
+        if not bool(torch.isfinite(losses).all()):
+            raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss for dataset indices "
+                                f"{batch_indices(batch, 0).tolist()[:8]}")
+        if "x" not in holder:
+            raise ModelError(f"the loss of {type(self).__name__}[{self.name}] reached none of the tracked modules; "
+                             f"check target_modules")
+        return holder["x"]
+
+    def _query_features(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every query's features (all processes compute all), in dataset index order: ``(N_q, S, size)``
+        in ``sdi`` mode, ``(N_q, 1, size)`` in ``tracin`` mode."""
+        loader = datamodule_loader(trainer, self.queries, "the queries")
+        parts, indices, count = [], [], 0
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            for batch in tqdm(iterate_batches(trainer, pl_module, loader), desc=f"{self.name}: queries", leave=False,
+                              disable=not show_progress(trainer)):
+                check_context(batch, self._context, "a query")
+                features = self._example_features(trainer, pl_module, batch, per_step=True)
+                parts.append(features if self.mode == "sdi" else features.sum(1, keepdim=True))
+                indices.append(batch_indices(batch, count))
+                count += len(indices[-1])
+        finally:
+            pl_module.train(was_training)
+        if not parts:
+            raise DataError(f"the queries are empty: {self.queries}_dataloader() gave no examples")
+        indices = torch.cat(indices)
+        order = torch.argsort(indices)
+        if len(indices.unique()) != len(indices):
+            raise DataError(f"{self.queries}_dataloader() repeats dataset indices; each query needs its own index")
+        return torch.cat(parts)[order.to(parts[0].device)], indices[order]
+
+    def _contract(self, train: torch.Tensor, weight: float) -> torch.Tensor:
+        """``weight · ⟨train_i, query_{j,s}⟩``: ``(B, N_q, S')``."""
+        queries = self._queries
+        flat = queries.flatten(0, 1)  # (N_q·S', size)
+        return (weight * (train.to(flat.dtype) @ flat.T)).view(train.shape[0], queries.shape[0], queries.shape[1])
+
+    def _record(self, indices: torch.Tensor, rows: torch.Tensor) -> None:
+        self._records.append((indices.cpu(), rows.detach().cpu()))
+        if len(self._records) >= 256:
+            self._records = [self._reduced()]
+
+    def _reduced(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The records summed by dataset index: ``(indices, rows)`` in index order."""
+        if not self._records:
+            width = self._queries.shape[:2] if self._queries is not None else (0, 1)
+            return torch.empty(0, dtype=torch.long), torch.empty(0, *width, dtype=self.dtype)
+        indices = torch.cat([r[0] for r in self._records])
+        rows = torch.cat([r[1] for r in self._records])
+        unique, inverse = torch.unique(indices, return_inverse=True)
+        return unique, rows.new_zeros(len(unique), *rows.shape[1:]).index_add_(0, inverse, rows)
+
+    # ---------------------------------------------------------------------- checkpoint mode
+    def _resolve_checkpoints(self) -> list[str]:
+        paths = []
+        for entry in self.checkpoints:
+            matches = sorted(glob.glob(entry), key=_natural) if glob.has_magic(entry) else [entry]
+            if not matches or not Path(matches[0]).is_file():
+                raise ArtifactError(f"no checkpoint at '{entry}'; train first (e.g. lit-attrib fit -c "
+                                    f"configs/looped_addition.yaml writes runs/looped_addition/checkpoints) or fix "
+                                    f"the path")
+            paths.extend(matches)
+        if isinstance(self.eta, list) and len(self.eta) != len(paths):
+            raise ValueError(f"eta has {len(self.eta)} values for the {len(paths)} checkpoints {paths[:4]}…; give "
+                             f"one per checkpoint, one number for all, or null for their learning rates")
+        return paths
+
+    def _load_checkpoint(self, pl_module: LightningModule, path: str, position: int) -> dict:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # Lightning checkpoints may pickle hyperparameter objects; the file is the user's own
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        state = checkpoint.get("state_dict", checkpoint.get("model_state_dict", checkpoint))
+        own = pl_module.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+        if missing or unexpected or shapes:
+            raise ArtifactError(
+                f"checkpoint '{path}' is from another model than {type(pl_module).__name__}: "
+                + "; ".join(part for part in (f"missing {missing[:6]}" if missing else "",
+                                              f"unexpected {unexpected[:6]}" if unexpected else "",
+                                              f"shapes differ: {shapes[:4]}" if shapes else "") if part)
+                + ". Use checkpoints of the model this run builds"
+            )
+        pl_module.load_state_dict(state)
+        if isinstance(self.eta, list):
+            eta = float(self.eta[position])
+        elif self.eta is not None:
+            eta = float(self.eta)
+        else:
+            try:
+                eta = float(checkpoint["optimizer_states"][0]["param_groups"][0]["lr"])
+            except (KeyError, IndexError, TypeError):
+                raise ArtifactError(f"checkpoint '{path}' holds no optimizer learning rate to weight it by; give eta "
+                                    f"(one number or one per checkpoint)") from None
+        return {"path": str(path), "eta": eta, "global_step": checkpoint.get("global_step"),
+                "epoch": checkpoint.get("epoch")}
+
+    def _weights_checksum(self, pl_module: LightningModule) -> str:
+        digest = hashlib.sha256()
+        for tensor in pl_module.state_dict().values():
+            if tensor.is_floating_point():
+                digest.update(tensor.detach().double().sum().cpu().numpy().tobytes())
+                digest.update(tensor.detach().double().abs().sum().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @override
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.checkpoints is None:
+            rank_zero_warn(f"{type(self).__name__}[{self.name}] has no checkpoints: it works online, during fit; in "
+                           f"predict it does nothing. Give checkpoints for TracInCP")
+            return
+        paths = self._resolve_checkpoints()
+        self._setup(trainer, pl_module)
+        self._original = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self._used = []
+        try:
+            for position, path in enumerate(tqdm(paths, desc=f"{self.name}: checkpoints",
+                                                 disable=not show_progress(trainer) or len(paths) == 1)):
+                self._used.append(self._load_checkpoint(pl_module, path, position))
+                self._checkpoint_pass(trainer, pl_module, self._used[-1])
+        finally:
+            pl_module.load_state_dict(self._original)
+            self._original = None
+        self._finish(trainer, pl_module)
+
+    def _checkpoint_pass(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        pl_module.eval()
+        self._queries, self._query_indices = self._query_features(trainer, pl_module)
+        fingerprint = {"arguments": {k: v for k, v in self.arguments().items()
+                                     if k not in ("mode", "queries", "checkpoints", "eta", "every_n_steps")},
+                       "modules": list(self.layers), "weights": self._weights_checksum(pl_module),
+                       "steps": self.step_names}
+        store = ChunkStore(self.folder(trainer), f"{self.name}-sketches-{fingerprint['weights']}", fingerprint,
+                           trainer.global_rank, self.chunk_size)
+        if reason := store.prepare(trainer.is_global_zero):
+            rank_zero_warn(f"{type(self).__name__}[{self.name}]: discarded cached sketches because {reason}")
+        trainer.strategy.barrier()
+        cached: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
+        for file in store.files():
+            part = load_file(str(file))
+            for row, (index, checksum) in enumerate(zip(part["index"].tolist(), part["checksum"].tolist())):
+                cached[(index, checksum)] = (part["sketch"], row)
+        loader = datamodule_loader(trainer, "predict", "the training examples")
+        count = reused = 0
+        for batch in tqdm(iterate_batches(trainer, pl_module, loader, shard=True), desc=f"{self.name}: training set",
+                          leave=False, disable=not show_progress(trainer)):
+            if trainer.world_size > 1 and not (isinstance(batch, dict) and "index" in batch):
+                raise DataError(f"{type(self).__name__} needs each batch's dataset 'index' column under several "
+                                f"processes (to put the results in dataset order); add it to the rows your datamodule "
+                                f"yields")
+            indices = batch_indices(batch, count)
+            count += len(indices)
+            checksums = example_checksums(batch)
+            keys = list(zip(indices.tolist(), checksums.tolist()))
+            if all(key in cached for key in keys):
+                train = torch.stack([cached[key][0][cached[key][1]] for key in keys]).to(pl_module.device)
+                reused += len(keys)
+            else:
+                check_context(batch, self._context, "a training example")
+                train = self._example_features(trainer, pl_module, batch, per_step=False)
+                store.add(indices, {"sketch": train, "checksum": checksums})
+            self._record(indices, self._contract(train, checkpoint["eta"]))
+        store.flush()
+        trainer.strategy.barrier()
+        if not self.keep_sketches and trainer.is_global_zero:
+            store.remove()
+        checkpoint["reused_examples"] = int(trainer.strategy.reduce(torch.tensor(float(reused)), reduce_op="sum"))
+        self._queries_kept = (self._queries.cpu(), self._query_indices)
+
+    # ------------------------------------------------------------------------- online mode
+    @override
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._online = self.checkpoints is None
+        if not self._online:
+            return
+        restored = self._records
+        self._setup(trainer, pl_module)
+        self._records = restored
+        self._refreshed_at = -1
+
+    @override
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if not self._online:
+            return
+        step = trainer.global_step
+        if step % self.every_n_steps == 0 and self._refreshed_at != step:
+            self._queries, self._query_indices = self._query_features(trainer, pl_module)
+            self._refreshed_at = step
+        if not (isinstance(batch, dict) and "index" in batch):
+            raise DataError(f"{type(self).__name__} in fit needs each training batch's dataset 'index' column (to "
+                            f"credit the right examples); add it to the rows your datamodule yields")
+        self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+        self._scale = self._train_gradient_scale(trainer, pl_module, batch)
+        self._train_features = None
+
+        def collect(layer: LayerInfo, step: int, features: torch.Tensor) -> None:
+            if self._train_features is None:
+                self._train_features = features.new_zeros(features.shape)
+            self._train_features.add_(features)
+
+        self._collect = collect
+        self._layout_checked = False
+        self._batch_size = len(batch["index"])
+        self._tracker.reset()
+        self._tracker.active = True
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if not self._online or self._tracker is None:
+            return
+        self._tracker.active = False
+        self._collect = None
+        self._tracker.reset()
+        if self._train_features is None:  # a skipped step (e.g. training_step returned None)
+            return
+        train = self._train_features * self._scale
+        self._train_features = None
+        if not bool(torch.isfinite(train).all()):
+            raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite training gradient sketch at step "
+                                f"{trainer.global_step}")
+        self._record(batch["index"], self._contract(train, self._lr))
+
+    def _train_gradient_scale(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
+        """Factor from the gradient of the training loss to that of the summed per-example losses."""
+        reduction = self.train_loss_reduction
+        if reduction == "auto":
+            reduction = getattr(pl_module, "loss_reduction", None)
+        if reduction == "token_mean":
+            normaliser = float(loss_mask(batch["labels"]).sum().clamp(min=1))
+        elif reduction == "example_mean":
+            normaliser = float(batch["index"].shape[0])
+        elif reduction == "sum":
+            normaliser = 1.0
+        else:
+            raise ModelError(
+                f"{type(self).__name__} cannot tell how {type(pl_module).__name__}'s training step reduces its loss "
+                f"(got {reduction!r}); set train_loss_reduction to 'sum', 'example_mean' or 'token_mean', or give "
+                f"the module a loss_reduction attribute"
+            )
+        scale = normaliser * trainer.accumulate_grad_batches
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None:  # float16 AMP multiplies the loss by its scale
+            scale /= float(scaler.get_scale())
+        return scale
+
+    @override
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self._online:
+            return
+        self._online = False
+        self._queries_kept = (self._queries.cpu(), self._query_indices)
+        self._finish(trainer, pl_module)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        if not self._online or not self._records:
+            return {}
+        indices, rows = self._reduced()
+        return {"indices": indices, "rows": rows, "steps": self.step_names}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict:
+            self._records = [(state_dict["indices"], state_dict["rows"])]
+
+    # ------------------------------------------------------------------------- the artifact
+    def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Sum every process's rows by index on rank zero and write the artifact."""
+        folder = self.folder(trainer)
+        folder.mkdir(parents=True, exist_ok=True)
+        indices, rows = self._reduced()
+        part = folder / f".{self.name}-part-rank{trainer.global_rank:03d}.safetensors"
+        save_tensors(part, {"index": indices, "rows": rows}, FORMAT)
+        trainer.strategy.barrier()
+        if trainer.is_global_zero:
+            parts = [load_file(str(folder / f".{self.name}-part-rank{r:03d}.safetensors"))
+                     for r in range(trainer.world_size)]
+            all_indices = torch.cat([p["index"] for p in parts])
+            unique, inverse = torch.unique(all_indices, return_inverse=True)
+            all_rows = torch.cat([p["rows"] for p in parts])
+            sdi = all_rows.new_zeros(len(unique), *all_rows.shape[1:]).index_add_(0, inverse, all_rows)
+            (folder / "sdi.json").unlink(missing_ok=True)  # the old metadata must not vouch for new tensors
+            self._write(trainer, folder, unique, sdi)
+        trainer.strategy.barrier()
+        (folder / f".{self.name}-part-rank{trainer.global_rank:03d}.safetensors").unlink(missing_ok=True)
+        self._records = []
+        self._tracker.detach()
+
+    def _write(self, trainer: Trainer, folder: Path, train_indices: torch.Tensor, sdi: torch.Tensor) -> None:
+        from lit_attrib.plotting import sdi_trajectory_figure
+
+        queries, query_indices = self._queries_kept
+        tracin = sdi.sum(-1)
+        tensors = {"tracin": tracin, "train_indices": train_indices, "query_indices": query_indices}
+        if self.mode == "sdi":
+            tensors["sdi"] = sdi
+        if self._used:
+            tensors["eta"] = torch.tensor([c["eta"] for c in self._used], dtype=torch.float64)
+        save_tensors(folder / "sdi.safetensors", tensors, FORMAT)
+        steps = self.step_names if self.mode == "sdi" else ["all steps"]
+        rows = []
+        for j, query in enumerate(query_indices.tolist()):
+            order = torch.argsort(tracin[:, j], descending=True)
+            k = min(self.top_k, len(order))
+
+            def listed(positions: torch.Tensor) -> list[dict]:
+                return [{"train_index": int(train_indices[p]), "tracin": float(tracin[p, j]),
+                         "steps": [round(float(v), 8) for v in sdi[p, j]]} for p in positions.tolist()]
+
+            rows.append({"query_index": query, "helpful": listed(order[:k]), "harmful": listed(order.flip(0)[:k])})
+        write_jsonl(folder / "topk.jsonl", rows)
+        figure = sdi_trajectory_figure(sdi, train_indices, steps, top_k=min(max(self.top_k, 1), 8))
+        with atomic_path(folder / "trajectories.png") as tmp:
+            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure(f"{self.name}/trajectories", figure, global_step=trainer.global_step)
+        else:
+            import matplotlib.pyplot as plt
+
+            plt.close(figure)
+        share = sdi.abs().sum((0, 1))
+        share = (share / share.sum().clamp(min=1e-300)).tolist()
+        table = "| step | share of |influence| |\n|---|---|\n" + "\n".join(
+            f"| {name} | {value:.1%} |" for name, value in zip(steps, share))
+        tensorboard_text(trainer, f"{self.name}/steps", table)
+        write_json(folder / "sdi.json", {
+            "format": FORMAT,
+            "name": self.name,
+            "arguments": self.arguments(),
+            "mode": "checkpoints" if self._used else "online",
+            "steps": steps,
+            "step_share_of_abs_influence": dict(zip(steps, [round(v, 6) for v in share])),
+            "checkpoints": self._used,
+            "shape": {"train": len(train_indices), "query": len(query_indices), "steps": len(steps)},
+            "sketch": {"exact": self.exact, "dimension": self._features.size, "seed": self.seed,
+                       "blocks": self._features.blocks,
+                       "note": "every block is sketched into the same vector with its own hash tables"},
+            "modules": {name: {"type": type(layer.module).__name__, "uses": len(self._steps[name]),
+                               "steps": [steps[s] if self.mode == "sdi" else steps[0] for s in self._steps[name]]}
+                        for name, layer in self.layers.items()} if self._steps else {},
+            "world_size": trainer.world_size,
+            "global_step": trainer.global_step,
+            "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
+        })
+        del queries
+        rank_zero_info(f"{type(self).__name__}[{self.name}]: wrote {tuple(sdi.shape)} to {folder}")
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if self._tracker is not None:
+            self._tracker.detach()
+        self._online = False
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._tracker is not None:
+            self._tracker.detach()
