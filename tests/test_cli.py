@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from lit_attrib.callbacks import InfluenceCallback, TokenInfluenceCallback
+from lit_attrib.callbacks import InfluenceCallback, SketchedGradCallback, TokenInfluenceCallback
 from lit_attrib.cli import main
 from lit_attrib.data import TextDataModule, TofuDataModule
 from lit_attrib.modules import CausalLMModule
@@ -92,7 +92,7 @@ def test_help_documents_every_argument(flag, cls, capsys):
         assert documented[name] in out, name
 
 
-@pytest.mark.parametrize("cls", [InfluenceCallback, TokenInfluenceCallback])
+@pytest.mark.parametrize("cls", [InfluenceCallback, TokenInfluenceCallback, SketchedGradCallback])
 def test_callback_help_documents_every_argument(cls, capsys):
     code, out, _ = _parse(["predict", "--trainer.callbacks.help", cls.__name__], capsys)
     assert code == 0

@@ -331,3 +331,53 @@ def test_checksums_ignore_right_padding():
     assert torch.equal(example_checksums(batch), example_checksums(shorter))
     changed = {**shorter, "input_ids": torch.tensor([[1, 2, 4]])}
     assert not torch.equal(example_checksums(changed), example_checksums(shorter))
+
+
+def test_a_killed_pass_resumes_from_its_cached_sketches(tmp_path, checkpoints, monkeypatch):
+    reference, _ = run_predict(tmp_path, tiny_data(), SketchedGradCallback(sketch_dim=32, checkpoints=checkpoints,
+                                                                           output_dir=str(tmp_path / "ref")))
+    original = SketchedGradCallback._example_features
+    done = []
+
+    def dies(self, trainer, pl_module, batch, per_step):
+        if not per_step:
+            if len(done) == 2:  # the third training batch of the first checkpoint
+                raise KeyboardInterrupt
+            done.append(1)
+        return original(self, trainer, pl_module, batch, per_step)
+
+    monkeypatch.setattr(SketchedGradCallback, "_example_features", dies)
+    folder = tmp_path / "killed"
+    with pytest.raises((KeyboardInterrupt, SystemExit)):
+        trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                          default_root_dir=tmp_path, callbacks=[SketchedGradCallback(
+                              sketch_dim=32, checkpoints=checkpoints, output_dir=str(folder), chunk_size=4)])
+        trainer.predict(tiny_module(), datamodule=tiny_data(), return_predictions=False)
+    assert not (folder / "sdi.safetensors").exists()  # nothing half-written
+    monkeypatch.setattr(SketchedGradCallback, "_example_features", original)
+    resumed, metadata = run_predict(tmp_path, tiny_data(), SketchedGradCallback(
+        sketch_dim=32, checkpoints=checkpoints, output_dir=str(folder), chunk_size=4))
+    assert metadata["checkpoints"][0]["reused_examples"] == 8 and metadata["checkpoints"][1]["reused_examples"] == 0
+    torch.testing.assert_close(resumed["sdi"], reference["sdi"], rtol=1e-6, atol=1e-8)
+
+
+def test_changed_training_rows_are_sketched_again(tmp_path, checkpoints):
+    folder = str(tmp_path / "sdi")
+    run_predict(tmp_path, tiny_data(), SketchedGradCallback(sketch_dim=32, checkpoints=checkpoints, output_dir=folder))
+
+    class Changed(AlgorithmicDataModule):
+        def setup(self, stage):
+            super().setup(stage)
+            self.rows[0] = {**self.rows[0], "input_ids": list(reversed(self.rows[0]["input_ids"]))}
+
+    changed = Changed(task="addition", digits=1, num_train=10, num_val=3, seed=1, batch_size=4)
+    _, metadata = run_predict(tmp_path, changed, SketchedGradCallback(sketch_dim=32, checkpoints=checkpoints,
+                                                                      output_dir=folder))
+    assert [c["reused_examples"] for c in metadata["checkpoints"]] == [6, 6]  # the batch of row 0 is redone
+
+
+def test_other_arguments_do_not_overwrite_results(tmp_path, checkpoints):
+    folder = str(tmp_path / "sdi")
+    run_predict(tmp_path, tiny_data(), SketchedGradCallback(sketch_dim=32, checkpoints=checkpoints, output_dir=folder))
+    with pytest.raises(ArtifactError, match="other arguments"):
+        run_predict(tmp_path, tiny_data(), SketchedGradCallback(sketch_dim=16, checkpoints=checkpoints, output_dir=folder))

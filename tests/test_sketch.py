@@ -65,3 +65,32 @@ def test_bad_dimensions_are_refused():
         CountSketch(10, 0, seed=0)
     with pytest.raises(ValueError, match="last axis of 10"):
         CountSketch(10, 4, seed=0)(torch.zeros(3, 9))
+
+
+def test_embedding_sketch_is_the_tensor_sketch_of_the_explicit_gradient():
+    from lit_attrib.ops.sketch import embedding_example_gradients, embedding_sketch
+
+    table = torch.nn.Embedding(11, 6, padding_idx=0).double()
+    ids = torch.tensor([[3, 5, 3, 0], [0, 10, 2, 2]])
+    g = torch.randn(2, 4, 6, dtype=torch.float64)
+    # autograd per example, one at a time: the reference gradient of Σ_t ⟨g_t, E[id_t]⟩
+    expected = torch.stack([torch.autograd.grad((table(ids[b]) * g[b]).sum(), table.weight)[0] for b in range(2)])
+    torch.testing.assert_close(embedding_example_gradients(ids, g, 11, padding_idx=0), expected, rtol=1e-12, atol=0)
+    sketch = TensorSketch(11, 6, 16, seed=4)
+    torch.testing.assert_close(embedding_sketch(sketch, ids, g, padding_idx=0), sketch.dense(expected),
+                               rtol=1e-10, atol=1e-12)
+
+
+def test_functional_example_gradients_match_an_autograd_loop():
+    from lit_attrib.ops.sketch import functional_example_gradients
+
+    norm = torch.nn.LayerNorm(5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(3, 4, 5, dtype=torch.float64)
+    g = torch.randn(3, 4, 5, dtype=torch.float64)
+    expected = torch.stack([torch.cat([t.flatten() for t in torch.autograd.grad((norm(x[b]) * g[b]).sum(),
+                                                                                 [norm.weight, norm.bias])])
+                            for b in range(3)])
+    torch.testing.assert_close(functional_example_gradients(norm, x, g), expected, rtol=1e-12, atol=1e-12)

@@ -9,6 +9,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 
 from lit_attrib.errors import DataError, ModelError
+from lit_attrib.ops.loss import loss_mask
 from lit_attrib.tracking import LayerTracker
 
 LossFn = Callable[[LightningModule, Any], torch.Tensor]
@@ -92,6 +93,31 @@ def own_backward(trainer: Trainer, pl_module: LightningModule, tracker: LayerTra
             tracker.active = tracker.force_grad = False
             tracker.reset()
     return losses.detach()
+
+
+def train_gradient_scale(trainer: Trainer, pl_module: LightningModule, batch: Any, reduction: str, owner: str) -> float:
+    """Factor from the gradient of the training loss (as the training step reduced it: ``sum``,
+    ``example_mean``, ``token_mean``, or ``auto`` for ``pl_module.loss_reduction``) to that of the summed
+    per-example losses, for hooks that observe the real training backward."""
+    if reduction == "auto":
+        reduction = getattr(pl_module, "loss_reduction", None)
+    if reduction == "token_mean":
+        normaliser = float(loss_mask(batch["labels"]).sum().clamp(min=1))
+    elif reduction == "example_mean":
+        normaliser = float(_batch_size(batch))
+    elif reduction == "sum":
+        normaliser = 1.0
+    else:
+        raise ModelError(
+            f"{owner} cannot tell how {type(pl_module).__name__}'s training step reduces its loss (got {reduction!r}); "
+            f"set train_loss_reduction to 'sum', 'example_mean' or 'token_mean', or give the module a loss_reduction "
+            f"attribute"
+        )
+    scale = normaliser * trainer.accumulate_grad_batches
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None:  # float16 AMP multiplies the loss by its scale
+        scale /= float(scaler.get_scale())
+    return scale
 
 
 def datamodule_loader(trainer: Trainer, name: str, purpose: str):

@@ -30,10 +30,11 @@ from lit_attrib.callbacks._common import (
     default_loss,
     own_backward,
     show_progress,
+    train_gradient_scale,
 )
 from lit_attrib.errors import ArtifactError, ModelError, TrainingError
 from lit_attrib.ops.kfac_accumulator import KFACAccumulator
-from lit_attrib.ops.loss import IGNORE_INDEX, loss_mask, token_nll
+from lit_attrib.ops.loss import IGNORE_INDEX, token_nll
 from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 
 __all__ = ["KFACCollectorCallback"]
@@ -298,27 +299,7 @@ class KFACCollectorCallback(Callback):
         self._write(trainer)
 
     def _train_gradient_scale(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
-        """Factor from the gradient of the training loss to that of the summed per-example losses."""
-        reduction = self.train_loss_reduction
-        if reduction == "auto":
-            reduction = getattr(pl_module, "loss_reduction", None)
-        if reduction == "token_mean":
-            normaliser = float(loss_mask(batch["labels"]).sum().clamp(min=1))
-        elif reduction == "example_mean":
-            normaliser = float(_batch_size(batch))
-        elif reduction == "sum":
-            normaliser = 1.0
-        else:
-            raise ModelError(
-                f"{type(self).__name__} cannot tell how {type(pl_module).__name__}'s training step reduces its loss "
-                f"(got {reduction!r}); set train_loss_reduction to 'sum', 'example_mean' or 'token_mean', or give "
-                f"the module a loss_reduction attribute"
-            )
-        scale = normaliser * trainer.accumulate_grad_batches
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # float16 AMP multiplies the loss by its scale
-            scale /= float(scaler.get_scale())
-        return scale
+        return train_gradient_scale(trainer, pl_module, batch, self.train_loss_reduction, type(self).__name__)
 
     # ------------------------------------------------------------------- own-pass stages
     def _stage_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

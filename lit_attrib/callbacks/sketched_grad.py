@@ -45,6 +45,7 @@ from lit_attrib.callbacks._common import (
     iterate_batches,
     own_backward,
     show_progress,
+    train_gradient_scale,
 )
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.errors import ArtifactError, DataError, ModelError, TrainingError
@@ -665,7 +666,7 @@ class SketchedGradCallback(Callback):
             raise DataError(f"{type(self).__name__} in fit needs each training batch's dataset 'index' column (to "
                             f"credit the right examples); add it to the rows your datamodule yields")
         self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self._scale = self._train_gradient_scale(trainer, pl_module, batch)
+        self._scale = train_gradient_scale(trainer, pl_module, batch, self.train_loss_reduction, type(self).__name__)
         self._train_features = None
 
         def collect(layer: LayerInfo, step: int, features: torch.Tensor) -> None:
@@ -696,28 +697,6 @@ class SketchedGradCallback(Callback):
                                 f"{trainer.global_step}")
         self._record(batch["index"], self._contract(train, self._lr))
 
-    def _train_gradient_scale(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
-        """Factor from the gradient of the training loss to that of the summed per-example losses."""
-        reduction = self.train_loss_reduction
-        if reduction == "auto":
-            reduction = getattr(pl_module, "loss_reduction", None)
-        if reduction == "token_mean":
-            normaliser = float(loss_mask(batch["labels"]).sum().clamp(min=1))
-        elif reduction == "example_mean":
-            normaliser = float(batch["index"].shape[0])
-        elif reduction == "sum":
-            normaliser = 1.0
-        else:
-            raise ModelError(
-                f"{type(self).__name__} cannot tell how {type(pl_module).__name__}'s training step reduces its loss "
-                f"(got {reduction!r}); set train_loss_reduction to 'sum', 'example_mean' or 'token_mean', or give "
-                f"the module a loss_reduction attribute"
-            )
-        scale = normaliser * trainer.accumulate_grad_batches
-        scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None:  # float16 AMP multiplies the loss by its scale
-            scale /= float(scaler.get_scale())
-        return scale
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -96,9 +96,20 @@ class TensorSketch:
 
     def dense(self, matrix: torch.Tensor) -> torch.Tensor:
         """The sketch of explicit matrices ``(..., out, in) -> (..., m)`` (the same map as :meth:`outer`)."""
-        flat = (matrix * self.signs.to(matrix.dtype)).flatten(-2)
+        buckets, signs = self._tables(matrix.dtype)
+        flat = (matrix.flatten(-2) * signs)
         out = flat.new_zeros(*flat.shape[:-1], self.sketch_dim)
-        return out.index_add_(-1, self.buckets.flatten(), flat)
+        return out.index_add_(-1, buckets, flat)
+
+    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flattened bucket and sign of every entry; kept for small matrices (the explicit path's)."""
+        cached = getattr(self, "_cache", None)
+        if cached is not None and cached[1].dtype == dtype:
+            return cached
+        tables = self.buckets.flatten(), self.signs.flatten().to(dtype)
+        if tables[0].numel() <= 1 << 22:
+            self._cache = tables
+        return tables
 
     def outer(self, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """Sketch of ``Σ_t g_t a_tᵀ`` per example: ``g (B, T, out)``, ``a (B, T, in)`` -> ``(B, m)``.
