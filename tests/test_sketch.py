@@ -94,3 +94,16 @@ def test_functional_example_gradients_match_an_autograd_loop():
                                                                                  [norm.weight, norm.bias])])
                             for b in range(3)])
     torch.testing.assert_close(functional_example_gradients(norm, x, g), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_layer_norm_example_gradients_match_torch_func():
+    from lit_attrib.ops.sketch import functional_example_gradients, layer_norm_example_gradients
+
+    norm = torch.nn.LayerNorm(6).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.bias.normal_()
+    x = torch.randn(3, 5, 6, dtype=torch.float64) * 3 + 1
+    g = torch.randn(3, 5, 6, dtype=torch.float64)
+    torch.testing.assert_close(layer_norm_example_gradients(norm, x, g), functional_example_gradients(norm, x, g),
+                               rtol=1e-10, atol=1e-12)

@@ -59,6 +59,7 @@ from lit_attrib.ops.sketch import (
     embedding_example_gradients,
     embedding_sketch,
     functional_example_gradients,
+    layer_norm_example_gradients,
 )
 from lit_attrib.tracking import LayerInfo, LayerTracker, find_parameter_modules
 
@@ -171,28 +172,47 @@ class _Features:
 
     def __call__(self, layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``(B, size)`` features of this use (exact: only the module's own slice is filled)."""
+        return self.finish(layer, self.raw(layer, a, g))
+
+    def raw(self, layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """This use's contribution in a form that adds up over the uses of one module (so that a
+        training example, which needs only the sum, is sketched once per module, not once per use):
+        a linear layer's per-example gradient ``(B, out, in [+ 1])`` where that is cheaper than the
+        FFT, other modules' flattened per-example gradients, else the sketch itself."""
         batch = g.shape[0]
         if layer.kind in ("linear", "conv1d"):
             a = a.reshape(batch, -1, a.shape[-1]).to(self.dtype)
             g = g.reshape(batch, -1, g.shape[-1]).to(self.dtype)
             if layer.has_bias:
                 a = append_bias_column(a)
-            if not self.exact:
-                return self.sketches[layer.name].outer(g, a)
-            gradient = torch.bmm(g.mT, a)  # (B, out, in [+ 1])
-            weight = gradient[..., : layer.in_features]
-            parts = [(weight if layer.kind == "linear" else weight.mT).flatten(1)]
-            if layer.has_bias:
-                parts.append(gradient[..., layer.in_features])
-            return self._place(layer, torch.cat(parts, 1))
+            sketch = self.sketches[layer.name]
+            if self.exact or sketch.explicit_is_cheaper(a.shape[1], g.shape[-1], a.shape[-1]):
+                return torch.bmm(g.mT, a)
+            return sketch.outer(g, a)
         if layer.kind == "embedding":
             padding = layer.module.padding_idx
             if not self.exact:
                 return embedding_sketch(self.sketches[layer.name], a, g.to(self.dtype), padding)
-            gradient = embedding_example_gradients(a, g.to(self.dtype), layer.out_features, padding)
-            return self._place(layer, gradient.flatten(1))
-        gradient = functional_example_gradients(layer.module, a, g.to(a.dtype)).to(self.dtype)  # in the module's dtype
-        return self._place(layer, gradient) if self.exact else self.sketches[layer.name](gradient)
+            return embedding_example_gradients(a, g.to(self.dtype), layer.out_features, padding).flatten(1)
+        if isinstance(layer.module, torch.nn.LayerNorm) and layer.module.elementwise_affine:
+            return layer_norm_example_gradients(layer.module, a, g).to(self.dtype)
+        return functional_example_gradients(layer.module, a, g.to(a.dtype)).to(self.dtype)  # in the module's dtype
+
+    def finish(self, layer: LayerInfo, raw: torch.Tensor) -> torch.Tensor:
+        """``(B, size)`` features from a (summed) :meth:`raw`."""
+        if layer.kind in ("linear", "conv1d"):
+            if raw.ndim == 2:  # already sketched
+                return raw
+            if not self.exact:
+                return self.sketches[layer.name].dense(raw)
+            weight = raw[..., : layer.in_features]
+            parts = [(weight if layer.kind == "linear" else weight.mT).flatten(1)]
+            if layer.has_bias:
+                parts.append(raw[..., layer.in_features])
+            return self._place(layer, torch.cat(parts, 1))
+        if layer.kind == "embedding":
+            return self._place(layer, raw) if self.exact else raw
+        return self._place(layer, raw) if self.exact else self.sketches[layer.name](raw)
 
     def _place(self, layer: LayerInfo, gradient: torch.Tensor) -> torch.Tensor:
         start, size = self.offsets[layer.name]
@@ -357,7 +377,7 @@ class SketchedGradCallback(Callback):
         self._refreshed_at = -1
         self._lr = 0.0
         self._scale = 1.0
-        self._train_features: torch.Tensor | None = None
+        self._train_features: dict[str, torch.Tensor] = {}
         self._context: int | None = None
         self._original: dict[str, torch.Tensor] | None = None
         self._layout_checked = False
@@ -433,10 +453,9 @@ class SketchedGradCallback(Callback):
             self._layout_checked = True
         active, self._tracker.active = self._tracker.active, False  # torch.func re-runs norm layers
         try:
-            features = self._features(layer, activations, gradients)
+            self._collect(layer, self._steps[layer.name][use], activations, gradients)
         finally:
             self._tracker.active = active
-        self._collect(layer, self._steps[layer.name][use], features)
 
     def _check_layout(self) -> None:
         """Steps from this forward's calls; the first forward fixes them, later ones must agree."""
@@ -456,11 +475,15 @@ class SketchedGradCallback(Callback):
         """One own forward/backward: ``(B, S, size)`` per step, or ``(B, size)`` summed over steps."""
         holder: dict[str, torch.Tensor] = {}
 
-        def collect(layer: LayerInfo, step: int, features: torch.Tensor) -> None:
+        def collect(layer: LayerInfo, step: int, a: torch.Tensor, g: torch.Tensor) -> None:
+            if not per_step:  # the sum over uses, sketched once per module below
+                raw = self._features.raw(layer, a, g)
+                holder[layer.name] = holder[layer.name] + raw if layer.name in holder else raw
+                return
+            features = self._features(layer, a, g)
             if "x" not in holder:
-                shape = (features.shape[0], len(self.step_names), features.shape[1]) if per_step else features.shape
-                holder["x"] = features.new_zeros(shape)
-            (holder["x"][:, step] if per_step else holder["x"]).add_(features)
+                holder["x"] = features.new_zeros(features.shape[0], len(self.step_names), features.shape[1])
+            holder["x"][:, step].add_(features)
 
         self._collect = collect
         self._layout_checked = False
@@ -472,10 +495,18 @@ class SketchedGradCallback(Callback):
         if not bool(torch.isfinite(losses).all()):
             raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss for dataset indices "
                                 f"{batch_indices(batch, 0).tolist()[:8]}")
-        if "x" not in holder:
+        if not holder:
             raise ModelError(f"the loss of {type(self).__name__}[{self.name}] reached none of the tracked modules; "
                              f"check target_modules")
-        return holder["x"]
+        return holder["x"] if per_step else self._finish_raw(holder)
+
+    def _finish_raw(self, raws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``(B, size)``: the modules' summed contributions, sketched (or placed) and added."""
+        features = None
+        for name, raw in raws.items():
+            part = self._features.finish(self.layers[name], raw)
+            features = part if features is None else features + part
+        return features
 
     def _query_features(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         """Every query's features (all processes compute all), in dataset index order: ``(N_q, S, size)``
@@ -667,12 +698,12 @@ class SketchedGradCallback(Callback):
                             f"credit the right examples); add it to the rows your datamodule yields")
         self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._scale = train_gradient_scale(trainer, pl_module, batch, self.train_loss_reduction, type(self).__name__)
-        self._train_features = None
+        self._train_features = {}
 
-        def collect(layer: LayerInfo, step: int, features: torch.Tensor) -> None:
-            if self._train_features is None:
-                self._train_features = features.new_zeros(features.shape)
-            self._train_features.add_(features)
+        def collect(layer: LayerInfo, step: int, a: torch.Tensor, g: torch.Tensor) -> None:
+            raw = self._features.raw(layer, a, g)
+            raws = self._train_features
+            raws[layer.name] = raws[layer.name] + raw if layer.name in raws else raw
 
         self._collect = collect
         self._layout_checked = False
@@ -688,10 +719,10 @@ class SketchedGradCallback(Callback):
         self._tracker.active = False
         self._collect = None
         self._tracker.reset()
-        if self._train_features is None:  # a skipped step (e.g. training_step returned None)
+        if not self._train_features:  # a skipped step (e.g. training_step returned None)
             return
-        train = self._train_features * self._scale
-        self._train_features = None
+        train = self._finish_raw(self._train_features) * self._scale
+        self._train_features = {}
         if not bool(torch.isfinite(train).all()):
             raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite training gradient sketch at step "
                                 f"{trainer.global_step}")

@@ -111,6 +111,12 @@ class TensorSketch:
             self._cache = tables
         return tables
 
+    def explicit_is_cheaper(self, tokens: int, out_features: int, in_features: int) -> bool:
+        """Whether forming ``Σ_t g_t a_tᵀ`` (``T·out·in``) costs less than the FFT route
+        (``T·(out + in + 3 m log m)``)."""
+        m = self.sketch_dim
+        return out_features * in_features * tokens <= tokens * (out_features + in_features + 3 * m * max(1, m.bit_length()))
+
     def outer(self, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """Sketch of ``Σ_t g_t a_tᵀ`` per example: ``g (B, T, out)``, ``a (B, T, in)`` -> ``(B, m)``.
 
@@ -118,10 +124,8 @@ class TensorSketch:
         through the explicit per-example matrices (``B·T·out·in``); both are the same map.
         """
         batch, tokens, out_features = output_gradients.shape
-        in_features = activations.shape[-1]
         m = self.sketch_dim
-        through_fft = tokens * (out_features + in_features + 3 * m * max(1, m.bit_length()))
-        if out_features * in_features * tokens <= through_fft:
+        if self.explicit_is_cheaper(tokens, out_features, activations.shape[-1]):
             return self.dense(torch.bmm(output_gradients.mT, activations))
         dtype = torch.promote_types(output_gradients.dtype, torch.float32)
         left = torch.fft.rfft(self.left(output_gradients.to(dtype)), n=m)  # (B, T, m // 2 + 1)
@@ -158,6 +162,22 @@ def embedding_example_gradients(ids: torch.Tensor, output_gradients: torch.Tenso
         g = g.masked_fill((ids == padding_idx)[..., None], 0)
     out = g.new_zeros(batch, num_embeddings, g.shape[-1])
     return out.scatter_add_(1, ids[..., None].expand(-1, -1, g.shape[-1]), g)
+
+
+def layer_norm_example_gradients(norm: torch.nn.LayerNorm, inputs: torch.Tensor,
+                                 output_gradients: torch.Tensor) -> torch.Tensor:
+    """Per-example gradient of a LayerNorm's weight and bias, ``(B, 2·dim)`` (``(B, dim)`` without bias):
+    ``Σ_t g_t ⊙ x̂_t`` and ``Σ_t g_t`` with ``x̂`` the normalised input (in float32 or better)."""
+    dims = tuple(range(-len(norm.normalized_shape), 0))
+    dtype = torch.promote_types(inputs.dtype, torch.float32)
+    x = inputs.to(dtype)
+    g = output_gradients.to(dtype)
+    normalised = (x - x.mean(dims, keepdim=True)) * torch.rsqrt(x.var(dims, unbiased=False, keepdim=True) + norm.eps)
+    batch = x.shape[0]
+    parts = [(g * normalised).reshape(batch, -1, *norm.normalized_shape).sum(1).flatten(1)]
+    if norm.bias is not None:
+        parts.append(g.reshape(batch, -1, *norm.normalized_shape).sum(1).flatten(1))
+    return torch.cat(parts, 1)
 
 
 def functional_example_gradients(module: torch.nn.Module, inputs: torch.Tensor,
