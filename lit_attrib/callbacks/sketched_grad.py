@@ -172,13 +172,15 @@ class _Features:
 
     def __call__(self, layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``(B, size)`` features of this use (exact: only the module's own slice is filled)."""
-        return self.finish(layer, self.raw(layer, a, g))
+        return self.finish(layer, [self.raw(layer, a, g)])
 
-    def raw(self, layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """This use's contribution in a form that adds up over the uses of one module (so that a
-        training example, which needs only the sum, is sketched once per module, not once per use):
-        a linear layer's per-example gradient ``(B, out, in [+ 1])`` where that is cheaper than the
-        FFT, other modules' flattened per-example gradients, else the sketch itself."""
+    def raw(self, layer: LayerInfo, a: torch.Tensor, g: torch.Tensor,
+            uses: int = 1) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """This use's contribution in a form whose sum over a module's uses :meth:`finish` sketches once
+        (a training example needs only the sum): a linear layer's ``(g, a)`` where forming the
+        per-example gradient is cheaper than the FFT (the uses' tokens are then stacked into one
+        product; ``uses`` of them share one scatter), other modules' flattened per-example gradients,
+        else the sketch itself."""
         batch = g.shape[0]
         if layer.kind in ("linear", "conv1d"):
             a = a.reshape(batch, -1, a.shape[-1]).to(self.dtype)
@@ -186,8 +188,8 @@ class _Features:
             if layer.has_bias:
                 a = append_bias_column(a)
             sketch = self.sketches[layer.name]
-            if self.exact or sketch.explicit_is_cheaper(a.shape[1], g.shape[-1], a.shape[-1]):
-                return torch.bmm(g.mT, a)
+            if self.exact or sketch.explicit_is_cheaper(a.shape[1] * uses, g.shape[-1], a.shape[-1]):
+                return g, a
             return sketch.outer(g, a)
         if layer.kind == "embedding":
             padding = layer.module.padding_idx
@@ -198,21 +200,31 @@ class _Features:
             return layer_norm_example_gradients(layer.module, a, g).to(self.dtype)
         return functional_example_gradients(layer.module, a, g.to(a.dtype)).to(self.dtype)  # in the module's dtype
 
-    def finish(self, layer: LayerInfo, raw: torch.Tensor) -> torch.Tensor:
-        """``(B, size)`` features from a (summed) :meth:`raw`."""
+    def finish(self, layer: LayerInfo, raws: list) -> torch.Tensor:
+        """``(B, size)`` features of the sum of a module's :meth:`raw` contributions."""
+        pairs = [raw for raw in raws if isinstance(raw, tuple)]
+        others = [raw for raw in raws if not isinstance(raw, tuple)]
+        total = None
+        for raw in others:
+            total = raw if total is None else total + raw
         if layer.kind in ("linear", "conv1d"):
-            if raw.ndim == 2:  # already sketched
-                return raw
-            if not self.exact:
-                return self.sketches[layer.name].dense(raw)
-            weight = raw[..., : layer.in_features]
-            parts = [(weight if layer.kind == "linear" else weight.mT).flatten(1)]
-            if layer.has_bias:
-                parts.append(raw[..., layer.in_features])
-            return self._place(layer, torch.cat(parts, 1))
+            if pairs:
+                g = torch.cat([g for g, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
+                a = torch.cat([a for _, a in pairs], 1) if len(pairs) > 1 else pairs[0][1]
+                if not self.exact:
+                    sketched = self.sketches[layer.name].outer_explicit(g, a)
+                    return sketched if total is None else sketched + total
+                gradient = torch.bmm(g.mT, a)
+                weight = gradient[..., : layer.in_features]
+                parts = [(weight if layer.kind == "linear" else weight.mT).flatten(1)]
+                if layer.has_bias:
+                    parts.append(gradient[..., layer.in_features])
+                placed = self._place(layer, torch.cat(parts, 1))
+                return placed if total is None else placed + total
+            return total
         if layer.kind == "embedding":
-            return self._place(layer, raw) if self.exact else raw
-        return self._place(layer, raw) if self.exact else self.sketches[layer.name](raw)
+            return self._place(layer, total) if self.exact else total
+        return self._place(layer, total) if self.exact else self.sketches[layer.name](total)
 
     def _place(self, layer: LayerInfo, gradient: torch.Tensor) -> torch.Tensor:
         start, size = self.offsets[layer.name]
@@ -300,6 +312,8 @@ class SketchedGradCallback(Callback):
         name: the artifact's name (folder and TensorBoard tag).
         chunk_size: training examples per cached sketch file.
         keep_sketches: keep the cached training sketches after the pass (for other query sets).
+            Exact mode caches nothing (full gradients are large; it is the small-model reference).
+        plots: draw ``trajectories.png`` (and its TensorBoard figure).
         overwrite: replace results in ``output_dir`` that were made with other arguments.
     """
 
@@ -323,6 +337,7 @@ class SketchedGradCallback(Callback):
         name: str = "sdi",
         chunk_size: int = 1024,
         keep_sketches: bool = True,
+        plots: bool = True,
         overwrite: bool = False,
     ) -> None:
         problems = []
@@ -362,6 +377,7 @@ class SketchedGradCallback(Callback):
         self.name = name
         self.chunk_size = chunk_size
         self.keep_sketches = keep_sketches
+        self.plots = plots
         self.overwrite = overwrite
         self.layers: dict[str, LayerInfo] = {}
         self.step_names: list[str] | None = None
@@ -377,7 +393,7 @@ class SketchedGradCallback(Callback):
         self._refreshed_at = -1
         self._lr = 0.0
         self._scale = 1.0
-        self._train_features: dict[str, torch.Tensor] = {}
+        self._train_features: dict[str, list] = {}
         self._context: int | None = None
         self._original: dict[str, torch.Tensor] | None = None
         self._layout_checked = False
@@ -477,8 +493,8 @@ class SketchedGradCallback(Callback):
 
         def collect(layer: LayerInfo, step: int, a: torch.Tensor, g: torch.Tensor) -> None:
             if not per_step:  # the sum over uses, sketched once per module below
-                raw = self._features.raw(layer, a, g)
-                holder[layer.name] = holder[layer.name] + raw if layer.name in holder else raw
+                uses = len(self._steps[layer.name])
+                holder.setdefault(layer.name, []).append(self._features.raw(layer, a, g, uses))
                 return
             features = self._features(layer, a, g)
             if "x" not in holder:
@@ -500,7 +516,7 @@ class SketchedGradCallback(Callback):
                              f"check target_modules")
         return holder["x"] if per_step else self._finish_raw(holder)
 
-    def _finish_raw(self, raws: dict[str, torch.Tensor]) -> torch.Tensor:
+    def _finish_raw(self, raws: dict[str, list]) -> torch.Tensor:
         """``(B, size)``: the modules' summed contributions, sketched (or placed) and added."""
         features = None
         for name, raw in raws.items():
@@ -665,7 +681,8 @@ class SketchedGradCallback(Callback):
             else:
                 check_context(batch, self._context, "a training example")
                 train = self._example_features(trainer, pl_module, batch, per_step=False)
-                store.add(indices, {"sketch": train, "checksum": checksums})
+                if not self.exact:
+                    store.add(indices, {"sketch": train, "checksum": checksums})
             self._record(indices, self._contract(train, checkpoint["eta"]))
         store.flush()
         trainer.strategy.barrier()
@@ -701,9 +718,8 @@ class SketchedGradCallback(Callback):
         self._train_features = {}
 
         def collect(layer: LayerInfo, step: int, a: torch.Tensor, g: torch.Tensor) -> None:
-            raw = self._features.raw(layer, a, g)
-            raws = self._train_features
-            raws[layer.name] = raws[layer.name] + raw if layer.name in raws else raw
+            uses = len(self._steps[layer.name])
+            self._train_features.setdefault(layer.name, []).append(self._features.raw(layer, a, g, uses))
 
         self._collect = collect
         self._layout_checked = False
@@ -773,8 +789,6 @@ class SketchedGradCallback(Callback):
         self._tracker.detach()
 
     def _write(self, trainer: Trainer, folder: Path, train_indices: torch.Tensor, sdi: torch.Tensor) -> None:
-        from lit_attrib.plotting import sdi_trajectory_figure
-
         queries, query_indices = self._queries_kept
         tracin = sdi.sum(-1)
         tensors = {"tracin": tracin, "train_indices": train_indices, "query_indices": query_indices}
@@ -795,16 +809,8 @@ class SketchedGradCallback(Callback):
 
             rows.append({"query_index": query, "helpful": listed(order[:k]), "harmful": listed(order.flip(0)[:k])})
         write_jsonl(folder / "topk.jsonl", rows)
-        figure = sdi_trajectory_figure(sdi, train_indices, steps, top_k=min(max(self.top_k, 1), 8))
-        with atomic_path(folder / "trajectories.png") as tmp:
-            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-        experiment = getattr(trainer.logger, "experiment", None)
-        if experiment is not None and hasattr(experiment, "add_figure"):
-            experiment.add_figure(f"{self.name}/trajectories", figure, global_step=trainer.global_step)
-        else:
-            import matplotlib.pyplot as plt
-
-            plt.close(figure)
+        if self.plots:
+            self._plot(trainer, folder, sdi, train_indices, steps)
         share = sdi.abs().sum((0, 1))
         share = (share / share.sum().clamp(min=1e-300)).tolist()
         table = "| step | share of |influence| |\n|---|---|\n" + "\n".join(
@@ -831,6 +837,21 @@ class SketchedGradCallback(Callback):
         })
         del queries
         rank_zero_info(f"{type(self).__name__}[{self.name}]: wrote {tuple(sdi.shape)} to {folder}")
+
+    def _plot(self, trainer: Trainer, folder: Path, sdi: torch.Tensor, train_indices: torch.Tensor,
+              steps: list[str]) -> None:
+        import matplotlib.pyplot as plt
+
+        from lit_attrib.plotting import sdi_trajectory_figure
+
+        figure = sdi_trajectory_figure(sdi, train_indices, steps, top_k=min(max(self.top_k, 1), 8))
+        with atomic_path(folder / "trajectories.png") as tmp:
+            figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        experiment = getattr(trainer.logger, "experiment", None)
+        if experiment is not None and hasattr(experiment, "add_figure"):
+            experiment.add_figure(f"{self.name}/trajectories", figure, global_step=trainer.global_step)  # closes it
+        else:
+            plt.close(figure)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
