@@ -88,10 +88,10 @@ def reference_sdi(paths: list[str], data: AlgorithmicDataModule, etas: list[floa
     return total
 
 
-def run_predict(tmp_path, data, callback, devices: int = 1):
-    trainer = Trainer(accelerator="cpu", devices=devices, logger=False, enable_progress_bar=False,
+def run_predict(tmp_path, data, callback, module=None):
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback])
-    trainer.predict(tiny_module(), datamodule=data, return_predictions=False)
+    trainer.predict(module or tiny_module(), datamodule=data, return_predictions=False)
     folder = tmp_path / callback.name if callback.output_dir is None else Path(callback.output_dir)
     return load_file(str(folder / "sdi.safetensors")), json.loads((folder / "sdi.json").read_text())
 
@@ -381,3 +381,37 @@ def test_other_arguments_do_not_overwrite_results(tmp_path, checkpoints):
     run_predict(tmp_path, tiny_data(), SketchedGradCallback(sketch_dim=32, checkpoints=checkpoints, output_dir=folder))
     with pytest.raises(ArtifactError, match="other arguments"):
         run_predict(tmp_path, tiny_data(), SketchedGradCallback(sketch_dim=16, checkpoints=checkpoints, output_dir=folder))
+
+
+@pytest.mark.parametrize(("family", "targets"), [("llama", None), ("gpt2", ["model.transformer.wte", "model.transformer.h",
+                                                                             "model.transformer.ln_f", "model.lm_head"])])
+def test_exact_tracin_of_hugging_face_models_equals_autograd(tmp_path, tokenizer_path, family, targets):
+    """Every parameter of a tiny Llama (RMSNorm through torch.func), or GPT-2's Conv1D layers with the
+    embedding table tied to the readout (both modules add into one parameter): one step, TracIn."""
+    from conftest import TINY_CONFIGS
+    from reference_models import RowsDataModule, make_rows
+
+    from lit_attrib.modules import CausalLMModule
+
+    module = CausalLMModule(config=TINY_CONFIGS[family], tokenizer=tokenizer_path, init_seed=0)
+    module.configure_model()
+    module = module.double().eval()
+    path = tmp_path / "c.ckpt"
+    torch.save({"state_dict": module.state_dict()}, path)
+    rows = make_rows(count=5, vocab=50, seed=3)
+    queries = [{**row, "index": 100 + i} for i, row in enumerate(make_rows(count=2, vocab=50, seed=4))]
+    data = RowsDataModule(rows, batch_size=2, queries=queries)
+    tensors, metadata = run_predict(tmp_path, data, SketchedGradCallback(
+        target_modules=targets, exact=True, dtype="float64", checkpoints=[str(path)], eta=0.5,
+        output_dir=str(tmp_path / "sdi")), module=module)
+    assert metadata["steps"] == ["step 1"]
+    parameters = [p for name, p in module.named_parameters() if "wpe" not in name]  # named_parameters dedups tied
+    collate = data.predict_dataloader().collate_fn
+
+    def gradient(row):
+        loss = module.per_example_loss(collate([row])).sum()
+        return torch.cat([g.flatten() for g in torch.autograd.grad(loss, parameters)])
+
+    train = torch.stack([gradient(row) for row in rows])
+    query = torch.stack([gradient(row) for row in queries])
+    torch.testing.assert_close(tensors["tracin"], 0.5 * train @ query.T, rtol=1e-6, atol=1e-10)

@@ -2,18 +2,51 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 
-from lit_attrib.errors import DataError, ModelError
+from lit_attrib.errors import ArtifactError, DataError, ModelError
 from lit_attrib.ops.loss import loss_mask
 from lit_attrib.tracking import LayerTracker
 
 LossFn = Callable[[LightningModule, Any], torch.Tensor]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class ArtifactCallback(Callback):
+    """A callback that writes one named artifact folder (``output_dir``, default
+    ``<trainer.log_dir>/<name>``) described by ``metadata_file``, which records its ``arguments()``."""
+
+    metadata_file = "metadata.json"
+    name: str
+    output_dir: str | None
+    overwrite: bool
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(name=self.name)
+
+    def arguments(self) -> dict:
+        raise NotImplementedError
+
+    def folder(self, trainer: Trainer) -> Path:
+        if self.output_dir is not None:
+            return Path(self.output_dir)
+        return Path(trainer.log_dir or trainer.default_root_dir) / self.name
+
+    def check_overwrite(self, trainer: Trainer) -> None:
+        """Refuse to replace results that were made with other arguments, unless ``overwrite``."""
+        path = self.folder(trainer) / self.metadata_file
+        if path.is_file() and not self.overwrite:
+            saved = json.loads(path.read_text()).get("arguments")
+            if saved != json.loads(json.dumps(self.arguments())):
+                raise ArtifactError(f"'{path.parent}' already holds {self.name} results made with other arguments; "
+                                    f"choose another output_dir or name, or set overwrite=True to replace them")
 
 
 def _clone(batch: Any) -> Any:

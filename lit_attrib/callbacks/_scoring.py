@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 from typing_extensions import override
@@ -21,6 +21,7 @@ from lit_attrib.artifacts.factors import Factors, load_factors
 from lit_attrib.artifacts.scores import ChunkStore
 from lit_attrib.callbacks._common import (
     DTYPES,
+    ArtifactCallback,
     LossFn,
     batch_indices,
     check_context,
@@ -37,7 +38,7 @@ from lit_attrib.ops.kfac import append_bias_column
 from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 
 
-class FactorScoringCallback(Callback, ABC):
+class FactorScoringCallback(ArtifactCallback, ABC):
     """Base of :class:`InfluenceCallback` and :class:`TokenInfluenceCallback` (not used directly).
 
     Subclasses implement :meth:`prepare` (gradients computed once when ``predict`` starts),
@@ -79,20 +80,11 @@ class FactorScoringCallback(Callback, ABC):
         self._skipped = 0
         self._on_gradient = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
-
     def arguments(self) -> dict:
         return {"factors": str(self.factors_path), "target_modules": self.target_modules, "damping": self.damping,
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
-
-    def folder(self, trainer: Trainer) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / self.name
 
     # --------------------------------------------------------------------------- set-up
     @override
@@ -100,11 +92,7 @@ class FactorScoringCallback(Callback, ABC):
         if self._tracker is not None:  # hooks of an earlier pass that ended in an exception
             self._tracker.detach()
         folder = self.folder(trainer)
-        if (folder / self.metadata_file).is_file() and not self.overwrite:
-            saved = json.loads((folder / self.metadata_file).read_text()).get("arguments")
-            if saved != json.loads(json.dumps(self.arguments())):
-                raise ArtifactError(f"'{folder}' already holds {self.name} scores made with other arguments; choose "
-                                    f"another output_dir or name, or set overwrite=True to replace them")
+        self.check_overwrite(trainer)
         self.factors = load_factors(self.factors_path, pl_module, device=pl_module.device)
         self.layers = self._select_layers(pl_module)
         self._tracker = LayerTracker(self.layers, on_gradient=self._dispatch_gradient).attach()

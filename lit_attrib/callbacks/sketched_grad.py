@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import re
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -36,6 +35,7 @@ from typing_extensions import override
 from lit_attrib.artifacts.scores import ChunkStore, save_tensors
 from lit_attrib.callbacks._common import (
     DTYPES,
+    ArtifactCallback,
     LossFn,
     batch_indices,
     check_context,
@@ -263,7 +263,9 @@ def _natural(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-class SketchedGradCallback(Callback):
+class SketchedGradCallback(ArtifactCallback):
+    metadata_file = "sdi.json"
+
     """Step-decomposed influence and TracIn of each training example on each query.
 
     Two modes:
@@ -400,11 +402,7 @@ class SketchedGradCallback(Callback):
         self._batch_size = 0
         self._queries_kept: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    @property
     @override
-    def state_key(self) -> str:
-        return self._generate_state_key(name=self.name)
-
     def arguments(self) -> dict:
         return {"target_modules": self.target_modules, "sketch_dim": self.sketch_dim, "mode": self.mode,
                 "exact": self.exact, "checkpoints": self.checkpoints, "eta": self.eta, "queries": self.queries,
@@ -412,19 +410,9 @@ class SketchedGradCallback(Callback):
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
 
-    def folder(self, trainer: Trainer) -> Path:
-        if self.output_dir is not None:
-            return Path(self.output_dir)
-        return Path(trainer.log_dir or trainer.default_root_dir) / self.name
-
     # --------------------------------------------------------------------------- set-up
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        folder = self.folder(trainer)
-        if (folder / "sdi.json").is_file() and not self.overwrite:
-            saved = json.loads((folder / "sdi.json").read_text()).get("arguments")
-            if saved != json.loads(json.dumps(self.arguments())):
-                raise ArtifactError(f"'{folder}' already holds {self.name} results made with other arguments; choose "
-                                    f"another output_dir or name, or set overwrite=True to replace them")
+        self.check_overwrite(trainer)
         if self._tracker is not None:  # hooks of an earlier pass that ended in an exception
             self._tracker.detach()
         self.layers = find_parameter_modules(pl_module, self.target_modules)
