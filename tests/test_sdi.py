@@ -415,3 +415,27 @@ def test_exact_tracin_of_hugging_face_models_equals_autograd(tmp_path, tokenizer
     train = torch.stack([gradient(row) for row in rows])
     query = torch.stack([gradient(row) for row in queries])
     torch.testing.assert_close(tensors["tracin"], 0.5 * train @ query.T, rtol=1e-6, atol=1e-10)
+
+
+def test_online_results_survive_a_resumed_fit(tmp_path):
+    class InOrder(AlgorithmicDataModule):
+        def train_dataloader(self):
+            return self._loader(self.rows[: self.hparams.num_train], self.batch_size, shuffle=False)
+
+    def fit(max_epochs: int, folder: str, ckpt_path: str | None = None, checkpoint: bool = False):
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        callbacks = [SketchedGradCallback(exact=True, dtype="float64", output_dir=str(tmp_path / folder))]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True))
+        trainer = Trainer(accelerator="cpu", max_epochs=max_epochs, logger=False, enable_progress_bar=False,
+                          enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks,
+                          num_sanity_val_steps=0, limit_val_batches=0, enable_checkpointing=checkpoint)
+        trainer.fit(tiny_module(), datamodule=InOrder(task="addition", digits=1, num_train=10, num_val=3, seed=1,
+                                                      batch_size=5), ckpt_path=ckpt_path)
+        return load_file(str(tmp_path / folder / "sdi.safetensors"))
+
+    whole = fit(2, "whole")
+    fit(1, "resumed", checkpoint=True)
+    resumed = fit(2, "resumed", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    torch.testing.assert_close(resumed["sdi"], whole["sdi"], rtol=1e-6, atol=1e-10)
