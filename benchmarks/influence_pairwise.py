@@ -33,7 +33,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from pathlib import Path
 import datasets
 import kronfluence
 import torch
+from _common import lit_attrib_commit
 from kronfluence import Analyzer, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 from safetensors.torch import load_file
@@ -216,17 +216,6 @@ def print_table(results: dict) -> None:
 def _seconds(values: list[float]) -> str:
     return "/".join(f"{value:.2f}" for value in values) + " s"
 
-
-def lit_attrib_commit() -> str:
-    """The checked-out commit, with ``+dirty`` when lit_attrib/ has uncommitted changes."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "lit_attrib"], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit + ("+dirty" if dirty else "")
 
 
 def main() -> None:

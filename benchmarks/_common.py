@@ -1,0 +1,46 @@
+"""What the benchmark scripts share: which lit_attrib they measured, and profiles as JSON rows."""
+
+from __future__ import annotations
+
+import cProfile
+import hashlib
+import io
+import pstats
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def lit_attrib_commit() -> str:
+    """The checked-out commit, with ``+dirty`` when lit_attrib/ has uncommitted changes."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "lit_attrib"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
+def lit_attrib_sources() -> str:
+    """SHA-256 (first 16 hex digits) of lit_attrib's Python sources as imported (they may change under a dirty tree)."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "lit_attrib").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def profile_table(profile: cProfile.Profile, sort: str, count: int) -> list[dict]:
+    """The ``count`` functions of a cProfile run with the largest ``sort`` (``tottime_s`` or ``cumtime_s``)."""
+    stats = pstats.Stats(profile, stream=io.StringIO())
+    rows = []
+    for (file, line, name), (_, calls, own, cumulative, _) in stats.stats.items():
+        short = file
+        for prefix in (str(ROOT) + "/", "site-packages/"):
+            if prefix in short:
+                short = short.split(prefix, 1)[1]
+        rows.append({"function": f"{short}:{line}({name})" if line else name, "calls": calls,
+                     "tottime_s": round(own, 4), "cumtime_s": round(cumulative, 4)})
+    return sorted(rows, key=lambda r: r[sort], reverse=True)[:count]
