@@ -439,3 +439,24 @@ def test_online_results_survive_a_resumed_fit(tmp_path):
     fit(1, "resumed", checkpoint=True)
     resumed = fit(2, "resumed", ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
     torch.testing.assert_close(resumed["sdi"], whole["sdi"], rtol=1e-6, atol=1e-10)
+
+
+def test_split_sketch_gives_each_module_its_own_coordinates_and_stays_unbiased(tmp_path, checkpoints):
+    from lit_attrib.callbacks.sketched_grad import _proportional
+
+    assert _proportional([10, 30, 60], 20) == [3, 6, 11] and sum(_proportional([7, 1, 1, 50], 33)) == 33
+    exact, _ = run_predict(tmp_path, tiny_data(), SketchedGradCallback(exact=True, dtype="float64",
+                                                                       checkpoints=checkpoints[:1], output_dir=str(tmp_path / "e")))
+    estimates = []
+    for seed in range(30):
+        sketched, metadata = run_predict(tmp_path, tiny_data(), SketchedGradCallback(
+            sketch_dim=128, sketch_sharing="split", seed=seed, dtype="float64", checkpoints=checkpoints[:1],
+            keep_sketches=False, output_dir=str(tmp_path / f"s{seed}")))
+        estimates.append(sketched["tracin"])
+    blocks = metadata["sketch"]["blocks"]
+    assert sum(b["coordinates"][1] for b in blocks) == 128 and blocks[1]["coordinates"][0] == blocks[0]["coordinates"][1]
+    estimates = torch.stack(estimates)
+    totals = estimates.sum((1, 2))
+    assert abs(float(totals.mean() - exact["tracin"].sum())) <= 3 * float(totals.std() / 30 ** 0.5)
+    with pytest.raises(ValueError, match="sketch_sharing"):
+        SketchedGradCallback(sketch_sharing="halves")

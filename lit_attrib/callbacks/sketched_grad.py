@@ -130,45 +130,62 @@ def step_layout(uses: dict[str, int], calls: list[str]) -> tuple[list[str], dict
 class _Features:
     """Per-example features of each tracked module's own parameters, from one use's ``a`` and ``g``.
 
-    Sketched: every module adds its sketch into one shared ``(B, m)`` vector. Exact: each module's
-    flattened gradient lives at its own offset of a ``(B, P)`` vector (``P`` parameters in all).
-    Modules that share a weight (tied embeddings) share its hash tables and its offset.
+    Sketched, ``shared``: every module adds its sketch into one ``(B, m)`` vector (independent hash
+    tables per module). Sketched, ``split``: module ``b`` gets its own ``m_b`` coordinates of the ``m``,
+    ``m_b ∝`` its parameter count (cheaper FFTs; the shared sketch adapts to where the gradient's
+    energy is, the split one does not). Exact: each module's flattened gradient lives at its own
+    offset of a ``(B, P)`` vector. Modules that share a weight (tied embeddings) share its hash tables
+    and its coordinates.
     """
 
     def __init__(self, layers: dict[str, LayerInfo], sketch_dim: int, exact: bool, seed: int,
-                 dtype: torch.dtype, device: torch.device, canonical: dict[int, str]) -> None:
+                 dtype: torch.dtype, device: torch.device, canonical: dict[int, str], sharing: str = "shared") -> None:
         self.exact, self.dtype = exact, dtype
         self.layers = layers
         self.sketches: dict[str, Any] = {}
         self.offsets: dict[str, tuple[int, int]] = {}
         self.blocks: list[dict] = []
-        offsets_by_key: dict[str, tuple[int, int]] = {}
-        total = 0
+        keys: dict[str, str] = {}
         for name, layer in layers.items():
             parameters = list(layer.module.parameters(recurse=False))
-            key = canonical[id(parameters[0])]
+            key = keys[name] = canonical[id(parameters[0])]
             size = sum(p.numel() for p in parameters)
-            if key in offsets_by_key:
-                if offsets_by_key[key][1] != size:
-                    raise ModelError(f"{name} shares its weight {key} with another tracked module but not its layout; "
-                                     f"track one of them only")
-                self.offsets[name] = offsets_by_key[key]
-            else:
-                self.offsets[name] = offsets_by_key[key] = (total, size)
-                total += size
+            known = next((b for b in self.blocks if b["parameters"] == key), None)
+            if known is None:
                 self.blocks.append({"parameters": key, "module": name, "type": type(layer.module).__name__,
                                     "numel": size})
-            block = block_seed(seed, key)
+            elif known["numel"] != size:
+                raise ModelError(f"{name} shares its weight {key} with another tracked module but not its layout; "
+                                 f"track one of them only")
+        total = sum(b["numel"] for b in self.blocks)
+        if exact:
+            widths = [b["numel"] for b in self.blocks]
+        elif sharing == "split":
+            if sketch_dim < len(self.blocks):
+                raise ValueError(f"sketch_sharing 'split' gives each of the {len(self.blocks)} tracked modules its own "
+                                 f"coordinates; sketch_dim={sketch_dim} is too small (use at least {len(self.blocks)})")
+            widths = _proportional([b["numel"] for b in self.blocks], sketch_dim)
+        else:
+            widths = [sketch_dim] * len(self.blocks)
+        start = 0
+        by_key = {}
+        for block, width in zip(self.blocks, widths):
+            by_key[block["parameters"]] = (start if exact or sharing == "split" else 0, width)
+            block.update(share=round(block["numel"] / total, 6), coordinates=list(by_key[block["parameters"]]))
+            start += width
+        for name, layer in layers.items():
+            self.offsets[name] = by_key[keys[name]]
+            width, block = self.offsets[name][1], block_seed(seed, keys[name])
             if layer.kind in ("linear", "conv1d"):
                 self.sketches[name] = TensorSketch(layer.out_features, layer.in_features + int(layer.has_bias),
-                                                   sketch_dim, block, device)
+                                                   width, block, device)
             elif layer.kind == "embedding":
-                self.sketches[name] = TensorSketch(layer.out_features, layer.in_features, sketch_dim, block, device)
+                self.sketches[name] = TensorSketch(layer.out_features, layer.in_features, width, block, device)
             else:
-                self.sketches[name] = CountSketch(size, sketch_dim, block, device)
+                numel = sum(p.numel() for p in layer.module.parameters(recurse=False))
+                self.sketches[name] = CountSketch(numel, width, block, device)
         self.size = total if exact else sketch_dim
-        for block in self.blocks:
-            block["share"] = round(block["numel"] / total, 6)
+        self.placed = exact or sharing == "split"
 
     def __call__(self, layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
         """``(B, size)`` features of this use (exact: only the module's own slice is filled)."""
@@ -202,35 +219,46 @@ class _Features:
 
     def finish(self, layer: LayerInfo, raws: list) -> torch.Tensor:
         """``(B, size)`` features of the sum of a module's :meth:`raw` contributions."""
-        pairs = [raw for raw in raws if isinstance(raw, tuple)]
-        others = [raw for raw in raws if not isinstance(raw, tuple)]
         total = None
-        for raw in others:
-            total = raw if total is None else total + raw
-        if layer.kind in ("linear", "conv1d"):
-            if pairs:
-                g = torch.cat([g for g, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
-                a = torch.cat([a for _, a in pairs], 1) if len(pairs) > 1 else pairs[0][1]
-                if not self.exact:
-                    sketched = self.sketches[layer.name].outer_explicit(g, a)
-                    return sketched if total is None else sketched + total
+        for raw in raws:
+            if not isinstance(raw, tuple):
+                total = raw if total is None else total + raw
+        pairs = [raw for raw in raws if isinstance(raw, tuple)]
+        if pairs:  # linear layers: the uses' tokens stacked into one product
+            g = torch.cat([g for g, _ in pairs], 1) if len(pairs) > 1 else pairs[0][0]
+            a = torch.cat([a for _, a in pairs], 1) if len(pairs) > 1 else pairs[0][1]
+            if self.exact:
                 gradient = torch.bmm(g.mT, a)
                 weight = gradient[..., : layer.in_features]
                 parts = [(weight if layer.kind == "linear" else weight.mT).flatten(1)]
                 if layer.has_bias:
                     parts.append(gradient[..., layer.in_features])
-                placed = self._place(layer, torch.cat(parts, 1))
-                return placed if total is None else placed + total
-            return total
-        if layer.kind == "embedding":
-            return self._place(layer, total) if self.exact else total
-        return self._place(layer, total) if self.exact else self.sketches[layer.name](total)
+                part = torch.cat(parts, 1)
+            else:
+                part = self.sketches[layer.name].outer_explicit(g, a)
+            total = part if total is None else total + part
+        elif layer.kind == "other" and not self.exact:
+            total = self.sketches[layer.name](total)
+        return self._place(layer, total)
 
     def _place(self, layer: LayerInfo, gradient: torch.Tensor) -> torch.Tensor:
+        if not self.placed:
+            return gradient
         start, size = self.offsets[layer.name]
         out = gradient.new_zeros(gradient.shape[0], self.size)
         out[:, start: start + size] = gradient
         return out
+
+
+def _proportional(sizes: list[int], total: int) -> list[int]:
+    """``total`` split into integer parts ``∝ sizes``, each at least 1 (largest remainders get the rest)."""
+    weight = sum(sizes)
+    spare = total - len(sizes)
+    parts = [1 + spare * size // weight for size in sizes]
+    remainders = sorted(range(len(sizes)), key=lambda i: (spare * sizes[i]) % weight, reverse=True)
+    for i in remainders[: total - sum(parts)]:
+        parts[i] += 1
+    return parts
 
 
 def _per_example(module: torch.nn.Module) -> bool:
@@ -293,7 +321,11 @@ class SketchedGradCallback(ArtifactCallback):
     Args:
         target_modules: fnmatch patterns of modules (a container selects every module in it);
             default the whole model.
-        sketch_dim: ``m``, the sketch dimension shared by all tracked parameters.
+        sketch_dim: ``m``, the sketch dimension of all tracked parameters together.
+        sketch_sharing: ``shared``: every module is sketched into all ``m`` coordinates (with its own
+            hash tables), so the sketch's accuracy follows where the gradients are large; ``split``:
+            module ``b`` gets ``m_b ∝`` its parameter count of the ``m`` coordinates (smaller FFTs, so
+            cheaper for wide layers; ``sdi.json`` lists each module's coordinates).
         mode: ``sdi`` (per step) or ``tracin`` (summed over steps only; cheaper).
         exact: keep full per-example gradients instead of sketches (small models; the reference).
         checkpoints: checkpoint files or glob patterns (checkpoint mode); ``null`` for online mode.
@@ -323,6 +355,7 @@ class SketchedGradCallback(ArtifactCallback):
         self,
         target_modules: list[str] | None = None,
         sketch_dim: int = 1024,
+        sketch_sharing: Literal["shared", "split"] = "shared",
         mode: Literal["sdi", "tracin"] = "sdi",
         exact: bool = False,
         checkpoints: list[str] | str | None = None,
@@ -345,6 +378,8 @@ class SketchedGradCallback(ArtifactCallback):
         problems = []
         if not isinstance(sketch_dim, int) or sketch_dim < 1:
             problems.append(f"sketch_dim must be an integer of at least 1; got {sketch_dim!r}")
+        if sketch_sharing not in ("shared", "split"):
+            problems.append(f"sketch_sharing must be 'shared' or 'split'; got {sketch_sharing!r}")
         if mode not in ("sdi", "tracin"):
             problems.append(f"mode must be 'sdi' or 'tracin'; got {mode!r}")
         if every_n_steps < 1:
@@ -363,6 +398,7 @@ class SketchedGradCallback(ArtifactCallback):
             raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
         self.target_modules = target_modules
         self.sketch_dim = sketch_dim
+        self.sketch_sharing = sketch_sharing
         self.mode = mode
         self.exact = exact
         self.checkpoints = checkpoints
@@ -404,7 +440,8 @@ class SketchedGradCallback(ArtifactCallback):
 
     @override
     def arguments(self) -> dict:
-        return {"target_modules": self.target_modules, "sketch_dim": self.sketch_dim, "mode": self.mode,
+        return {"target_modules": self.target_modules, "sketch_dim": self.sketch_dim,
+                "sketch_sharing": self.sketch_sharing, "mode": self.mode,
                 "exact": self.exact, "checkpoints": self.checkpoints, "eta": self.eta, "queries": self.queries,
                 "every_n_steps": self.every_n_steps, "seed": self.seed, "strict": self.strict,
                 "dtype": str(self.dtype).replace("torch.", ""),
@@ -430,13 +467,13 @@ class SketchedGradCallback(ArtifactCallback):
         for parameter_name, parameter in pl_module.named_parameters(remove_duplicate=False):
             canonical.setdefault(id(parameter), parameter_name)
         self._features = _Features(self.layers, self.sketch_dim, self.exact, self.seed, self.dtype,
-                                   pl_module.device, canonical)
+                                   pl_module.device, canonical, self.sketch_sharing)
         self._tracker = LayerTracker(self.layers, on_gradient=self._on_gradient).attach()
         self._tracker.active = False
         self._context = context_length(pl_module)
         self._records = []
         self.step_names = self._steps = None
-        size = "exact gradients" if self.exact else f"one sketch of m = {self.sketch_dim}"
+        size = "exact gradients" if self.exact else f"a {self.sketch_sharing} sketch of m = {self.sketch_dim}"
         shares = ", ".join(f"{b['parameters']} {b['share']:.1%}" for b in self._features.blocks[:6])
         rank_zero_info(f"{type(self).__name__}[{self.name}]: {len(self.layers)} modules, "
                        f"{sum(b['numel'] for b in self._features.blocks):,} parameters in {size} "
@@ -815,7 +852,9 @@ class SketchedGradCallback(ArtifactCallback):
             "shape": {"train": len(train_indices), "query": len(query_indices), "steps": len(steps)},
             "sketch": {"exact": self.exact, "dimension": self._features.size, "seed": self.seed,
                        "blocks": self._features.blocks,
-                       "note": "every block is sketched into the same vector with its own hash tables"},
+                       "sharing": "exact" if self.exact else self.sketch_sharing,
+                       "note": ("each block's coordinates are [start, width) of the feature vector; shared: every "
+                                "block uses all of them with its own hash tables")},
             "modules": {name: {"type": type(layer.module).__name__, "uses": len(self._steps[name]),
                                "steps": [steps[s] if self.mode == "sdi" else steps[0] for s in self._steps[name]]}
                         for name, layer in self.layers.items()} if self._steps else {},
