@@ -95,7 +95,7 @@ def fit(args: argparse.Namespace, d_model: int, queries: int, every: int | None,
     if every is not None:
         callbacks.append(SketchedGradCallback(target_modules=["block"], sketch_dim=args.sketch_dim,
                                               every_n_steps=every, output_dir=folder, overwrite=True,
-                                              plots=args.plots))
+                                              plots=args.plots, sketch_sharing=args.sharing))
     steps = args.max_steps if max_steps is None else max_steps
     length = {"max_steps": steps, "max_epochs": -1} if steps > 0 else {"max_epochs": args.epochs}
     trainer = Trainer(accelerator="cpu", devices=1, **length, logger=False, enable_progress_bar=False,
@@ -148,7 +148,7 @@ def print_table(results: dict) -> None:
     length = (f"{s['max_steps']} steps" if s["max_steps"] > 0 else f"{s['epochs']} epochs")
     print(f"\nTrainer.fit of the looped transformer (4 heads, d_ff = 2·d_model, 4 loops), {length} over {s['train']} "
           f"rows in batches of {s['batch_size']} ({rows[0]['steps']} steps), {s['threads']} torch threads, "
-          f"SketchedGradCallback(sketch_dim={s['sketch_dim']}); medians of {s['repeats']} interleaved pairs")
+          f"SketchedGradCallback(sketch_dim={s['sketch_dim']}, sketch_sharing={s['sharing']}); medians of {s['repeats']} interleaved pairs")
     print(f"{'d_model':>8}{'N_q':>5}{'every':>7}{'without s':>11}{'with s':>9}{'fit ratio':>11}{'loop ratio':>12}"
           f"{'ms/step without':>17}{'ms/step with':>14}")
     for row in rows:
@@ -198,6 +198,9 @@ def main() -> None:
                         help="let the callback draw trajectories.png at the end of each fit (off: plots=False, as in "
                              "sdi_projected.py; the drawing is a fixed cost that short fits would feel)")
     parser.add_argument("--no-profile", action="store_true", help="skip the profiled fits")
+    parser.add_argument("--sharing", choices=["shared", "split"], default="shared",
+                        help="SketchedGradCallback's sketch_sharing: every module in all m coordinates, or each in its "
+                             "own m_b ∝ its parameters")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if max(args.queries) > args.val:

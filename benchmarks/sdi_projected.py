@@ -39,6 +39,7 @@ import cProfile
 import json
 import logging
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -117,11 +118,12 @@ def train(args: argparse.Namespace, folder: str) -> tuple[LoopedTransformerModul
 
 # ------------------------------------------------------------------------------------ the two sides
 def run_ours(module, data: BenchData, paths: list[str], eta: float, sketch_dim: int, folder: str,
-             exact: bool = False, profile: cProfile.Profile | None = None) -> tuple[float, dict]:
+             exact: bool = False, profile: cProfile.Profile | None = None, sharing: str = "shared") -> tuple[float, dict]:
     """Seconds of the whole ``Trainer.predict`` call with ``SketchedGradCallback``, and its results."""
     callback = SketchedGradCallback(target_modules=["block"], sketch_dim=sketch_dim, checkpoints=paths,
                                     eta=[eta] * len(paths), exact=exact, dtype="float64" if exact else "float32",
-                                    keep_sketches=False, output_dir=folder, overwrite=True, plots=False)
+                                    keep_sketches=False, output_dir=folder, overwrite=True, plots=False,
+                                    sketch_sharing=sharing)
     run = quiet_trainer(enable_checkpointing=False, callbacks=[callback])
     start = time.perf_counter()
     if profile is not None:
@@ -258,6 +260,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of both sides (2 threads on 2 cores that other processes also use can be "
                              "100 times slower per operation than 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed passes of each side per m, interleaved (ours, theirs, ours, ...); medians count "
+                             "(single passes of ~2 s vary by up to ±40%% on this machine)")
+    parser.add_argument("--sharing", choices=["shared", "split"], default="shared",
+                        help="SketchedGradCallback's sketch_sharing: every module in all m coordinates, or each in its "
+                             "own m_b ∝ its parameters")
     parser.add_argument("--output", type=Path, default=RESULTS)
     args = parser.parse_args()
     if any(m % PARAMETER_TENSORS for m in args.sketch_dims):
@@ -294,16 +302,22 @@ def main() -> None:
             results["exact"].update(theirs_s=seconds, agreement=agreement(exact, full))
             print(f"exact (theirs): {seconds:.1f} s, {results['exact']['agreement']}", flush=True)
 
-        # 2. sketches of the same total dimension, each pass timed once after a warm-up of each side
+        # 2. sketches of the same total dimension: each side's passes timed after a warm-up of each side
         run_ours(module, warmup, paths, args.eta, args.sketch_dims[0], f"{folder}/warmup")
         run_theirs(module, warmup, paths, args.eta, args.sketch_dims[0] // PARAMETER_TENSORS)
         results["projected"] = []
         for m in args.sketch_dims:
             p = m // PARAMETER_TENSORS
-            seconds_ours, ours = run_ours(module, data, paths, args.eta, m, f"{folder}/ours_{m}")
-            seconds_theirs, theirs = run_theirs(module, data, paths, args.eta, p)
+            times_ours, times_theirs = [], []
+            for _ in range(args.repeats):
+                seconds, ours = run_ours(module, data, paths, args.eta, m, f"{folder}/ours_{m}", sharing=args.sharing)
+                times_ours.append(seconds)
+                seconds, theirs = run_theirs(module, data, paths, args.eta, p)
+                times_theirs.append(seconds)
+            seconds_ours, seconds_theirs = statistics.median(times_ours), statistics.median(times_theirs)
             row = {"total_sketch_dim": m, "ours_sketch_dim": m, "theirs_projection_size": p,
                    "theirs_total_dim": p * PARAMETER_TENSORS, "ours_s": seconds_ours, "theirs_s": seconds_theirs,
+                   "ours_runs_s": times_ours, "theirs_runs_s": times_theirs,
                    "time_ratio": seconds_ours / seconds_theirs,
                    "ours_vs_exact": agreement(exact, ours), "theirs_vs_exact": agreement(exact, theirs)}
             if not args.skip_full_gradient:
