@@ -292,8 +292,6 @@ def _natural(path: str) -> list:
 
 
 class SketchedGradCallback(ArtifactCallback):
-    metadata_file = "sdi.json"
-
     """Step-decomposed influence and TracIn of each training example on each query.
 
     Two modes:
@@ -322,10 +320,10 @@ class SketchedGradCallback(ArtifactCallback):
         target_modules: fnmatch patterns of modules (a container selects every module in it);
             default the whole model.
         sketch_dim: ``m``, the sketch dimension of all tracked parameters together.
-        sketch_sharing: ``shared``: every module is sketched into all ``m`` coordinates (with its own
-            hash tables), so the sketch's accuracy follows where the gradients are large; ``split``:
-            module ``b`` gets ``m_b ∝`` its parameter count of the ``m`` coordinates (smaller FFTs, so
-            cheaper for wide layers; ``sdi.json`` lists each module's coordinates).
+        sketch_sharing: how the modules share the ``m`` coordinates. With ``shared`` every module is
+            sketched into all of them (with its own hash tables), so the accuracy follows where the
+            gradients are large; with ``split`` module ``b`` gets ``m_b ∝`` its parameter count of them
+            (smaller FFTs, so cheaper for wide layers; ``sdi.json`` lists each module's coordinates).
         mode: ``sdi`` (per step) or ``tracin`` (summed over steps only; cheaper).
         exact: keep full per-example gradients instead of sketches (small models; the reference).
         checkpoints: checkpoint files or glob patterns (checkpoint mode); ``null`` for online mode.
@@ -350,6 +348,8 @@ class SketchedGradCallback(ArtifactCallback):
         plots: draw ``trajectories.png`` (and its TensorBoard figure).
         overwrite: replace results in ``output_dir`` that were made with other arguments.
     """
+
+    metadata_file = "sdi.json"
 
     def __init__(
         self,
