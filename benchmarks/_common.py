@@ -5,6 +5,7 @@ from __future__ import annotations
 import cProfile
 import hashlib
 import io
+import json
 import pstats
 import subprocess
 from pathlib import Path
@@ -44,3 +45,17 @@ def profile_table(profile: cProfile.Profile, sort: str, count: int) -> list[dict
         rows.append({"function": f"{short}:{line}({name})" if line else name, "calls": calls,
                      "tottime_s": round(own, 4), "cumtime_s": round(cumulative, 4)})
     return sorted(rows, key=lambda r: r[sort], reverse=True)[:count]
+
+
+def report_load(load: dict, threads: int) -> None:
+    """Print the 1-minute load averages around a run and warn when other processes shared the CPUs."""
+    print(f"\n1-minute load average: {load['before']:.2f} before, {load['after']:.2f} after")
+    if max(load.values()) > threads + 0.5:
+        print("WARNING: other processes shared the CPUs, so the timings are unreliable; rerun on an idle machine")
+
+
+def write_results(results: dict, output: Path) -> None:
+    """Write the results as JSON (creating the folder) and say where."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nwritten to {output}")

@@ -29,7 +29,6 @@ Run: ``python benchmarks/influence_pairwise.py`` (``--help`` for the options).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -42,7 +41,7 @@ from pathlib import Path
 import datasets
 import kronfluence
 import torch
-from _common import lit_attrib_commit
+from _common import lit_attrib_commit, write_results
 from kronfluence import Analyzer, ScoreArguments
 from kronfluence.utils.dataset import DataLoaderKwargs
 from safetensors.torch import load_file
@@ -255,9 +254,7 @@ def main() -> None:
                "models": {kind: compare_model(kind, args) for kind in args.models}}
     results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     print_table(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import logging
 import os
 import statistics
@@ -41,7 +40,7 @@ from typing import Self
 
 import lightning
 import torch
-from _common import lit_attrib_commit, lit_attrib_sources, profile_table
+from _common import lit_attrib_commit, lit_attrib_sources, profile_table, report_load, write_results
 from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lit_attrib.callbacks import SketchedGradCallback
@@ -165,10 +164,7 @@ def print_table(results: dict) -> None:
         print("top by own time:")
         for row in p["by_tottime"][:15]:
             print(f"  {row['tottime_s']:>8.3f} s own {row['cumtime_s']:>8.3f} s cum {row['calls']:>8}  {row['function']}")
-    load = results["load_average_1min"]
-    print(f"1-minute load average: {load['before']:.2f} before, {load['after']:.2f} after")
-    if max(load.values()) > s["threads"] + 0.5:
-        print("WARNING: other processes shared the CPUs, so the timings are unreliable; rerun on an idle machine")
+    report_load(results["load_average_1min"], s["threads"])
 
 
 SOURCES = lit_attrib_sources()  # at import, next to the import of lit_attrib itself
@@ -263,9 +259,7 @@ def main() -> None:
                     "by_cumtime": profile_table(profile, "cumtime_s", 40)})
     results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     print_table(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    write_results(results, args.output)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import logging
 import os
 import statistics
@@ -48,7 +47,7 @@ from pathlib import Path
 import lightning
 import sdi
 import torch
-from _common import lit_attrib_commit, lit_attrib_sources, profile_table
+from _common import lit_attrib_commit, lit_attrib_sources, profile_table, report_load, write_results
 from lightning.pytorch import Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
@@ -231,10 +230,7 @@ def print_report(results: dict) -> None:
         print(f"torch.profiler, ours at m = {p['sketch_dim']} ({t['seconds']:.2f} s profiled), top operators by self CPU:")
         for row in t["by_self_cpu"][:15]:
             print(f"  {row['self_cpu_s']:>8.3f} s self {row['cpu_total_s']:>8.3f} s total {row['calls']:>8}  {row['op']}")
-    load = results["load_average_1min"]
-    print(f"\n1-minute load average: {load['before']:.2f} before, {load['after']:.2f} after")
-    if max(load.values()) > s["threads"] + 0.5:
-        print("WARNING: other processes shared the CPUs, so the timings are unreliable; rerun on an idle machine")
+    report_load(results["load_average_1min"], s["threads"])
 
 
 SOURCES = lit_attrib_sources()  # at import, next to the import of lit_attrib itself
@@ -347,9 +343,7 @@ def main() -> None:
                 for event in sorted(profiler.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:20]]}
     results["load_average_1min"] = {"before": load_before, "after": os.getloadavg()[0]}
     print_report(results)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten to {args.output}")
+    write_results(results, args.output)
 
 
 def _version(package: str) -> str:
