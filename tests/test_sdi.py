@@ -13,11 +13,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lit_attrib.callbacks import SketchedGradCallback
-from lit_attrib.callbacks.sketched_grad import example_checksums, step_layout
+from lit_attrib.callbacks.sketched_grad import example_checksums
 from lit_attrib.data.algorithmic import AlgorithmicDataModule
 from lit_attrib.errors import ArtifactError, ModelError
 from lit_attrib.modules.looped import LoopedTransformerModule
 from lit_attrib.ops.loss import token_nll
+from lit_attrib.ops.step_features import step_layout
 
 LOOPS = 3
 
@@ -199,20 +200,20 @@ def test_the_model_keeps_its_own_weights(tmp_path, checkpoints):
 
 
 def test_hash_tables_are_the_same_for_the_same_seed():
-    from lit_attrib.callbacks.sketched_grad import _Features
+    from lit_attrib.ops.step_features import GradientFeatures
     from lit_attrib.tracking import find_parameter_modules
 
     module = tiny_module()
     layers = find_parameter_modules(module, None)
     canonical = {id(p): n for n, p in module.named_parameters()}
-    one = _Features(layers, 64, False, 3, torch.float64, torch.device("cpu"), canonical)
-    two = _Features(layers, 64, False, 3, torch.float64, torch.device("cpu"), canonical)
+    one = GradientFeatures(layers, 64, False, 3, torch.float64, torch.device("cpu"), canonical)
+    two = GradientFeatures(layers, 64, False, 3, torch.float64, torch.device("cpu"), canonical)
     for name in layers:
         a, b = one.sketches[name], two.sketches[name]
         for x, y in ((getattr(a, "left", a), getattr(b, "left", b)), (getattr(a, "right", a), getattr(b, "right", b))):
             assert torch.equal(x.buckets, y.buckets) and torch.equal(x.signs, y.signs)
     if torch.cuda.is_available():
-        three = _Features(layers, 64, False, 3, torch.float64, torch.device("cuda"), canonical)
+        three = GradientFeatures(layers, 64, False, 3, torch.float64, torch.device("cuda"), canonical)
         assert all(torch.equal(three.sketches[n].left.buckets.cpu(), one.sketches[n].left.buckets)
                    for n in layers if hasattr(one.sketches[n], "left"))
 
@@ -442,9 +443,9 @@ def test_online_results_survive_a_resumed_fit(tmp_path):
 
 
 def test_split_sketch_gives_each_module_its_own_coordinates_and_stays_unbiased(tmp_path, checkpoints):
-    from lit_attrib.callbacks.sketched_grad import _proportional
+    from lit_attrib.ops.step_features import proportional
 
-    assert _proportional([10, 30, 60], 20) == [3, 6, 11] and sum(_proportional([7, 1, 1, 50], 33)) == 33
+    assert proportional([10, 30, 60], 20) == [3, 6, 11] and sum(proportional([7, 1, 1, 50], 33)) == 33
     exact, _ = run_predict(tmp_path, tiny_data(), SketchedGradCallback(exact=True, dtype="float64",
                                                                        checkpoints=checkpoints[:1], output_dir=str(tmp_path / "e")))
     estimates = []

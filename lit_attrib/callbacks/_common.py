@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ LossFn = Callable[[LightningModule, Any], torch.Tensor]
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class ArtifactCallback(Callback):
+class ArtifactCallback(Callback, ABC):
     """A callback that writes one named artifact folder (``output_dir``, default
     ``<trainer.log_dir>/<name>``) described by ``metadata_file``, which records its ``arguments()``."""
 
@@ -31,8 +32,9 @@ class ArtifactCallback(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
 
+    @abstractmethod
     def arguments(self) -> dict:
-        raise NotImplementedError
+        """What the results depend on, as JSON (recorded in the metadata file)."""
 
     def folder(self, trainer: Trainer) -> Path:
         if self.output_dir is not None:
