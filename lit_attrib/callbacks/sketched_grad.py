@@ -468,13 +468,14 @@ class SketchedGradCallback(ArtifactCallback):
                                      if k not in ("mode", "queries", "checkpoints", "eta", "every_n_steps")},
                        "modules": list(self.layers), "weights": self._weights_checksum(pl_module),
                        "steps": self.step_names}
-        store = ChunkStore(self.folder(trainer), f"{self.name}-sketches-{fingerprint['weights']}", fingerprint,
-                           trainer.global_rank, self.chunk_size)
-        if reason := store.prepare(trainer.is_global_zero):
+        store = None if self.exact else ChunkStore(  # exact gradients are not cached: they can be huge
+            self.folder(trainer), f"{self.name}-sketches-{fingerprint['weights']}", fingerprint, trainer.global_rank,
+            self.chunk_size)
+        if store is not None and (reason := store.prepare(trainer.is_global_zero)):
             rank_zero_warn(f"{type(self).__name__}[{self.name}]: discarded cached sketches because {reason}")
         trainer.strategy.barrier()
         cached: dict[tuple[int, int], tuple[torch.Tensor, int]] = {}
-        for file in store.files():
+        for file in store.files() if store is not None else []:
             part = load_file(str(file))
             for row, (index, checksum) in enumerate(zip(part["index"].tolist(), part["checksum"].tolist())):
                 cached[(index, checksum)] = (part["sketch"], row)
@@ -496,14 +497,16 @@ class SketchedGradCallback(ArtifactCallback):
             else:
                 check_context(batch, self._context, "a training example")
                 train = self._example_features(trainer, pl_module, batch, per_step=False)
-                if not self.exact:
+                if store is not None:
                     store.add(indices, {"sketch": train, "checksum": checksums})
             self._record(indices, self._contract(train, checkpoint["eta"]))
-        store.flush()
+        if store is not None:
+            store.flush()
         trainer.strategy.barrier()
-        if not self.keep_sketches and trainer.is_global_zero:
+        if store is not None and not self.keep_sketches and trainer.is_global_zero:
             store.remove()
-        checkpoint["reused_examples"] = int(trainer.strategy.reduce(torch.tensor(float(reused)), reduce_op="sum"))
+        reused = trainer.strategy.reduce(torch.tensor(float(reused), device=pl_module.device), reduce_op="sum")
+        checkpoint["reused_examples"] = int(reused)
         self._queries_kept = (self._queries.cpu(), self._query_indices)
 
     # ------------------------------------------------------------------------- online mode
