@@ -96,7 +96,8 @@ class NDCGAtK(Metric):
         self.add_state("score", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
 
-    def update(self, edited_logits: torch.Tensor, baseline_logits: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+    def update(self, edited_logits: torch.Tensor, baseline_logits: torch.Tensor,
+               mask: torch.Tensor | None = None) -> None:
         scores = ndcg_at_k(edited_logits, baseline_logits, self.k)
         if mask is not None:
             scores = scores[mask.reshape(-1).bool()]
