@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -49,6 +50,17 @@ class ArtifactCallback(Callback, ABC):
             if saved != json.loads(json.dumps(self.arguments())):
                 raise ArtifactError(f"'{path.parent}' already holds {self.name} results made with other arguments; "
                                     f"choose another output_dir or name, or set overwrite=True to replace them")
+
+
+def tensors_checksum(tensors) -> str:
+    """A short hash of weights from each tensor's sum and absolute sum (cheap; enough to tell
+    checkpoints or edited weights apart, so that partial results of other weights are not reused)."""
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        if tensor.is_floating_point():
+            digest.update(tensor.detach().double().sum().cpu().numpy().tobytes())
+            digest.update(tensor.detach().double().abs().sum().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _clone(batch: Any) -> Any:

@@ -32,6 +32,7 @@ from lit_attrib.callbacks._common import (
     iterate_batches,
     own_backward,
     show_progress,
+    tensors_checksum,
 )
 from lit_attrib.errors import ArtifactError, DataError, TrainingError
 from lit_attrib.ops.kfac import append_bias_column
@@ -137,12 +138,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
 
     def _checksum(self) -> str:
         """A short hash of the tracked weights: chunks of other weights must not be resumed from."""
-        digest = hashlib.sha256()
-        for layer in self.layers.values():
-            for parameter in layer.module.parameters():
-                digest.update(parameter.detach().double().sum().cpu().numpy().tobytes())
-                digest.update(parameter.detach().double().abs().sum().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return tensors_checksum(p for layer in self.layers.values() for p in layer.module.parameters())
 
     # ------------------------------------------------------------------------ gradients
     def _dispatch_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:

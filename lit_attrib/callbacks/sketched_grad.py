@@ -19,7 +19,6 @@ called after their last; one called inside the loop, or any other count, is an e
 from __future__ import annotations
 
 import glob
-import hashlib
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +44,7 @@ from lit_attrib.callbacks._common import (
     iterate_batches,
     own_backward,
     show_progress,
+    tensors_checksum,
     train_gradient_scale,
 )
 from lit_attrib.callbacks._scoring import tensorboard_text
@@ -226,7 +226,6 @@ class SketchedGradCallback(ArtifactCallback):
         self._original: dict[str, torch.Tensor] | None = None
         self._layout_checked = False
         self._batch_size = 0
-        self._queries_kept: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @override
     def arguments(self) -> dict:
@@ -433,14 +432,6 @@ class SketchedGradCallback(ArtifactCallback):
         return {"path": str(path), "eta": eta, "global_step": checkpoint.get("global_step"),
                 "epoch": checkpoint.get("epoch")}
 
-    def _weights_checksum(self, pl_module: LightningModule) -> str:
-        digest = hashlib.sha256()
-        for tensor in pl_module.state_dict().values():
-            if tensor.is_floating_point():
-                digest.update(tensor.detach().double().sum().cpu().numpy().tobytes())
-                digest.update(tensor.detach().double().abs().sum().cpu().numpy().tobytes())
-        return digest.hexdigest()[:16]
-
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.checkpoints is None:
@@ -466,7 +457,7 @@ class SketchedGradCallback(ArtifactCallback):
         self._queries, self._query_indices = self._query_features(trainer, pl_module)
         fingerprint = {"arguments": {k: v for k, v in self.arguments().items()
                                      if k not in ("mode", "queries", "checkpoints", "eta", "every_n_steps")},
-                       "modules": list(self.layers), "weights": self._weights_checksum(pl_module),
+                       "modules": list(self.layers), "weights": tensors_checksum(pl_module.state_dict().values()),
                        "steps": self.step_names}
         store = None if self.exact else ChunkStore(  # exact gradients are not cached: they can be huge
             self.folder(trainer), f"{self.name}-sketches-{fingerprint['weights']}", fingerprint, trainer.global_rank,
@@ -507,7 +498,6 @@ class SketchedGradCallback(ArtifactCallback):
             store.remove()
         reused = trainer.strategy.reduce(torch.tensor(float(reused), device=pl_module.device), reduce_op="sum")
         checkpoint["reused_examples"] = int(reused)
-        self._queries_kept = (self._queries.cpu(), self._query_indices)
 
     # ------------------------------------------------------------------------- online mode
     @override
@@ -568,7 +558,6 @@ class SketchedGradCallback(ArtifactCallback):
         if not self._online:
             return
         self._online = False
-        self._queries_kept = (self._queries.cpu(), self._query_indices)
         self._finish(trainer, pl_module)
 
     @override
@@ -604,10 +593,11 @@ class SketchedGradCallback(ArtifactCallback):
         trainer.strategy.barrier()
         (folder / f".{self.name}-part-rank{trainer.global_rank:03d}.safetensors").unlink(missing_ok=True)
         self._records = []
+        self._queries = None  # the query sketches can be large; the indices stay for the artifact
         self._tracker.detach()
 
     def _write(self, trainer: Trainer, folder: Path, train_indices: torch.Tensor, sdi: torch.Tensor) -> None:
-        queries, query_indices = self._queries_kept
+        query_indices = self._query_indices
         tracin = sdi.sum(-1)
         tensors = {"tracin": tracin, "train_indices": train_indices, "query_indices": query_indices}
         if self.mode == "sdi":
@@ -655,7 +645,6 @@ class SketchedGradCallback(ArtifactCallback):
             "global_step": trainer.global_step,
             "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
         })
-        del queries
         rank_zero_info(f"{type(self).__name__}[{self.name}]: wrote {tuple(sdi.shape)} to {folder}")
 
     def _plot(self, trainer: Trainer, folder: Path, sdi: torch.Tensor, train_indices: torch.Tensor,
