@@ -96,29 +96,26 @@ class TensorSketch:
 
     def dense(self, matrix: torch.Tensor) -> torch.Tensor:
         """The sketch of explicit matrices ``(..., out, in) -> (..., m)`` (the same map as :meth:`outer`)."""
-        buckets, signs = self._tables(matrix.dtype)
-        flat = (matrix.flatten(-2) * signs)
-        out = flat.new_zeros(*flat.shape[:-1], self.sketch_dim)
-        return out.index_add_(-1, buckets, flat)
+        flat = matrix.flatten(-2) * self.signs.flatten().to(matrix.dtype)
+        return flat.new_zeros(*flat.shape[:-1], self.sketch_dim).index_add_(-1, self._flat_buckets(), flat)
 
     def outer_explicit(self, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         """:meth:`outer` through the explicit per-example matrices, the signs folded into ``g`` and ``a``
         (``s_G(i) s_A(j) g_i a_j``) so that only the bucket sums remain."""
         dtype = output_gradients.dtype
         signed = torch.bmm((output_gradients * self.left.signs.to(dtype)).mT, activations * self.right.signs.to(dtype))
-        buckets, _ = self._tables(dtype)
         flat = signed.flatten(-2)
-        return flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(-1, buckets, flat)
+        return flat.new_zeros(flat.shape[0], self.sketch_dim).index_add_(-1, self._flat_buckets(), flat)
 
-    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Flattened bucket and sign of every entry; kept for small matrices (the explicit path's)."""
-        cached = getattr(self, "_cache", None)
-        if cached is not None and cached[1].dtype == dtype:
+    def _flat_buckets(self) -> torch.Tensor:
+        """The bucket of every matrix entry, flattened; kept for the small matrices the explicit route takes."""
+        cached = getattr(self, "_buckets_cache", None)
+        if cached is not None:
             return cached
-        tables = self.buckets.flatten(), self.signs.flatten().to(dtype)
-        if tables[0].numel() <= 1 << 22:
-            self._cache = tables
-        return tables
+        buckets = self.buckets.flatten()
+        if buckets.numel() <= 1 << 22:
+            self._buckets_cache = buckets
+        return buckets
 
     def explicit_is_cheaper(self, tokens: int, out_features: int, in_features: int) -> bool:
         """Whether forming ``Σ_t g_t a_tᵀ`` beats the FFT route, by a CPU-measured cost model in units of
