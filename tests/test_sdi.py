@@ -12,8 +12,8 @@ from lightning.pytorch import Callback, Trainer
 from safetensors.torch import load_file
 from torch import nn
 
+from lit_attrib.artifacts.sdi import example_checksums
 from lit_attrib.callbacks import SketchedGradCallback
-from lit_attrib.callbacks.sketched_grad import example_checksums
 from lit_attrib.data.algorithmic import AlgorithmicDataModule
 from lit_attrib.errors import ArtifactError, ModelError
 from lit_attrib.modules.looped import LoopedTransformerModule
@@ -329,9 +329,9 @@ def test_checksums_ignore_right_padding():
     batch = {"input_ids": torch.tensor([[1, 2, 3, 13]]), "attention_mask": torch.tensor([[1, 1, 1, 0]]),
              "labels": torch.tensor([[-100, 2, 3, -100]])}
     shorter = {key: value[:, :3] for key, value in batch.items()}
-    assert torch.equal(example_checksums(batch), example_checksums(shorter))
+    assert torch.equal(example_checksums(batch, 1), example_checksums(shorter, 1))
     changed = {**shorter, "input_ids": torch.tensor([[1, 2, 4]])}
-    assert not torch.equal(example_checksums(changed), example_checksums(shorter))
+    assert not torch.equal(example_checksums(changed, 1), example_checksums(shorter, 1))
 
 
 def test_a_killed_pass_resumes_from_its_cached_sketches(tmp_path, checkpoints, monkeypatch):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_attrib.artifacts.scores import ChunkStore, save_tensors
+from lit_attrib.artifacts.sdi import FORMAT, example_checksums, save_sdi, step_shares
 from lit_attrib.callbacks._common import (
     DTYPES,
     ArtifactCallback,
@@ -49,33 +50,11 @@ from lit_attrib.callbacks._common import (
 )
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.errors import ArtifactError, DataError, ModelError, TrainingError
-from lit_attrib.io import atomic_path, write_json, write_jsonl
-from lit_attrib.ops.loss import loss_mask
+from lit_attrib.io import atomic_path, write_json
 from lit_attrib.ops.step_features import GradientFeatures, per_example_module, step_layout
 from lit_attrib.tracking import LayerInfo, LayerTracker, find_parameter_modules
 
-__all__ = ["SketchedGradCallback", "example_checksums"]
-
-FORMAT = "lit_attrib.sdi/1"
-def example_checksums(batch: Any) -> torch.Tensor:
-    """A hash of each example's tokens (``input_ids`` where attended, ``labels`` where taken), ``(B,)``.
-
-    Independent of right padding, so cached sketches are recognised whatever the batch they came in.
-    Batches that are not dicts of ``input_ids`` get zeros (no check).
-    """
-    if not isinstance(batch, dict) or "input_ids" not in batch:
-        return torch.zeros(len(batch_indices(batch, 0)), dtype=torch.long)
-    ids = batch["input_ids"].detach().cpu().long()
-    weights = (torch.arange(1, ids.shape[1] + 1) * 1_000_003) % 2_147_483_647 + 1
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.detach().cpu().long()
-    total = ((ids + 3) * mask * weights).sum(-1)
-    if "labels" in batch:
-        labels = batch["labels"].detach().cpu().long()
-        taken = loss_mask(labels).long()
-        total = total * 31 + ((labels + 5) * taken * (weights * 7919 % 2_147_483_647)).sum(-1)
-    return total
-
+__all__ = ["SketchedGradCallback"]
 
 def _natural(path: str) -> list:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
@@ -480,7 +459,7 @@ class SketchedGradCallback(ArtifactCallback):
                                 f"yields")
             indices = batch_indices(batch, count)
             count += len(indices)
-            checksums = example_checksums(batch)
+            checksums = example_checksums(batch, len(indices))
             keys = list(zip(indices.tolist(), checksums.tolist()))
             if all(key in cached for key in keys):
                 train = torch.stack([cached[key][0][cached[key][1]] for key in keys]).to(pl_module.device)
@@ -598,29 +577,12 @@ class SketchedGradCallback(ArtifactCallback):
 
     def _write(self, trainer: Trainer, folder: Path, train_indices: torch.Tensor, sdi: torch.Tensor) -> None:
         query_indices = self._query_indices
-        tracin = sdi.sum(-1)
-        tensors = {"tracin": tracin, "train_indices": train_indices, "query_indices": query_indices}
-        if self.mode == "sdi":
-            tensors["sdi"] = sdi
-        if self._used:
-            tensors["eta"] = torch.tensor([c["eta"] for c in self._used], dtype=torch.float64)
-        save_tensors(folder / "sdi.safetensors", tensors, FORMAT)
         steps = self.step_names if self.mode == "sdi" else ["all steps"]
-        rows = []
-        for j, query in enumerate(query_indices.tolist()):
-            order = torch.argsort(tracin[:, j], descending=True)
-            k = min(self.top_k, len(order))
-
-            def listed(positions: torch.Tensor) -> list[dict]:
-                return [{"train_index": int(train_indices[p]), "tracin": float(tracin[p, j]),
-                         "steps": [round(float(v), 8) for v in sdi[p, j]]} for p in positions.tolist()]
-
-            rows.append({"query_index": query, "helpful": listed(order[:k]), "harmful": listed(order.flip(0)[:k])})
-        write_jsonl(folder / "topk.jsonl", rows)
+        save_sdi(folder, sdi, train_indices, query_indices, self.mode == "sdi", [c["eta"] for c in self._used],
+                 self.top_k)
         if self.plots:
             self._plot(trainer, folder, sdi, train_indices, steps)
-        share = sdi.abs().sum((0, 1))
-        share = (share / share.sum().clamp(min=1e-300)).tolist()
+        share = step_shares(sdi)
         table = "| step | share of |influence| |\n|---|---|\n" + "\n".join(
             f"| {name} | {value:.1%} |" for name, value in zip(steps, share))
         tensorboard_text(trainer, f"{self.name}/steps", table)
