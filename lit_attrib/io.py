@@ -14,7 +14,11 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_open", "atomic_path", "write_json", "write_jsonl", "read_jsonl"]
+import torch
+
+from lit_attrib.errors import ArtifactError
+
+__all__ = ["atomic_open", "atomic_path", "load_checkpoint", "load_state_checked", "read_jsonl", "write_json", "write_jsonl"]
 
 
 @contextlib.contextmanager
@@ -76,3 +80,37 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSON-lines file into a list of dicts (blank lines are skipped)."""
     with open(path, encoding="utf-8") as handle:
         return [json.loads(line) for line in handle if line.strip()]
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """A Lightning (or plain ``torch.save``) checkpoint as a dict, read on the CPU.
+
+    Tensors-only files load with ``weights_only=True``; Lightning checkpoints that pickle
+    hyperparameter objects fall back to a full load (the file is the user's own).
+    """
+    if not Path(path).is_file():
+        raise ArtifactError(f"checkpoint '{path}' does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # Lightning checkpoints may pickle hyperparameter objects
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def load_state_checked(module: Any, checkpoint: dict, source: str) -> None:
+    """Load a checkpoint's ``state_dict`` into ``module``, or raise an :class:`ArtifactError` naming the
+    missing, unexpected and mis-shaped keys (a checkpoint of another model)."""
+    state = checkpoint.get("state_dict", checkpoint.get("model_state_dict", checkpoint))
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise ArtifactError(
+            f"checkpoint '{source}' is from another model than {type(module).__name__}: "
+            + "; ".join(part for part in (f"missing {missing[:6]}" if missing else "",
+                                          f"unexpected {unexpected[:6]}" if unexpected else "",
+                                          f"shapes differ: {shapes[:4]}" if shapes else "") if part)
+            + ". Use checkpoints of the model this run builds"
+        )
+    module.load_state_dict(state)

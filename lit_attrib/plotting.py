@@ -1,4 +1,4 @@
-"""Plots people would rather look at than read: curvature-factor spectra (seed 002's inspection)."""
+"""Plots people would rather look at than read: factor spectra, SDI trajectories, curvature-edit sweeps."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from lit_attrib.io import atomic_path  # noqa: E402
 
-__all__ = ["default_inspect_modules", "factor_figures", "sdi_trajectory_figure", "write_factor_plots"]
+__all__ = ["default_inspect_modules", "edit_sweep_figure", "factor_figures", "sdi_trajectory_figure", "write_factor_plots"]
 
 _MAX_HEATMAP_SIDE = 256
 
@@ -150,5 +150,34 @@ def sdi_trajectory_figure(sdi: torch.Tensor, train_indices: torch.Tensor, steps:
     right.bar(list(x), share.numpy(), color="tab:blue")
     right.set_xticks(list(x), steps, rotation=30 if len(steps) > 6 else 0)
     right.set(xlabel="step", ylabel="share of |influence|", title="Where influence enters")
+    fig.tight_layout()
+    return fig
+
+
+def edit_sweep_figure(rows: list[dict]) -> plt.Figure:
+    """Seed 003's trade-off: memorization (strict and loose accuracy, left axis) and perplexity (right
+    axis) of the edited models against ρ, with the baseline's as dashed lines. ``rows`` are
+    ``results.jsonl`` rows."""
+    edited = sorted((row for row in rows if row["model"] == "edited" and row["rho"] is not None),
+                    key=lambda row: row["rho"])
+    baseline = next((row for row in rows if row["model"] == "baseline"), None)
+    rhos = [row["rho"] for row in edited]
+    fig, left = plt.subplots(figsize=(7, 4))
+    right = left.twinx()
+    for key, label, color in (("strict_accuracy", "strict memorization", "tab:red"),
+                              ("loose_accuracy", "loose memorization", "tab:orange")):
+        if all(row.get(key) is not None for row in edited):
+            left.plot(rhos, [100 * row[key] for row in edited], marker="o", color=color, label=label)
+            if baseline is not None and baseline.get(key) is not None:
+                left.axhline(100 * baseline[key], color=color, ls="--", lw=0.8)
+    if all(row.get("perplexity") is not None for row in edited):
+        right.plot(rhos, [row["perplexity"] for row in edited], marker="s", color="tab:blue", label="held-out perplexity")
+        if baseline is not None and baseline.get("perplexity") is not None:
+            right.axhline(baseline["perplexity"], color="tab:blue", ls="--", lw=0.8)
+    left.set(xlabel="ρ (fraction of curvature mass kept)", ylabel="memorized (%)", ylim=(-3, 103),
+             title="Curvature edit: memorization and perplexity against ρ (dashed: unedited)")
+    right.set_ylabel("perplexity", color="tab:blue")
+    handles = [h for axis in (left, right) for h in axis.get_legend_handles_labels()[0]]
+    left.legend(handles, [h.get_label() for h in handles], loc="center left", fontsize="small")
     fig.tight_layout()
     return fig

@@ -3,8 +3,9 @@
 from lit_attrib.callbacks.generation_writer import GenerationWriter
 from lit_attrib.callbacks.influence import InfluenceCallback
 from lit_attrib.callbacks.kfac_collector import KFACCollectorCallback
+from lit_attrib.callbacks.memorized_set import MemorizedSetCallback
 from lit_attrib.callbacks.sketched_grad import SketchedGradCallback
 from lit_attrib.callbacks.token_influence import TokenInfluenceCallback
 from lit_attrib.callbacks.training_monitor import TrainingMonitor
 
-__all__ = ["GenerationWriter", "InfluenceCallback", "KFACCollectorCallback", "SketchedGradCallback", "TokenInfluenceCallback", "TrainingMonitor"]
+__all__ = ["GenerationWriter", "InfluenceCallback", "KFACCollectorCallback", "MemorizedSetCallback", "SketchedGradCallback", "TokenInfluenceCallback", "TrainingMonitor"]

@@ -50,7 +50,7 @@ from lit_attrib.callbacks._common import (
 )
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.errors import ArtifactError, DataError, ModelError, TrainingError
-from lit_attrib.io import atomic_path, write_json
+from lit_attrib.io import atomic_path, load_checkpoint, load_state_checked, write_json
 from lit_attrib.ops.step_features import GradientFeatures, per_example_module, step_layout
 from lit_attrib.tracking import LayerInfo, LayerTracker, find_parameter_modules
 
@@ -379,25 +379,8 @@ class SketchedGradCallback(ArtifactCallback):
         return paths
 
     def _load_checkpoint(self, pl_module: LightningModule, path: str, position: int) -> dict:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # Lightning checkpoints may pickle hyperparameter objects; the file is the user's own
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        state = checkpoint.get("state_dict", checkpoint.get("model_state_dict", checkpoint))
-        own = pl_module.state_dict()
-        missing = [k for k in own if k not in state]
-        unexpected = [k for k in state if k not in own]
-        shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-                  if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-        if missing or unexpected or shapes:
-            raise ArtifactError(
-                f"checkpoint '{path}' is from another model than {type(pl_module).__name__}: "
-                + "; ".join(part for part in (f"missing {missing[:6]}" if missing else "",
-                                              f"unexpected {unexpected[:6]}" if unexpected else "",
-                                              f"shapes differ: {shapes[:4]}" if shapes else "") if part)
-                + ". Use checkpoints of the model this run builds"
-            )
-        pl_module.load_state_dict(state)
+        checkpoint = load_checkpoint(path)
+        load_state_checked(pl_module, checkpoint, path)
         if isinstance(self.eta, list):
             eta = float(self.eta[position])
         elif self.eta is not None:

@@ -34,7 +34,7 @@ class Memorization(Metric):
     """Strict accuracy, loose accuracy and mean normalised edit distance of greedy suffixes.
 
     ``update(predicted, reference)`` with token ids ``(B, suffix_len)``; ``compute()`` returns
-    ``{"strict_accuracy", "loose_accuracy", "distance"}`` over every example seen (all processes).
+    ``{"strict_accuracy", "loose_accuracy", "distance", "count"}`` over every example seen (all processes).
     """
 
     full_state_update = False
@@ -57,7 +57,7 @@ class Memorization(Metric):
     def compute(self) -> dict[str, torch.Tensor]:
         total = self.total.clamp(min=1)
         return {"strict_accuracy": self.strict / total, "loose_accuracy": self.loose / total,
-                "distance": self.distance / total}
+                "distance": self.distance / total, "count": self.total}
 
 
 def ndcg_at_k(edited_logits: torch.Tensor, baseline_logits: torch.Tensor, k: int) -> torch.Tensor:

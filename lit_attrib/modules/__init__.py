@@ -1,7 +1,11 @@
 """LightningModules: fine-tuning and analysis passes."""
 
 from lit_attrib.modules.causal_lm import SCHEDULERS, CausalLMModule
+from lit_attrib.modules.curvature_edit import CurvatureEditModule
 from lit_attrib.modules.loading import TESTED_MODEL_TYPES, build_causal_lm
 from lit_attrib.modules.looped import LoopedTransformerModule
 
-__all__ = ["SCHEDULERS", "TESTED_MODEL_TYPES", "CausalLMModule", "LoopedTransformerModule", "build_causal_lm"]
+__all__ = [
+    "SCHEDULERS", "TESTED_MODEL_TYPES", "CausalLMModule", "CurvatureEditModule", "LoopedTransformerModule",
+    "build_causal_lm",
+]

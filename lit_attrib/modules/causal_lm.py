@@ -11,10 +11,9 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from lit_attrib.data.tokenizer import load_tokenizer
 from lit_attrib.errors import ModelError, TrainingError
 from lit_attrib.lightning_compat import restore_train_loader_state
-from lit_attrib.modules.loading import build_causal_lm
+from lit_attrib.modules.loading import build_causal_lm, module_tokenizer
 from lit_attrib.ops.loss import loss_mask, token_nll
 
 __all__ = ["CausalLMModule", "SCHEDULERS"]
@@ -109,13 +108,7 @@ class CausalLMModule(LightningModule):
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer: ``tokenizer``, else the datamodule's, else ``pretrained``'s."""
-        name = self.hparams.tokenizer
-        if name is None:
-            datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-            name = getattr(datamodule, "tokenizer_name", None) or self.hparams.pretrained
-        if name is None:
-            raise ModelError("CausalLMModule needs a tokenizer: set model.tokenizer or use a datamodule that has one")
-        return load_tokenizer(name)
+        return module_tokenizer(self)
 
     def setup(self, stage: str) -> None:
         # Record the datamodule's tokenizer in our hparams: checkpoints then name the tokenizer they need.

@@ -9,10 +9,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from lit_attrib.data.tokenizer import load_tokenizer
 from lit_attrib.errors import ModelError
 from lit_attrib.hub import load_from_hub_or_path
 
-__all__ = ["TESTED_MODEL_TYPES", "build_causal_lm"]
+__all__ = ["TESTED_MODEL_TYPES", "build_causal_lm", "module_tokenizer"]
 
 TESTED_MODEL_TYPES = ("llama", "diffllama", "olmo2", "gpt2")
 """Model types that lit_attrib's test suite builds and trains; other causal LMs usually work too."""
@@ -82,3 +83,15 @@ def build_causal_lm(
             return AutoModelForCausalLM.from_config(model_config, **kwargs)
         except ValueError as exc:
             raise ModelError(f"cannot build a causal LM from model_type '{model_config.model_type}': {exc}") from None
+
+
+def module_tokenizer(module: Any) -> PreTrainedTokenizerBase:
+    """A LightningModule's tokenizer: its ``hparams.tokenizer``, else its datamodule's, else ``hparams.pretrained``'s."""
+    name = module.hparams.tokenizer
+    if name is None:
+        trainer = module._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        name = getattr(datamodule, "tokenizer_name", None) or module.hparams.pretrained
+    if name is None:
+        raise ModelError(f"{type(module).__name__} needs a tokenizer: set model.tokenizer or use a datamodule that has one")
+    return load_tokenizer(name)
