@@ -55,7 +55,8 @@ class MemorizationDataModule(LightningDataModule):
       module tells them apart by the ``prefix_len`` key of window batches.
     - ``predict``: every window of ``scan``, ``stride`` tokens apart (for memorized-set discovery).
 
-    Each source is a hub dataset id or a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file. A
+    Each source is a hub dataset id or a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, or a
+    mapping ``{path: ..., subset: ..., split: ...}`` for a hub dataset's configuration and split. A
     ``memorized.jsonl`` written by :class:`~lit_attrib.callbacks.MemorizedSetCallback` has
     ``input_ids`` and is used as it stands (no re-tokenization).
 
@@ -71,7 +72,7 @@ class MemorizationDataModule(LightningDataModule):
         add_bos: start each text with the tokenizer's BOS token (as ``TextDataModule`` trains on it).
         max_length: longest held-out row in tokens (longer rows are cut from the end).
         num_samples: use only the first rows of each source (all if ``None``).
-        split: which split of hub sources to read.
+        split: which split of hub sources to read (unless a source's mapping names its own).
         batch_size: rows per batch.
         num_workers: data-loading worker processes.
     """
@@ -79,9 +80,9 @@ class MemorizationDataModule(LightningDataModule):
     def __init__(
         self,
         tokenizer: str,
-        memorized: str | None = None,
-        heldout: str | None = None,
-        scan: str | None = None,
+        memorized: str | dict | None = None,
+        heldout: str | dict | None = None,
+        scan: str | dict | None = None,
         prefix_len: int = 64,
         suffix_len: int = 48,
         stride: int | None = None,
@@ -121,7 +122,7 @@ class MemorizationDataModule(LightningDataModule):
         for name in ("memorized", "heldout", "scan"):
             path = self.hparams[name]
             if path is not None:  # download (or read) once per node, before any process forks
-                load_source(path, split=self.hparams.split)
+                self._load(path)
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -153,10 +154,18 @@ class MemorizationDataModule(LightningDataModule):
         return self._loader(self.datasets["scan"], collate_windows)
 
     # ------------------------------------------------------------------------------ reading
-    def _texts(self, path: str, what: str) -> tuple[list[int], list[list[int]]]:
+    def _load(self, source: str | dict):
+        if isinstance(source, str):
+            return load_source(source, split=self.hparams.split)
+        unknown = set(source) - {"path", "subset", "split"}
+        if "path" not in source or unknown:
+            raise DataError(f"a source mapping takes path, subset and split; got {dict(source)}")
+        return load_source(source["path"], subset=source.get("subset"), split=source.get("split", self.hparams.split))
+
+    def _texts(self, path: str | dict, what: str) -> tuple[list[int], list[list[int]]]:
         """``(source indices, token ids)`` of a source's rows (``input_ids`` when it has them)."""
         hp = self.hparams
-        source = load_source(path, split=hp.split)
+        source = self._load(path)
         if hp.num_samples is not None:
             source = source.select(range(min(hp.num_samples, len(source))))
         if len(source) == 0:
@@ -164,7 +173,7 @@ class MemorizationDataModule(LightningDataModule):
         if "input_ids" in source.column_names:
             indices = source["source_index"] if "source_index" in source.column_names else list(range(len(source)))
             return list(indices), [list(ids) for ids in source["input_ids"]]
-        require_columns(source, [hp.text_column], source=path)
+        require_columns(source, [hp.text_column], source=str(path))
         tokenizer = self.tokenizer
         bos = [tokenizer.bos_token_id] if hp.add_bos and tokenizer.bos_token_id is not None else []
         ids = [bos + tokenizer(str(text), add_special_tokens=False)["input_ids"] for text in source[hp.text_column]]

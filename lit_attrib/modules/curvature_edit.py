@@ -4,9 +4,11 @@ Seed 003 (Merullo et al. 2025, https://arxiv.org/abs/2510.24256): project a weig
 of its K-FAC factors that hold a fraction ρ of the curvature mass (:mod:`lit_attrib.ops.edit`). Rote
 memorization lives mostly in low-curvature directions, so it goes first, before general ability.
 
-``lit-attrib validate`` runs it: the edit is applied in ``setup``; the validation pass then measures
+``lit-attrib validate`` runs it: the edit is applied in ``setup``, and the validation pass measures
 the baseline (unless ``skip_baseline``) and every edited variant on the same batches by swapping the
-edited weights in and out (only those are held twice), and ``results.jsonl`` gets one row per model.
+edited weights in and out (only those are held twice); ``results.jsonl`` gets one row per model.
+``lit-attrib predict`` does not edit: it finds the unedited model's memorized set with
+:class:`~lit_attrib.callbacks.MemorizedSetCallback`.
 """
 
 from __future__ import annotations
@@ -164,6 +166,9 @@ class CurvatureEditModule(LightningModule):
         if isinstance(self.trainer.strategy, FSDPStrategy):
             raise ModelError("CurvatureEditModule swaps whole weights between baseline and edited models, which FSDP "
                              "shards; use strategy ddp (or one device)")
+        if stage == "predict":  # discovery of the memorized set runs on the unedited model
+            self.configure_model()
+            return
         self.check_outputs()
         if not self._weights:
             self.configure_model()
