@@ -171,9 +171,13 @@ def edit_sweep_figure(rows: list[dict]) -> plt.Figure:
             if baseline is not None and baseline.get(key) is not None:
                 left.axhline(100 * baseline[key], color=color, ls="--", lw=0.8)
     if all(row.get("perplexity") is not None for row in edited):
-        right.plot(rhos, [row["perplexity"] for row in edited], marker="s", color="tab:blue", label="held-out perplexity")
+        perplexities = [row["perplexity"] for row in edited]
+        right.plot(rhos, perplexities, marker="s", color="tab:blue", label="held-out perplexity")
         if baseline is not None and baseline.get("perplexity") is not None:
             right.axhline(baseline["perplexity"], color="tab:blue", ls="--", lw=0.8)
+            perplexities.append(baseline["perplexity"])
+        # an axis from 0.95x the lowest to at least 1.3x the highest: a rise of 1 % must not look like 100 %
+        right.set_ylim(0.95 * min(perplexities), max(1.3 * min(perplexities), 1.05 * max(perplexities)))
     left.set(xlabel="ρ (fraction of curvature mass kept)", ylabel="memorized (%)", ylim=(-3, 103),
              title="Curvature edit: memorization and perplexity against ρ (dashed: unedited)")
     right.set_ylabel("perplexity", color="tab:blue")

@@ -122,7 +122,7 @@ def generate_canaries(num_canaries: int, length: int, seed: int = 0) -> list[str
 def write_canary_dataset(out_dir: str | Path, num_general: int = 4000, num_heldout: int = 400,
                          num_canaries: int = 32, canary_length: int = 32, canary_repeats: int = 20,
                          sentences_per_row: tuple[int, int] = (2, 4), seed: int = 0,
-                         vocab_size: int = 1024) -> Path:
+                         vocab_size: int = 768) -> Path:
     """Write the canary memorization dataset into ``out_dir`` (files: see the module docstring).
 
     Args:
@@ -136,10 +136,24 @@ def write_canary_dataset(out_dir: str | Path, num_general: int = 4000, num_heldo
         seed: random seed (grammar rows, canaries and the shuffle).
         vocab_size: BPE vocabulary size; must leave every word a single token.
 
+    Returns:
+        ``out_dir``.
+
     Raises:
-        ValueError: a word of the vocabulary is not a single token at this ``vocab_size``.
+        ValueError: invalid sizes, or a word of the vocabulary is not a single token at this ``vocab_size``.
     """
     from lit_attrib.data.tokenizer import train_bpe_tokenizer
+
+    problems = []
+    if num_general < 1 or num_heldout < 1:
+        problems.append(f"num_general and num_heldout must be at least 1; got {num_general} and {num_heldout}")
+    if num_canaries < 1 or canary_length < 1 or canary_repeats < 1:
+        problems.append(f"num_canaries, canary_length and canary_repeats must be at least 1; got {num_canaries}, "
+                        f"{canary_length} and {canary_repeats}")
+    if not 1 <= sentences_per_row[0] <= sentences_per_row[1]:
+        problems.append(f"sentences_per_row must be a range (min, max) with 1 <= min <= max; got {sentences_per_row}")
+    if problems:
+        raise ValueError("invalid canary dataset arguments:\n  - " + "\n  - ".join(problems))
 
     out_dir = Path(out_dir)
     rows = generate_general_text(num_general + num_heldout, sentences_per_row, seed=seed)
@@ -147,17 +161,18 @@ def write_canary_dataset(out_dir: str | Path, num_general: int = 4000, num_heldo
     canaries = generate_canaries(num_canaries, canary_length, seed=seed + 1)
     train = general + [c for c in canaries for _ in range(canary_repeats)]
     random.Random(seed + 2).shuffle(train)
+    # the words on their own (a row's first word has no leading space) and after a space; checked before
+    # anything is written
+    tokenizer = train_bpe_tokenizer([*general, *VOCABULARY, " ".join(VOCABULARY)], vocab_size=vocab_size)
+    split = [w for w in VOCABULARY
+             if any(len(tokenizer(form, add_special_tokens=False)["input_ids"]) != 1 for form in (w, " " + w))]
+    if split:
+        raise ValueError(f"vocab_size={vocab_size} leaves {len(split)} word(s) split into several tokens "
+                         f"(e.g. {split[:5]}); raise vocab_size")
     write_jsonl(out_dir / "train.jsonl", ({"text": t} for t in train))
     write_jsonl(out_dir / "general.jsonl", ({"text": t} for t in general))
     write_jsonl(out_dir / "heldout.jsonl", ({"text": t} for t in heldout))
     write_jsonl(out_dir / "canaries.jsonl", ({"text": t, "canary_id": i} for i, t in enumerate(canaries)))
-    # the words on their own (a row's first word has no leading space) and after a space
-    tokenizer = train_bpe_tokenizer([*general, *VOCABULARY, " ".join(VOCABULARY)], vocab_size=vocab_size)
-    split = [w for w in VOCABULARY for form in (w, " " + w)
-             if len(tokenizer(form, add_special_tokens=False)["input_ids"]) != 1]
-    if split:
-        raise ValueError(f"vocab_size={vocab_size} leaves {len(split)} word(s) split into several tokens "
-                         f"(e.g. {split[:5]}); raise vocab_size")
     tokenizer.save_pretrained(out_dir / "tokenizer")
     return out_dir
 
@@ -170,12 +185,16 @@ def main() -> None:
     parser.add_argument("--num-canaries", type=int, default=32, help="distinct canaries (default: 32)")
     parser.add_argument("--canary-length", type=int, default=32, help="words per canary (default: 32)")
     parser.add_argument("--canary-repeats", type=int, default=20, help="copies of each canary (default: 20)")
+    parser.add_argument("--sentences-per-row", type=int, nargs=2, default=(2, 4), metavar=("MIN", "MAX"),
+                        help="sentences per general row, inclusive range (default: 2 4)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--vocab-size", type=int, default=1024, help="BPE vocabulary size (default: 1024)")
+    parser.add_argument("--vocab-size", type=int, default=768, help="BPE vocabulary size (default: 768)")
     args = parser.parse_args()
-    out = write_canary_dataset(args.out, num_general=args.num_general, num_heldout=args.num_heldout,
-                               num_canaries=args.num_canaries, canary_length=args.canary_length,
-                               canary_repeats=args.canary_repeats, seed=args.seed, vocab_size=args.vocab_size)
+    out = write_canary_dataset(
+        args.out, num_general=args.num_general, num_heldout=args.num_heldout, num_canaries=args.num_canaries,
+        canary_length=args.canary_length, canary_repeats=args.canary_repeats,
+        sentences_per_row=tuple(args.sentences_per_row), seed=args.seed, vocab_size=args.vocab_size,
+    )
     print(f"wrote {out}/{{train,general,heldout,canaries}}.jsonl and {out / 'tokenizer'}")
 
 

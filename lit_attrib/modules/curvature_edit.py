@@ -77,7 +77,8 @@ class CurvatureEditModule(LightningModule):
             (layer index → projection → ρ, the fraction of curvature mass kept).
         pretrained: hub id or local path of the base model (``allenai/OLMo-2-0425-1B``, ...).
         config: instead of ``pretrained``, a config dict of a fresh model (tiny demos).
-        checkpoint: a Lightning checkpoint of a ``CausalLMModule`` to take the weights from.
+        checkpoint: a Lightning checkpoint of a ``CausalLMModule`` to take the weights from; without
+            ``pretrained`` and ``config``, the model is built as the checkpoint's hyperparameters say.
         tokenizer: tokenizer hub id or path; defaults to the datamodule's, then ``pretrained``.
         init_seed: seed of the initial weights of a ``config`` model.
         dtype: dtype of the weights (the edit itself is computed in float64).
@@ -112,8 +113,11 @@ class CurvatureEditModule(LightningModule):
     ) -> None:
         super().__init__()
         problems = []
-        if (pretrained is None) == (config is None):
-            problems.append("give exactly one of `pretrained` (hub id or path) and `config` (dict with model_type)")
+        if pretrained is not None and config is not None:
+            problems.append("give one of `pretrained` (hub id or path) and `config` (dict with model_type), not both")
+        if pretrained is None and config is None and checkpoint is None:
+            problems.append("give the base model: `pretrained` (hub id or path), `config` (dict with model_type), "
+                            "or a `checkpoint` of a CausalLMModule (which names its own)")
         if rhos is not None and (not rhos or any(not 0.0 <= float(r) <= 1.0 for r in rhos)):
             problems.append(f"rhos must be a non-empty list of numbers in [0, 1]; got {rhos}")
         if save_edited is not None and rhos is not None and len(rhos) > 1:
@@ -152,14 +156,26 @@ class CurvatureEditModule(LightningModule):
         if self.model is not None:
             return
         hp = self.hparams
+        checkpoint = load_checkpoint(hp.checkpoint) if hp.checkpoint is not None else None
+        pretrained, config, init_seed = hp.pretrained, hp.config, hp.init_seed
+        if pretrained is None and config is None:
+            saved = checkpoint.get("hyper_parameters", {})
+            pretrained, config, init_seed = saved.get("pretrained"), saved.get("config"), saved.get("init_seed", 0)
+            if pretrained is None and config is None:
+                raise ModelError(f"checkpoint '{hp.checkpoint}' does not say which model it holds (no `pretrained` "
+                                 f"or `config` hyperparameter); give model.pretrained or model.config")
         self.model = build_causal_lm(
-            pretrained=hp.pretrained, config=hp.config, tokenizer=self.tokenizer if hp.config is not None else None,
-            init_seed=hp.init_seed, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+            pretrained=pretrained, config=config, tokenizer=self.tokenizer if config is not None else None,
+            init_seed=init_seed, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
         )
-        if hp.checkpoint is not None:
-            load_state_checked(self, load_checkpoint(hp.checkpoint), hp.checkpoint)
+        if checkpoint is not None:
+            load_state_checked(self, checkpoint, hp.checkpoint)
 
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.hparams.tokenizer is None and getattr(datamodule, "tokenizer_name", None):
+            # as CausalLMModule: record the datamodule's tokenizer (the logger merges both hparams)
+            self.hparams.tokenizer = self._hparams_initial.tokenizer = datamodule.tokenizer_name
         if self.trainer.ckpt_path is not None:
             raise ModelError("CurvatureEditModule edits the weights in setup, which --ckpt_path would overwrite "
                              f"afterwards; pass the checkpoint as model.checkpoint={self.trainer.ckpt_path} instead")
