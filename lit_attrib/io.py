@@ -21,6 +21,13 @@ from lit_attrib.errors import ArtifactError
 __all__ = ["atomic_open", "atomic_path", "load_checkpoint", "load_state_checked", "read_jsonl", "write_json", "write_jsonl"]
 
 
+def _readable(path: str) -> None:
+    """Give a temporary file the permissions a plain ``open`` would have (``mkstemp`` makes it owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling path to write ``path`` by name (e.g. ``safetensors.save_file``).
@@ -33,6 +40,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -55,6 +63,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

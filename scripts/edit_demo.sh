@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Seed 003's curvature edit against memorization, end to end on a CPU (about 4 minutes on 2 cores):
+# Seed 003's curvature edit against memorization, end to end on a CPU (2.5 minutes on 2 cores):
 #   1. generate grammar text + 32 random canaries, and train a tiny Llama until it has memorized them;
 #   2. fit K-FAC factors of its MLPs on the general text only;
 #   3. find what it memorized in its training text (the canaries, deduplicated);

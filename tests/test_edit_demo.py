@@ -16,11 +16,12 @@ SHORT_MODEL = {"hidden_size": 64, "intermediate_size": 256}
 
 
 def _config(tmp_path, name: str, **changes) -> str:
-    """``configs/<name>.yaml`` with its outputs under ``tmp_path`` (and ``changes`` merged into init_args)."""
+    """``configs/<name>.yaml`` with its outputs under ``tmp_path`` (and ``changes`` merged into the trainer's
+    arguments or a section's init_args)."""
     text = (REPO / "configs" / f"{name}.yaml").read_text().replace("runs/edit_demo", str(tmp_path))
     config = yaml.safe_load(text)
     for section, values in changes.items():
-        init_args = config[section]["init_args"]
+        init_args = config[section] if section == "trainer" else config[section]["init_args"]
         for key, value in values.items():
             init_args[key] = {**init_args[key], **value} if isinstance(value, dict) else value
     path = tmp_path / f"{name}.yaml"
@@ -31,9 +32,9 @@ def _config(tmp_path, name: str, **changes) -> str:
 @pytest.mark.slow
 def test_shortened_demo_edit_removes_memorization_and_keeps_perplexity(tmp_path):
     write_canary_dataset(tmp_path / "data", num_general=1500, num_heldout=200, num_canaries=16, canary_repeats=20)
-    train = _config(tmp_path, "edit_demo_train", model={"config": SHORT_MODEL})
+    train = _config(tmp_path, "edit_demo_train", model={"config": SHORT_MODEL}, trainer={"max_epochs": 8})
     factors = _config(tmp_path, "edit_demo_factors")
-    edit = _config(tmp_path, "edit_demo", model={"rhos": [0.97, 0.9]})
+    edit = _config(tmp_path, "edit_demo", model={"rhos": [0.9, 0.8]})
     steps = [("fit", "-c", train), ("predict", "-c", train, "-c", factors, "--ckpt_path",
                                     str(tmp_path / "checkpoints" / "last.ckpt")),
              ("predict", "-c", edit), ("validate", "-c", edit)]
