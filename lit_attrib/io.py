@@ -18,14 +18,15 @@ import torch
 
 from lit_attrib.errors import ArtifactError
 
-__all__ = ["atomic_open", "atomic_path", "load_checkpoint", "load_state_checked", "read_jsonl", "write_json", "write_jsonl"]
+__all__ = ["atomic_open", "atomic_path", "default_permissions", "load_checkpoint", "load_state_checked", "read_jsonl", "write_json", "write_jsonl"]
 
 
-def _readable(path: str) -> None:
-    """Give a temporary file the permissions a plain ``open`` would have (``mkstemp`` makes it owner-only)."""
+def default_permissions(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give a temporary file (``mode`` 0o666) or folder (0o777) the permissions a plain ``open`` or ``mkdir``
+    would have, after the umask (``mkstemp`` / ``mkdtemp`` make them owner-only)."""
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
+    os.chmod(path, mode & ~umask)
 
 
 @contextlib.contextmanager
@@ -40,7 +41,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        _readable(tmp)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -63,7 +64,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        _readable(tmp)
+        default_permissions(tmp)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

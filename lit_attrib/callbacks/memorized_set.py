@@ -7,6 +7,7 @@ which is the same as greedy decoding reproducing the suffix exactly.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lit_attrib.callbacks._common import ArtifactCallback, check_context, context_length
+from lit_attrib.callbacks._common import ArtifactCallback, check_context, context_length, tensors_checksum
 from lit_attrib.errors import DataError, ModelError
 from lit_attrib.io import write_json, write_jsonl
 
@@ -59,14 +60,24 @@ class MemorizedSetCallback(ArtifactCallback):
         self._found: list[dict] = []
         self._scanned: set[int] = set()
         self._window: tuple[int, int] | None = None
+        self._arguments: dict = {}
 
     def arguments(self) -> dict:
-        return {"window": list(self._window) if self._window else None}
+        return self._arguments
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._found, self._scanned, self._window = [], set(), None
         self._context = context_length(pl_module)
+        data = getattr(trainer.datamodule, "hparams", {})
+        self._arguments = {
+            "model": type(pl_module).__name__, "weights": tensors_checksum(pl_module.parameters()),
+            **{key: json.loads(json.dumps(data.get(key), default=str))
+               for key in ("scan", "prefix_len", "suffix_len", "stride", "num_samples")},
+        }
+        # every process asks for the folder (trainer.log_dir is a collective); refuse before the scan, not after
+        self._folder = self.folder(trainer)
+        self.check_overwrite(trainer)
 
     @override
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -101,7 +112,6 @@ class MemorizedSetCallback(ArtifactCallback):
             scanned = {index for _, part_scanned in parts for index in part_scanned}
         if not trainer.is_global_zero:
             return
-        self.check_overwrite(trainer)
         prefix_len, suffix_len = self._window or (0, 0)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None)
         rows, seen = [], set()
@@ -115,7 +125,7 @@ class MemorizedSetCallback(ArtifactCallback):
                 row["prefix"] = tokenizer.decode(row["input_ids"][:prefix_len], skip_special_tokens=True)
                 row["suffix"] = tokenizer.decode(row["input_ids"][prefix_len:], skip_special_tokens=True)
             rows.append(row)
-        folder = self.folder(trainer)
+        folder = self._folder
         write_jsonl(folder / "memorized.jsonl", rows)
         counts = {"windows": len(scanned), "memorized": len(found), "distinct": len(rows),
                   "duplicates_dropped": len(found) - len(rows)}

@@ -119,10 +119,13 @@ class MemorizationDataModule(LightningDataModule):
         return self.hparams.prefix_len + self.hparams.suffix_len
 
     def prepare_data(self) -> None:
-        for name in ("memorized", "heldout", "scan"):
-            path = self.hparams[name]
-            if path is not None:  # download (or read) once per node, before any process forks
-                self._load(path)
+        # download (or read) once per node, before any process forks; only what this stage reads (the
+        # `memorized` file of a validate config may be what the predict pass is about to write)
+        function = getattr(getattr(self.trainer, "state", None), "fn", None)
+        names = ("scan",) if function == "predict" else ("memorized", "heldout")
+        for name in names:
+            if self.hparams[name] is not None:
+                self._load(self.hparams[name])
 
     def setup(self, stage: str) -> None:
         hp = self.hparams
@@ -171,6 +174,11 @@ class MemorizationDataModule(LightningDataModule):
         if len(source) == 0:
             raise DataError(f"the {what} source '{path}' is empty")
         if "input_ids" in source.column_names:
+            for key in ("prefix_len", "suffix_len"):  # a memorized.jsonl says which windows it holds
+                found = set(source[key]) if key in source.column_names else set()
+                if found - {hp[key]}:
+                    raise DataError(f"'{path}' holds windows with {key} {sorted(found)}, but this run uses "
+                                    f"{key}={hp[key]}; use the same window as the pass that wrote it")
             indices = source["source_index"] if "source_index" in source.column_names else list(range(len(source)))
             return list(indices), [list(ids) for ids in source["input_ids"]]
         require_columns(source, [hp.text_column], source=str(path))
@@ -212,9 +220,14 @@ class MemorizationDataModule(LightningDataModule):
     def _heldout_rows(self, path: str) -> list[dict]:
         hp = self.hparams
         _, ids = self._texts(path, "heldout")
-        eos = [self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else []
-        rows = [(row + eos)[:hp.max_length] for row in ids]
-        return [{"index": i, "input_ids": row, "labels": row} for i, row in enumerate(rows) if len(row) > 1]
+        tokenizer = self.tokenizer
+        bos = 1 if hp.add_bos and tokenizer.bos_token_id is not None else 0
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        # blank rows (wikitext has many) would only add BOS -> EOS predictions: leave them out
+        rows = [(row + eos)[:hp.max_length] for row in ids if len(row) > bos]
+        if not rows:
+            raise DataError(f"the heldout source '{path}' has no text (every row is blank)")
+        return [{"index": i, "input_ids": row, "labels": row} for i, row in enumerate(rows)]
 
     def _loader(self, rows: list[dict], collate) -> DataLoader:
         # Shard without repeating rows across processes, so that metrics summed over processes count

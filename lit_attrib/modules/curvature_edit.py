@@ -32,12 +32,12 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_attrib.artifacts.factors import load_factors
 from lit_attrib.errors import ArtifactError, ModelError
-from lit_attrib.io import atomic_path, load_checkpoint, load_state_checked, write_jsonl
+from lit_attrib.io import atomic_path, default_permissions, load_checkpoint, load_state_checked, write_jsonl
 from lit_attrib.metrics import Memorization, NDCGAtK
 from lit_attrib.modules.edit_spec import parse_layer_spec, spec_targets
 from lit_attrib.modules.loading import build_causal_lm, module_tokenizer
 from lit_attrib.ops.edit import EigenCache, curvature_mass_mask, curvature_project
-from lit_attrib.plotting import edit_sweep_figure
+from lit_attrib.plotting import edit_sweep_figure, plt
 
 __all__ = ["CurvatureEditModule", "greedy_continuation"]
 
@@ -136,15 +136,16 @@ class CurvatureEditModule(LightningModule):
         self.metrics = nn.ModuleList(
             nn.ModuleDict({
                 "memorization": Memorization(loose_threshold=loose_threshold),
-                "perplexity": torchmetrics.text.Perplexity(ignore_index=-100),
-                "tokens": torchmetrics.SumMetric(),
+                # float64 sums: exact enough that the order of summation (processes, batches) does not show
+                "perplexity": torchmetrics.text.Perplexity(ignore_index=-100).set_dtype(torch.float64),
+                "tokens": torchmetrics.SumMetric().set_dtype(torch.float64),
                 "ndcg": NDCGAtK(k=ndcg_k),
             })
             for _ in self.variants
         )
         self._weights: list[dict[str, torch.Tensor]] = []
         self._current: int | None = None
-        self._edit_info: dict[str, dict] = {}
+        self._folder: Path | None = None
 
     # ------------------------------------------------------------------------------- building
     @property
@@ -184,24 +185,33 @@ class CurvatureEditModule(LightningModule):
                              "shards; use strategy ddp (or one device)")
         if stage == "predict":  # discovery of the memorized set runs on the unedited model
             self.configure_model()
+            if self._weights:  # a pass before this one edited the model
+                if self.variants[0]["model"] != "baseline":
+                    raise ModelError("this CurvatureEditModule kept no unedited weights (skip_baseline=true), so it "
+                                     "cannot run the unedited model in predict; use a new module for discovery")
+                self._load(0)
             return
-        self.check_outputs()
+        if self._folder is None:  # every process asks: trainer.log_dir is a collective
+            self._folder = self.output_folder()
+            self.check_outputs()
         if not self._weights:
             self.configure_model()
             self.apply_edit()
 
     def check_outputs(self) -> None:
-        """Refuse to replace earlier results (or a saved model) unless ``overwrite``: nothing is lost."""
+        """Refuse to replace earlier results (or a saved model) unless ``overwrite``: nothing is lost. Checked
+        once per module, so that a second pass of the same module replaces its own results."""
         hp = self.hparams
         if hp.overwrite:
             return
-        existing = [path for path in (self.output_folder() / "results.jsonl", hp.save_edited)
+        existing = [path for path in (self._folder / "results.jsonl", hp.save_edited)
                     if path is not None and Path(path).exists()]
         if existing:
             raise ArtifactError(f"{existing[0]} already exists; choose another output_dir / save_edited, or set "
                                 f"model.overwrite=true to replace it")
 
     def output_folder(self) -> Path:
+        """``output_dir``, else ``<trainer.log_dir>/edit`` (call on every process: ``log_dir`` broadcasts)."""
         if self.hparams.output_dir is not None:
             return Path(self.hparams.output_dir)
         return Path(self.trainer.log_dir or self.trainer.default_root_dir) / "edit"
@@ -217,10 +227,15 @@ class CurvatureEditModule(LightningModule):
         identity = (str(path.resolve()), os.stat(path / "factors.safetensors").st_mtime_ns)
         # the eigendecompositions and projections run on the device the model will run on (float64)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        bases = {}
-        for name in targets:
+        rhos = [spec_targets(v["spec"], modules, factors.modules) if v["model"] == "edited" else {}
+                for v in self.variants]
+        self._weights = [{} for _ in self.variants]
+        for variant in self.variants:
+            if variant["model"] == "edited":
+                variant["modules"] = {}
+        for name in targets:  # one projection at a time: only its bases are on the device at once
             module = modules[name]
-            weight = self._augmented(module)
+            weight = self._augmented(module).detach()
             gradient = factors[name]["gradient_covariance"].to(device)
             activation = factors[name]["activation_covariance"].to(device)
             if (gradient.shape[0], activation.shape[0]) != tuple(weight.shape):
@@ -230,22 +245,17 @@ class CurvatureEditModule(LightningModule):
                     f"{activation.shape[0]}), but the model's is {tuple(weight.shape)}{bias}; collect the factors "
                     f"on this model"
                 )
-            bases[name] = (_EIGEN((*identity, name, "gradient"), gradient),
-                           _EIGEN((*identity, name, "activation"), activation))
-        self._weights = []
-        for variant in self.variants:
-            if variant["model"] == "baseline":
-                self._weights.append({name: self._augmented(modules[name]).detach().clone() for name in targets})
-                continue
-            rhos = spec_targets(variant["spec"], modules, factors.modules)
-            edited, kept = {}, {}
-            for name, rho in rhos.items():
-                (lam, u_g), (mu, u_a) = bases[name]
-                mask = curvature_mass_mask(lam, mu, rho)
-                edited[name] = curvature_project(self._augmented(modules[name]).to(device), u_g, u_a, mask)
-                kept[name] = {"rho": rho, "kept_coefficients": float(mask.double().mean())}
-            variant["modules"] = kept
-            self._weights.append(edited)
+            lam, u_g = _EIGEN((*identity, name, "gradient"), gradient)
+            mu, u_a = _EIGEN((*identity, name, "activation"), activation)
+            for position, variant in enumerate(self.variants):
+                if variant["model"] == "baseline":
+                    self._weights[position][name] = weight.clone()
+                    continue
+                mask = curvature_mass_mask(lam, mu, rhos[position][name])
+                self._weights[position][name] = curvature_project(weight.to(device), u_g, u_a, mask)
+                variant["modules"][name] = {"rho": rhos[position][name],
+                                            "kept_coefficients": float(mask.double().mean())}
+            del lam, u_g, mu, u_a, gradient, activation
         self._load(self._first_edited())
         rank_zero_info(f"CurvatureEditModule: edited {len(targets)} projections ({', '.join(targets)}) for "
                        f"{sum(v['model'] == 'edited' for v in self.variants)} edited model(s)")
@@ -319,7 +329,7 @@ class CurvatureEditModule(LightningModule):
             tag = row["model"] if row["rho"] is None else f"{row['model']}_rho{row['rho']:g}"
             for key in ("strict_accuracy", "loose_accuracy", "distance", "perplexity", f"ndcg@{self.hparams.ndcg_k}"):
                 if row.get(key) is not None:
-                    self.log(f"edit/{tag}/{key}", float(row[key]), rank_zero_only=True)
+                    self.log(f"edit/{tag}/{key}", float(row[key]), rank_zero_only=True, add_dataloader_idx=False)
         self.results = rows
         if self.trainer.is_global_zero and not self.trainer.sanity_checking:
             self._write(rows)
@@ -351,7 +361,7 @@ class CurvatureEditModule(LightningModule):
         return row
 
     def _write(self, rows: list[dict]) -> None:
-        folder = self.output_folder()
+        folder = self._folder
         write_jsonl(folder / "results.jsonl", rows)
         edited = [row for row in rows if row["model"] == "edited" and row["rho"] is not None]
         if len(edited) > 1:
@@ -360,16 +370,22 @@ class CurvatureEditModule(LightningModule):
                 figure.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
             experiment = getattr(self.logger, "experiment", None)
             if hasattr(experiment, "add_figure"):
-                experiment.add_figure("edit/sweep", figure, global_step=self.global_step)
+                experiment.add_figure("edit/sweep", figure, global_step=self.global_step, close=False)
+            plt.close(figure)
         rank_zero_info("\n" + results_table(rows, self.hparams.ndcg_k) + f"\nresults: {folder / 'results.jsonl'}")
 
     def on_validation_end(self) -> None:
         target = self.hparams.save_edited
         self._load(self._first_edited())
-        if target is None or not self.trainer.is_global_zero or self.trainer.sanity_checking:
+        if target is None or self.trainer.sanity_checking:
             return
-        save_pretrained_atomic(self.model, self.tokenizer, target, overwrite=self.hparams.overwrite)
-        rank_zero_info(f"CurvatureEditModule: saved the edited model to {target}")
+        if self.trainer.is_global_zero:
+            save_pretrained_atomic(self.model, self.tokenizer, target, overwrite=self.hparams.overwrite)
+            rank_zero_info(f"CurvatureEditModule: saved the edited model to {target}")
+        self.trainer.strategy.barrier("curvature_edit_saved")  # no process returns before the model is on disk
+
+    def on_test_end(self) -> None:
+        self.on_validation_end()
 
 
 def results_table(rows: list[dict], k: int) -> str:
@@ -390,6 +406,7 @@ def save_pretrained_atomic(model: PreTrainedModel, tokenizer, target: str | os.P
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    default_permissions(tmp, 0o777)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -81,16 +81,20 @@ def curvature_project(weight: torch.Tensor, gradient_eigenvectors: torch.Tensor,
 
 class EigenCache:
     """Eigendecompositions of covariance factors, computed once per factor (keyed by the caller's identity
-    of the factor, e.g. ``(factors_path, module, "activation")``)."""
+    of the factor, e.g. ``(factors_path, module, "activation")``). The cache holds them on the CPU (device
+    memory is the model's) and hands them out on the covariance's device."""
 
     def __init__(self) -> None:
         self._store: dict[object, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, key: object, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(eigenvalues ascending, eigenvectors)`` of ``covariance``, from the cache when known."""
-        if key not in self._store:
-            self._store[key] = eigendecompose(covariance)
-        return self._store[key]
+        cached = self._store.get(key)
+        if cached is None:
+            values, vectors = eigendecompose(covariance)
+            self._store[key] = (values.cpu(), vectors.cpu())
+            return values, vectors
+        return cached[0].to(covariance.device), cached[1].to(covariance.device)
 
     def __len__(self) -> int:
         return len(self._store)
