@@ -136,7 +136,7 @@ class CurvatureEditModule(LightningModule):
         self.metrics = nn.ModuleList(
             nn.ModuleDict({
                 "memorization": Memorization(loose_threshold=loose_threshold),
-                # float64 sums: exact enough that the order of summation (processes, batches) does not show
+                # float64 sums: a large evaluation adds up millions of log-probabilities
                 "perplexity": torchmetrics.text.Perplexity(ignore_index=-100).set_dtype(torch.float64),
                 "tokens": torchmetrics.SumMetric().set_dtype(torch.float64),
                 "ndcg": NDCGAtK(k=ndcg_k),
