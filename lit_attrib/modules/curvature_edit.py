@@ -146,6 +146,7 @@ class CurvatureEditModule(LightningModule):
         self._weights: list[dict[str, torch.Tensor]] = []
         self._current: int | None = None
         self._folder: Path | None = None
+        self._targets: dict[str, nn.Module] = {}
 
     # ------------------------------------------------------------------------------- building
     @property
@@ -227,8 +228,7 @@ class CurvatureEditModule(LightningModule):
         identity = (str(path.resolve()), os.stat(path / "factors.safetensors").st_mtime_ns)
         # the eigendecompositions and projections run on the device the model will run on (float64)
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        rhos = [spec_targets(v["spec"], modules, factors.modules) if v["model"] == "edited" else {}
-                for v in self.variants]
+        self._targets = {name: modules[name] for name in targets}
         self._weights = [{} for _ in self.variants]
         for variant in self.variants:
             if variant["model"] == "edited":
@@ -251,10 +251,10 @@ class CurvatureEditModule(LightningModule):
                 if variant["model"] == "baseline":
                     self._weights[position][name] = weight.clone()
                     continue
-                mask = curvature_mass_mask(lam, mu, rhos[position][name])
+                rho = targets[name] if variant["rho"] is None else variant["rho"]  # a sweep's ρ replaces the spec's
+                mask = curvature_mass_mask(lam, mu, rho)
                 self._weights[position][name] = curvature_project(weight.to(device), u_g, u_a, mask)
-                variant["modules"][name] = {"rho": rhos[position][name],
-                                            "kept_coefficients": float(mask.double().mean())}
+                variant["modules"][name] = {"rho": rho, "kept_coefficients": float(mask.double().mean())}
             del lam, u_g, mu, u_a, gradient, activation
         self._load(self._first_edited())
         rank_zero_info(f"CurvatureEditModule: edited {len(targets)} projections ({', '.join(targets)}) for "
@@ -274,9 +274,8 @@ class CurvatureEditModule(LightningModule):
         """Put variant ``position``'s weights into the model (only the edited projections change)."""
         if position == self._current:
             return
-        modules = dict(self.named_modules())
         for name, tensor in self._weights[position].items():
-            module = modules[name]
+            module = self._targets[name]
             columns = module.weight.shape[1]
             module.weight.data.copy_(tensor[:, :columns])
             if getattr(module, "bias", None) is not None and tensor.shape[1] > columns:
