@@ -17,8 +17,9 @@ class CausalLMCollator:
     """Pad ``input_ids``/``labels`` rows into a batch; keep every row's dataset ``index``.
 
     Tensor fields: ``input_ids (B, T)``, ``attention_mask (B, T)``, ``labels (B, T)`` (``-100`` on
-    padding) when rows have labels, and ``index (B,)``. String fields (``prompt``, ``reference``) are
-    passed through as lists.
+    padding) when rows have labels, ``index (B,)``, and ``token_class (B, T)`` (``-1`` on padding) when
+    rows carry per-token classes (math / noise / other, for attention allocation). String fields
+    (``prompt``, ``reference``) are passed through as lists.
 
     Args:
         pad_token_id: id written into padded positions (they are masked and carry no loss).
@@ -38,6 +39,7 @@ class CausalLMCollator:
         input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
         labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long) if has_labels else None
+        token_class = torch.full((len(rows), length), -1, dtype=torch.long) if "token_class" in rows[0] else None
         for i, row in enumerate(rows):
             n = len(row["input_ids"])
             span = slice(length - n, length) if self.padding_side == "left" else slice(0, n)
@@ -45,6 +47,8 @@ class CausalLMCollator:
             attention_mask[i, span] = 1
             if labels is not None:
                 labels[i, span] = torch.as_tensor(row["labels"])
+            if token_class is not None:
+                token_class[i, span] = torch.as_tensor(row["token_class"][:n])
         batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -52,6 +56,8 @@ class CausalLMCollator:
         }
         if labels is not None:
             batch["labels"] = labels
+        if token_class is not None:
+            batch["token_class"] = token_class
         for key in ("prompt", "reference"):
             if key in rows[0]:
                 batch[key] = [row[key] for row in rows]

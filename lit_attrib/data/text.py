@@ -8,6 +8,7 @@ from typing import Literal
 
 import datasets
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, DistributedSampler
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -164,7 +165,7 @@ class TextDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         if self.val_dataset is None:
             return []  # Lightning skips validation on an empty list
-        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False)
+        return self._loader(self.val_dataset, self.eval_batch_size, shuffle=False, evaluation=True)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
@@ -317,19 +318,25 @@ class TextDataModule(LightningDataModule):
         require_columns(source, self._required_columns(), source=hp.query_path)
         return self._tokenize(source, with_answer=True)
 
-    def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right") -> DataLoader:
+    def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right",
+                evaluation: bool = False) -> DataLoader:
         collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)
-        columns = [c for c in ("input_ids", "labels", "index", "prompt", "reference") if c in dataset.column_names]
+        columns = [c for c in ("input_ids", "labels", "index", "prompt", "reference", "token_class")
+                   if c in dataset.column_names]
         dataset = dataset.select_columns(columns)
         # A stateful loader: a checkpoint taken mid-epoch resumes at the next batch, in the same order.
         # Across processes the order must not depend on any process's random state either: a seeded
         # DistributedSampler (Lightning sets its epoch) instead of the random sampler Lightning would wrap.
         loader_class, sampler = (StatefulDataLoader, None) if shuffle else (DataLoader, None)
         trainer = self.trainer
-        if shuffle and trainer is not None and trainer.world_size > 1:
-            sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                         shuffle=True, seed=self.hparams.seed)
-            shuffle = False
+        if trainer is not None and trainer.world_size > 1:
+            if shuffle:
+                sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                             shuffle=True, seed=self.hparams.seed)
+                shuffle = False
+            elif evaluation:  # every row exactly once: Lightning's own sampler pads the last batch with repeats
+                sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
+                                                       rank=trainer.global_rank, shuffle=False)
         return loader_class(
             dataset,
             batch_size=batch_size,
