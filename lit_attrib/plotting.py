@@ -15,7 +15,7 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from lit_attrib.io import atomic_path  # noqa: E402
 
-__all__ = ["default_inspect_modules", "edit_sweep_figure", "factor_figures", "sdi_trajectory_figure", "write_factor_plots"]
+__all__ = ["attention_comparison_figure", "attention_figure", "default_inspect_modules", "edit_sweep_figure", "factor_figures", "sdi_trajectory_figure", "write_factor_plots"]
 
 _MAX_HEATMAP_SIDE = 256
 
@@ -183,5 +183,83 @@ def edit_sweep_figure(rows: list[dict]) -> plt.Figure:
     right.set_ylabel("perplexity", color="tab:blue")
     handles = [h for axis in (left, right) for h in axis.get_legend_handles_labels()[0]]
     left.legend(handles, [h.get_label() for h in handles], loc="center left", fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def _attention_panel(axis, maps: torch.Tensor, queries: list[int], tokens: list[str] | None, differential: bool,
+                     title: str, limit: float | None = None):
+    """One head-mean map ``(queries, keys)`` with the tokens on the axes (when they fit)."""
+    image = maps.double().mean(0)
+    if differential:
+        limit = limit or float(image.abs().max().clamp(min=1e-12))
+        shown = axis.imshow(image.numpy(), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto", interpolation="none")
+    else:
+        shown = axis.imshow(image.numpy(), cmap="Blues", vmin=0, aspect="auto", interpolation="none")
+    if tokens is not None and len(tokens) <= 96:
+        axis.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=6)
+        if len(queries) <= 64:
+            axis.set_yticks(range(len(queries)), [repr(tokens[q])[1:-1] for q in queries], fontsize=6)
+    axis.set(xlabel="key token", ylabel="query token", title=title)
+    return shown
+
+
+def attention_figure(example: dict, tokens: list[str] | None = None, title: str = "", differential: bool = False,
+                     lambdas: dict | None = None) -> plt.Figure:
+    """Heatmaps of one captured example: one panel per layer, the mean over the captured heads of the
+    ``(queries, keys)`` map, tokens on the axes. Differential maps use a diverging scale centred at 0
+    (blue: negative mass)."""
+    layers = sorted(example["maps"])
+    queries = [int(q) for q in example["queries"]]
+    width = min(4 + 0.12 * (len(tokens) if tokens else example["maps"][layers[0]].shape[-1]), 18)
+    fig, axes = plt.subplots(len(layers), 1, figsize=(width, 1.5 + 0.9 * len(layers) + 0.1 * len(queries) * len(layers)),
+                             squeeze=False)
+    for axis, layer in zip(axes[:, 0], layers):
+        label = f"layer {layer}" + (f" (λ = {lambdas[layer]:.3f})" if lambdas and layer in lambdas else "")
+        shown = _attention_panel(axis, example["maps"][layer], queries, tokens, differential, label)
+        fig.colorbar(shown, ax=axis, fraction=0.03)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def attention_comparison_figure(captures: dict[str, tuple[dict, dict[str, torch.Tensor]]], index: int, layer: int,
+                                tokenizer: Any = None) -> plt.Figure:
+    """Side by side: each model's head-mean map of example ``index`` at ``layer`` (e.g. Llama vs DiffLlama),
+    and a bar chart of each model's attention allocation (signed mass, pooled over layers and heads).
+
+    Args:
+        captures: label → ``(allocation.json, tensors)`` of an :class:`AttentionCaptureCallback` folder
+            (:func:`lit_attrib.callbacks.attention_capture.load_attention`).
+        index: dataset index of an example both captures kept.
+        layer: the layer to show.
+        tokenizer: decodes the token ids for the axes.
+    """
+    labels = list(captures)
+    fig, axes = plt.subplots(1, len(labels) + 1, figsize=(6 * len(labels) + 4, 5),
+                             gridspec_kw={"width_ratios": [3] * len(labels) + [2]})
+    for axis, label in zip(axes, labels):
+        meta, tensors = captures[label]
+        key = f"{index}/layer{layer}"
+        if key not in tensors:
+            raise KeyError(f"capture '{label}' holds no map of example {index} at layer {layer}; it kept examples "
+                           f"{meta['examples']} and layers {meta['layers']}")
+        ids = tensors[f"{index}/input_ids"].tolist()
+        tokens = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else None
+        lam = meta.get("lambda", {}).get(str(layer))
+        title = f"{label} ({meta['model_type']}), layer {layer}" + (f", λ = {lam:.3f}" if lam is not None else "")
+        shown = _attention_panel(axis, tensors[key], tensors[f"{index}/queries"].tolist(), tokens, meta["differential"],
+                                 title)
+        fig.colorbar(shown, ax=axis, fraction=0.03)
+    bars = axes[-1]
+    classes = captures[labels[0]][0]["classes"]
+    width = 0.8 / len(labels)
+    for m, label in enumerate(labels):
+        mass = captures[label][1]["mass"][0].double().sum((0, 1))  # signed, over layers and heads
+        share = (mass / mass.sum().clamp(min=1e-300)).numpy()
+        bars.bar([c + m * width for c in range(len(classes))], 100 * share, width, label=label)
+    bars.set_xticks([c + width * (len(labels) - 1) / 2 for c in range(len(classes))], classes)
+    bars.set(ylabel="share of attention mass (%)", title="Allocation of the answer's attention")
+    bars.legend(fontsize="small")
     fig.tight_layout()
     return fig

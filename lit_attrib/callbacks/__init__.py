@@ -1,5 +1,6 @@
 """Lightning callbacks: orchestration only (stages, ranks, logging, state, files)."""
 
+from lit_attrib.callbacks.attention_capture import AttentionCaptureCallback
 from lit_attrib.callbacks.generation_writer import GenerationWriter
 from lit_attrib.callbacks.influence import InfluenceCallback
 from lit_attrib.callbacks.kfac_collector import KFACCollectorCallback
@@ -8,4 +9,4 @@ from lit_attrib.callbacks.sketched_grad import SketchedGradCallback
 from lit_attrib.callbacks.token_influence import TokenInfluenceCallback
 from lit_attrib.callbacks.training_monitor import TrainingMonitor
 
-__all__ = ["GenerationWriter", "InfluenceCallback", "KFACCollectorCallback", "MemorizedSetCallback", "SketchedGradCallback", "TokenInfluenceCallback", "TrainingMonitor"]
+__all__ = ["AttentionCaptureCallback", "GenerationWriter", "InfluenceCallback", "KFACCollectorCallback", "MemorizedSetCallback", "SketchedGradCallback", "TokenInfluenceCallback", "TrainingMonitor"]
