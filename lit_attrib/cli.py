@@ -104,7 +104,14 @@ def inspect_factors(path: str, modules: str | list[str] | None = None, tensorboa
     return [str(file) for file in files]
 
 
-TOOLS = {"inspect-factors": inspect_factors}
+def _tools() -> dict:
+    """The tools' functions (imported on use: ``lit-attrib fit`` does not pay for them)."""
+    from lit_attrib.noise_robustness import noise_robustness as run
+
+    return {"inspect-factors": inspect_factors, "noise-robustness": run}
+
+
+TOOLS = ("inspect-factors", "noise-robustness")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -115,7 +122,8 @@ def main(args: list[str] | None = None) -> None:
         if argv and argv[0] in TOOLS:
             from jsonargparse import CLI
 
-            CLI(TOOLS[argv[0]], args=argv[1:], prog=f"lit-attrib {argv[0]}")
+            rest = ["--config" if arg == "-c" else arg for arg in argv[1:]]  # -c as for fit/validate/...
+            CLI(_tools()[argv[0]], args=rest, prog=f"lit-attrib {argv[0]}")
             return
         LitAttribCLI(
             LightningModule,
@@ -127,7 +135,8 @@ def main(args: list[str] | None = None) -> None:
             parser_kwargs={
                 "description": "lit-attrib: fine-tune and attribute Hugging Face causal LMs with Lightning. "
                 "Run `lit-attrib fit --model.help CausalLMModule` for a module's arguments. "
-                "Tools on saved artifacts: `lit-attrib inspect-factors --help`."
+                "Tools: `lit-attrib inspect-factors --help` (plots of saved factors), "
+                "`lit-attrib noise-robustness --help` (seed 004's DiffLlama-vs-Llama sweep)."
             },
         )
     except LitAttribError as exc:

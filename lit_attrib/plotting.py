@@ -15,7 +15,10 @@ from matplotlib.colors import LogNorm  # noqa: E402
 
 from lit_attrib.io import atomic_path  # noqa: E402
 
-__all__ = ["attention_comparison_figure", "attention_figure", "default_inspect_modules", "edit_sweep_figure", "factor_figures", "sdi_trajectory_figure", "write_factor_plots"]
+__all__ = [
+    "attention_comparison_figure", "attention_figure", "default_inspect_modules", "edit_sweep_figure", "factor_figures",
+    "noise_robustness_figure", "sdi_trajectory_figure", "write_factor_plots",
+]
 
 _MAX_HEATMAP_SIDE = 256
 
@@ -261,5 +264,26 @@ def attention_comparison_figure(captures: dict[str, tuple[dict, dict[str, torch.
     bars.set_xticks([c + width * (len(labels) - 1) / 2 for c in range(len(classes))], classes)
     bars.set(ylabel="share of attention mass (%)", title="Allocation of the answer's attention")
     bars.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def noise_robustness_figure(rows: list[dict]) -> plt.Figure:
+    """Seed 004's grouped bars: Pass@1 per dataset (clean, inf, rcs, sd), one bar per model and setting
+    (zero-shot, after SFT). ``rows`` have ``model``, ``setting``, ``dataset`` and ``pass@1``."""
+    datasets = list(dict.fromkeys(row["dataset"] for row in rows))
+    groups = list(dict.fromkeys((row["model"], row["setting"]) for row in rows))
+    width = 0.8 / len(groups)
+    fig, axis = plt.subplots(figsize=(max(6, 1.6 * len(datasets) * max(1, len(groups) / 2)), 4))
+    for g, (model, setting) in enumerate(groups):
+        values = {row["dataset"]: row["pass@1"] for row in rows if (row["model"], row["setting"]) == (model, setting)}
+        x = [d + g * width for d, name in enumerate(datasets) if name in values]
+        heights = [100 * values[name] for name in datasets if name in values]
+        bars = axis.bar(x, heights, width, label=f"{model} ({setting})", hatch="//" if setting != "zero-shot" else None)
+        axis.bar_label(bars, fmt="%.0f", fontsize=7)
+    axis.set_xticks([d + width * (len(groups) - 1) / 2 for d in range(len(datasets))], datasets)
+    axis.set(xlabel="dataset (noise type)", ylabel="Pass@1 (%)", ylim=(0, 105),
+             title="Noise robustness: Pass@1 on GSM8K with injected noise")
+    axis.legend(fontsize="small")
     fig.tight_layout()
     return fig
