@@ -32,10 +32,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_attrib.artifacts.factors import load_factors
 from lit_attrib.errors import ArtifactError, ModelError
-from lit_attrib.io import atomic_path, default_permissions, load_checkpoint, load_state_checked, write_jsonl
+from lit_attrib.io import atomic_path, default_permissions, write_jsonl
 from lit_attrib.metrics import Memorization, NDCGAtK
 from lit_attrib.modules.edit_spec import parse_layer_spec, spec_targets
-from lit_attrib.modules.loading import build_causal_lm, module_tokenizer
+from lit_attrib.modules.loading import configure_base_model, module_tokenizer
 from lit_attrib.ops.edit import EigenCache, curvature_mass_mask, curvature_project
 from lit_attrib.plotting import edit_sweep_figure, plt
 
@@ -155,23 +155,8 @@ class CurvatureEditModule(LightningModule):
         return module_tokenizer(self)
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        hp = self.hparams
-        checkpoint = load_checkpoint(hp.checkpoint) if hp.checkpoint is not None else None
-        pretrained, config, init_seed = hp.pretrained, hp.config, hp.init_seed
-        if pretrained is None and config is None:
-            saved = checkpoint.get("hyper_parameters", {})
-            pretrained, config, init_seed = saved.get("pretrained"), saved.get("config"), saved.get("init_seed", 0)
-            if pretrained is None and config is None:
-                raise ModelError(f"checkpoint '{hp.checkpoint}' does not say which model it holds (no `pretrained` "
-                                 f"or `config` hyperparameter); give model.pretrained or model.config")
-        self.model = build_causal_lm(
-            pretrained=pretrained, config=config, tokenizer=self.tokenizer if config is not None else None,
-            init_seed=init_seed, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
-        )
-        if checkpoint is not None:
-            load_state_checked(self, checkpoint, hp.checkpoint)
+        if self.model is None:
+            configure_base_model(self)
 
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)

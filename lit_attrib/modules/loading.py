@@ -12,8 +12,9 @@ from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from lit_attrib.data.tokenizer import load_tokenizer
 from lit_attrib.errors import ModelError
 from lit_attrib.hub import load_from_hub_or_path
+from lit_attrib.io import load_checkpoint, load_state_checked
 
-__all__ = ["TESTED_MODEL_TYPES", "build_causal_lm", "module_tokenizer"]
+__all__ = ["TESTED_MODEL_TYPES", "build_causal_lm", "configure_base_model", "module_tokenizer"]
 
 TESTED_MODEL_TYPES = ("llama", "diffllama", "olmo2", "gpt2")
 """Model types that lit_attrib's test suite builds and trains; other causal LMs usually work too."""
@@ -95,3 +96,34 @@ def module_tokenizer(module: Any) -> PreTrainedTokenizerBase:
     if name is None:
         raise ModelError(f"{type(module).__name__} needs a tokenizer: set model.tokenizer or use a datamodule that has one")
     return load_tokenizer(name)
+
+
+def configure_base_model(module: Any) -> None:
+    """Give an analysis module its base model ``module.model``, as its hyperparameters say.
+
+    The architecture and initial weights come from ``hparams.pretrained`` (hub id or path) or
+    ``hparams.config`` (a fresh model, vocabulary from the module's tokenizer); then the weights of
+    ``hparams.checkpoint`` (a Lightning checkpoint of a ``CausalLMModule``) are loaded into the module,
+    if given. With a checkpoint but neither ``pretrained`` nor ``config``, the model is built as the
+    checkpoint's own hyperparameters say. Used by every module that evaluates or edits a trained model
+    (``CurvatureEditModule``, ``EvalModule``); the module's weights are ``model.*``, as in ``CausalLMModule``.
+
+    Raises:
+        ModelError: the checkpoint names no model and none is given.
+        ArtifactError: the checkpoint is missing or holds another model's weights.
+    """
+    hp = module.hparams
+    checkpoint = load_checkpoint(hp.checkpoint) if hp.checkpoint is not None else None
+    pretrained, config, init_seed = hp.pretrained, hp.config, hp.init_seed
+    if pretrained is None and config is None:
+        saved = checkpoint.get("hyper_parameters", {})
+        pretrained, config, init_seed = saved.get("pretrained"), saved.get("config"), saved.get("init_seed", 0)
+        if pretrained is None and config is None:
+            raise ModelError(f"checkpoint '{hp.checkpoint}' does not say which model it holds (no `pretrained` "
+                             f"or `config` hyperparameter); give model.pretrained or model.config")
+    module.model = build_causal_lm(
+        pretrained=pretrained, config=config, tokenizer=module.tokenizer if config is not None else None,
+        init_seed=init_seed, dtype=hp.dtype, attn_implementation=hp.attn_implementation,
+    )
+    if checkpoint is not None:
+        load_state_checked(module, checkpoint, hp.checkpoint)
