@@ -173,7 +173,7 @@ def noise_robustness(
 
 
 def _row(model: str, dataset: str, setting: str, metrics: dict) -> dict:
-    return {"model": model, "dataset": dataset, "setting": setting, "pass@1": metrics["pass@1"],
+    return {"model": model, "dataset": dataset, "setting": setting, "pass@1": metrics["value"],
             "correct": metrics["correct"], "count": metrics["count"]}
 
 
