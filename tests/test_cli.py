@@ -10,10 +10,15 @@ import pytest
 import yaml
 from conftest import REPO, run_cli
 
-from lit_attrib.callbacks import InfluenceCallback, SketchedGradCallback, TokenInfluenceCallback
+from lit_attrib.callbacks import (
+    AttentionCaptureCallback,
+    InfluenceCallback,
+    SketchedGradCallback,
+    TokenInfluenceCallback,
+)
 from lit_attrib.cli import main
-from lit_attrib.data import TextDataModule, TofuDataModule
-from lit_attrib.modules import CausalLMModule
+from lit_attrib.data import MultipleChoiceDataModule, NoisyGSM8KDataModule, TextDataModule, TofuDataModule
+from lit_attrib.modules import CausalLMModule, EvalModule
 
 # configs of the `lit-attrib noise-robustness` sweep (a tool, not a LightningCLI run) say so by their `models` key
 TOOL_CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if "models" in (yaml.safe_load(p.read_text()) or {}))
@@ -89,7 +94,9 @@ def _documented(cls) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("flag", "cls"), [("--model.help", CausalLMModule), ("--data.help", TextDataModule),
-                                           ("--data.help", TofuDataModule)])
+                                           ("--data.help", TofuDataModule), ("--model.help", EvalModule),
+                                           ("--data.help", NoisyGSM8KDataModule),
+                                           ("--data.help", MultipleChoiceDataModule)])
 def test_help_documents_every_argument(flag, cls, capsys):
     code, out, _ = _parse(["fit", flag, cls.__name__], capsys)
     assert code == 0
@@ -103,7 +110,8 @@ def test_help_documents_every_argument(flag, cls, capsys):
         assert documented[name] in out, name
 
 
-@pytest.mark.parametrize("cls", [InfluenceCallback, TokenInfluenceCallback, SketchedGradCallback])
+@pytest.mark.parametrize("cls", [InfluenceCallback, TokenInfluenceCallback, SketchedGradCallback,
+                                 AttentionCaptureCallback])
 def test_callback_help_documents_every_argument(cls, capsys):
     code, out, _ = _parse(["predict", "--trainer.callbacks.help", cls.__name__], capsys)
     assert code == 0
