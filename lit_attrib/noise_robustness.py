@@ -150,7 +150,8 @@ def noise_robustness(
                              num_sanity_val_steps=0).fit(module, datamodule=datamodule)
             checkpoints[name] = checkpoint
             for dataset in datasets:
-                rows.append(_row(name, dataset, "sft", evaluate(name, "sft", dataset, {"checkpoint": str(checkpoint)})))
+                metrics = evaluate(name, "sft", dataset, {"checkpoint": str(checkpoint)})
+                rows.append(_row(name, dataset, "sft", metrics))
     write_results(out, rows)
 
     if not skip_attention:
@@ -164,9 +165,9 @@ def noise_robustness(
                                                          "num_samples": max_samples})
                     callback = AttentionCaptureCallback(**{**(attention or {}), "output_dir": str(folder),
                                                            "overwrite": True})
+                    ckpt_path = str(checkpoints[name]) if name in checkpoints else None
                     make_trainer(f"{name}/attention/{dataset}", callbacks=[callback]).validate(
-                        module, datamodule=datamodule, ckpt_path=str(checkpoints[name]) if name in checkpoints else None,
-                        verbose=False)
+                        module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
                 captures[dataset][name] = load_attention(folder)
         write_attention_summary(out, captures, tokenizer=data["tokenizer"])
     return rows

@@ -233,9 +233,10 @@ def test_class_mass_splits_signed_positive_and_negative():
 def test_max_examples_keeps_the_smallest_indices_and_test_and_predict_stages(tmp_path):
     rows = examples(count=7)[::-1]  # indices arrive in descending order
     model = tiny("llama", "sdpa")
-    run(model, AttentionCaptureCallback(queries="last", max_examples=2, output_dir=str(tmp_path / "t")), "test", rows)
-    run(model, AttentionCaptureCallback(queries="last", max_examples=2, output_dir=str(tmp_path / "p")), "predict", rows)
-    for stage in ("t", "p"):
+    for stage in ("test", "predict"):
+        run(model, AttentionCaptureCallback(queries="last", max_examples=2, output_dir=str(tmp_path / stage)), stage,
+            rows)
+    for stage in ("test", "predict"):
         meta, tensors = load_attention(tmp_path / stage)
         assert meta["examples"] == [0, 1] and meta["queries_per_layer"]["1"] == 7
         assert sorted({key.split("/")[0] for key in tensors if "/" in key}) == ["0", "1"]
@@ -265,8 +266,8 @@ def test_bad_input_is_refused_with_the_valid_range(tmp_path):
     with pytest.raises(DataError, match=r"dataset index 0 \(12 real tokens; valid are -12\.\.11\)"):
         run(tiny("llama", "sdpa"), AttentionCaptureCallback(queries=[20], output_dir=str(tmp_path)))
     assert not (tmp_path / "allocation.json").exists()  # nothing half-written
-    from transformers.modeling_utils import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
     assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward  # the registry is restored
 
 

@@ -20,7 +20,8 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     assert {(r["model"], r["dataset"], r["setting"]) for r in rows} == {
         (m, d, s) for m in ("llama", "diffllama") for d in ("clean", "inf", "rcs", "sd") for s in ("zero-shot", "sft")}
     for row in rows:
-        metrics = json.loads((out / "eval" / row["model"] / row["setting"] / row["dataset"] / "metrics.json").read_text())
+        folder = out / "eval" / row["model"] / row["setting"] / row["dataset"]
+        metrics = json.loads((folder / "metrics.json").read_text())
         assert int(row["count"]) == metrics["count"] == 6
         assert float(row["pass@1"]) == pytest.approx(metrics["correct"] / 6)
     table = (out / "results.md").read_text()

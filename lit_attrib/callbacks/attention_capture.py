@@ -187,7 +187,8 @@ class AttentionCaptureCallback(ArtifactCallback):
         bad = [h for h in heads if not 0 <= h < available]
         if bad:
             kind = "differential heads (half of num_attention_heads)" if self._differential else "heads"
-            raise ModelError(f"heads {bad} out of range: the model has {available} {kind}, valid are 0..{available - 1}")
+            raise ModelError(f"heads {bad} out of range: the model has {available} {kind}, valid are "
+                             f"0..{available - 1}")
         self._layers, self._heads = layers, heads
         self._modules = {found[i][1]: i for i in layers}
         self._num_heads = num_heads
@@ -219,8 +220,8 @@ class AttentionCaptureCallback(ArtifactCallback):
         if self._implementation != "eager":
             self._stack.enter_context(capture_kernel_inputs(self._implementation, self._record_kernel))
         if self._lambdas and trainer.logger is not None and trainer.is_global_zero:
-            trainer.logger.log_metrics({f"{self.name}/lambda/layer{layer}": lam for layer, lam in self._lambdas.items()},
-                                       step=trainer.global_step)
+            values = {f"{self.name}/lambda/layer{layer}": lam for layer, lam in self._lambdas.items()}
+            trainer.logger.log_metrics(values, step=trainer.global_step)
 
     def _stop(self) -> None:
         for handle in self._handles:
