@@ -12,8 +12,9 @@
 
 It writes ``results.csv``, ``results.md`` and ``results.png`` (grouped bars), ``attention.md`` and
 ``attention_<dataset>.png`` into ``output_dir``, plus each step's own outputs below it. Every step
-whose outputs exist is reused, so a run that stopped (Ctrl-C, a crash) resumes where it was; set
-``overwrite`` to run everything again.
+whose outputs exist and were made with the same arguments (``step.json`` beside them) is reused, so a
+run that stopped (Ctrl-C, a crash) resumes where it was; a step whose arguments changed runs again,
+and ``overwrite`` runs everything again.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from lit_attrib.errors import DataError, ModelError
-from lit_attrib.io import atomic_open, atomic_path
+from lit_attrib.io import atomic_open, atomic_path, write_json
 
 __all__ = ["MODES", "noise_robustness"]
 
@@ -48,6 +50,7 @@ def noise_robustness(
     sft_epochs: int = 1,
     sft: dict[str, Any] | None = None,
     max_new_tokens: int = 256,
+    stop: list[str] | None = None,
     attention: dict[str, Any] | None = None,
     skip_zero_shot: bool = False,
     skip_sft: bool = False,
@@ -74,6 +77,8 @@ def noise_robustness(
         sft_epochs: SFT epochs.
         sft: more ``CausalLMModule`` arguments for SFT (``learning_rate``, ``warmup_steps``, ...).
         max_new_tokens: the longest generated answer.
+        stop: strings that end a generation (e.g. ``["Question:"]``: a base model otherwise goes on with
+            a question of its own, whose numbers the last-number rule would pick).
         attention: ``AttentionCaptureCallback`` arguments (``layers``, ``heads``, ``queries``, ``max_examples``).
         skip_zero_shot: skip step 1.
         skip_sft: skip step 2 (attention then looks at the models as given).
@@ -115,20 +120,27 @@ def noise_robustness(
     out = Path(output_dir)
     trainer_args = {"accelerator": "auto", "devices": 1, "enable_model_summary": False, **(trainer or {})}
     sft_data = {**data, "split": "train", **(sft_data or {})}
+    if not skip_sft and Path(str(sft_data.get("path", ""))).is_file() and \
+            Path(str(sft_data["path"])).resolve() == Path(str(data.get("path", ""))).resolve():
+        raise DataError(f"SFT would train on the evaluation file '{data['path']}' (a local file has one split); "
+                        f"give sft_data.path, e.g. the training problems' file")
 
     def make_trainer(name: str, **extra) -> L.Trainer:
         logger = TensorBoardLogger(save_dir=str(out / "tensorboard"), name=name, version="")
         return L.Trainer(logger=logger, **{**trainer_args, **extra})
 
-    def evaluate(model_name: str, setting: str, dataset: str, model_args: dict) -> dict:
+    def evaluate(model_name: str, setting: str, dataset: str, model_args: dict, weights: str | None = None) -> dict:
         folder = out / "eval" / model_name / setting / dataset
-        if (folder / "metrics.json").is_file() and not overwrite:
-            return json.loads((folder / "metrics.json").read_text())
-        L.seed_everything(seed, verbose=False)
-        module = EvalModule(**model_args, task="generation", max_new_tokens=max_new_tokens, output_dir=str(folder),
-                            tag=f"{model_name}/{dataset}/{setting}", overwrite=True)
-        datamodule = NoisyGSM8KDataModule(**{**data, "noise": dataset, "val_size": 1.0, "num_samples": max_samples})
-        make_trainer(f"{model_name}/{setting}/{dataset}").validate(module, datamodule=datamodule, verbose=False)
+        data_args = {**data, "noise": dataset, "val_size": 1.0, "num_samples": max_samples}
+        step = {"model": model_args, "weights": weights, "data": data_args, "max_new_tokens": max_new_tokens,
+                "stop": stop, "trainer": trainer_args, "seed": seed}
+        if overwrite or not _done(folder, "metrics.json", step):
+            L.seed_everything(seed, verbose=False)
+            module = EvalModule(**model_args, task="generation", max_new_tokens=max_new_tokens, stop=stop,
+                                output_dir=str(folder), tag=f"{model_name}/{dataset}/{setting}", overwrite=True)
+            make_trainer(f"{model_name}/{setting}/{dataset}").validate(
+                module, datamodule=NoisyGSM8KDataModule(**data_args), verbose=False)
+            _record(folder, step)
         return json.loads((folder / "metrics.json").read_text())
 
     rows: list[dict] = []
@@ -139,38 +151,66 @@ def noise_robustness(
             for dataset in datasets:
                 rows.append(_row(name, dataset, "zero-shot", evaluate(name, "zero-shot", dataset, model_args)))
         if not skip_sft:
-            checkpoint = out / "sft" / name / "last.ckpt"
-            if not checkpoint.is_file() or overwrite:
+            folder = out / "sft" / name
+            checkpoint = folder / "last.ckpt"
+            data_args = {"val_size": 0.05, **sft_data, "noise": "clean", "num_samples": sft_samples}
+            step = {"model": model_args, "sft": sft or {}, "data": data_args, "epochs": sft_epochs,
+                    "trainer": trainer_args, "seed": seed}
+            if overwrite or not _done(folder, "last.ckpt", step):
+                shutil.rmtree(folder, ignore_errors=True)  # a stale last.ckpt would become last-v1.ckpt's sibling
                 L.seed_everything(seed, verbose=False)
                 module = CausalLMModule(**model_args, **(sft or {}))
-                datamodule = NoisyGSM8KDataModule(**{"val_size": 0.05, **sft_data, "noise": "clean",
-                                                     "num_samples": sft_samples})
-                saver = ModelCheckpoint(dirpath=str(checkpoint.parent), save_last=True, save_top_k=0)
-                make_trainer(f"{name}/sft", max_epochs=sft_epochs, callbacks=[saver],
-                             num_sanity_val_steps=0).fit(module, datamodule=datamodule)
+                saver = ModelCheckpoint(dirpath=str(folder), save_last=True, save_top_k=0,
+                                        enable_version_counter=False)
+                make_trainer(f"{name}/sft", max_epochs=sft_epochs, callbacks=[saver], num_sanity_val_steps=0).fit(
+                    module, datamodule=NoisyGSM8KDataModule(**data_args))
+                _record(folder, step)
             checkpoints[name] = checkpoint
+            # the fine-tuned weights, evaluated with the model's own settings (dtype, attention kernel)
+            tuned = {**model_args, "checkpoint": str(checkpoint)}
             for dataset in datasets:
-                metrics = evaluate(name, "sft", dataset, {"checkpoint": str(checkpoint)})
+                metrics = evaluate(name, "sft", dataset, tuned, weights=_stamp(checkpoint))
                 rows.append(_row(name, dataset, "sft", metrics))
     write_results(out, rows)
 
     if not skip_attention:
         captures: dict[str, dict[str, Any]] = {dataset: {} for dataset in datasets}
         for name, model_args in models.items():
+            ckpt_path = str(checkpoints[name]) if name in checkpoints else None
             for dataset in datasets:
                 folder = out / "attention" / name / dataset
-                if not (folder / "allocation.json").is_file() or overwrite:
-                    module = CausalLMModule(**model_args)
-                    datamodule = NoisyGSM8KDataModule(**{**data, "noise": dataset, "val_size": 1.0,
-                                                         "num_samples": max_samples})
+                data_args = {**data, "noise": dataset, "val_size": 1.0, "num_samples": max_samples}
+                step = {"model": model_args, "checkpoint": ckpt_path and _stamp(Path(ckpt_path)), "data": data_args,
+                        "attention": attention or {}, "trainer": trainer_args}
+                if overwrite or not _done(folder, "allocation.json", step):
                     callback = AttentionCaptureCallback(**{**(attention or {}), "output_dir": str(folder),
                                                            "overwrite": True})
-                    ckpt_path = str(checkpoints[name]) if name in checkpoints else None
                     make_trainer(f"{name}/attention/{dataset}", callbacks=[callback]).validate(
-                        module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)
+                        CausalLMModule(**model_args), datamodule=NoisyGSM8KDataModule(**data_args),
+                        ckpt_path=ckpt_path, verbose=False)
+                    _record(folder, step)
                 captures[dataset][name] = load_attention(folder)
         write_attention_summary(out, captures, tokenizer=data["tokenizer"])
     return rows
+
+
+def _done(folder: Path, output: str, step: dict) -> bool:
+    """Whether ``folder`` holds ``output`` made with the same arguments (``step.json``): a step to reuse."""
+    record = folder / "step.json"
+    if not (folder / output).is_file() or not record.is_file():
+        return False
+    return json.loads(record.read_text()) == json.loads(json.dumps(step, default=str))
+
+
+def _record(folder: Path, step: dict) -> None:
+    """Mark a finished step with its arguments (written last: a step that stopped half-way runs again)."""
+    write_json(folder / "step.json", json.loads(json.dumps(step, default=str)))
+
+
+def _stamp(path: Path) -> str:
+    """A checkpoint's identity for ``step.json``: path, size and modification time."""
+    stat = path.stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _row(model: str, dataset: str, setting: str, metrics: dict) -> dict:
@@ -220,7 +260,7 @@ def write_attention_summary(out: Path, captures: dict[str, dict[str, Any]], toke
             cells = []
             for p, part in enumerate(parts):
                 mass = tensors["mass"][p].double().sum((0, 1))
-                share = mass / mass.sum() if mass.sum() > 0 else torch.full_like(mass, float("nan"))
+                share = mass / mass.sum() if mass.sum() != 0 else torch.full_like(mass, float("nan"))
                 cells.append(" / ".join(f"{100 * float(s):.1f}" for s in share))
             lines.append(f"| {name} | {dataset} | " + " | ".join(cells + ["–"] * (3 - len(cells))) + " |")
         common = set.intersection(*(set(meta["examples"]) for meta, _ in by_model.values())) if by_model else set()

@@ -259,7 +259,8 @@ def attention_comparison_figure(captures: dict[str, tuple[dict, dict[str, torch.
     width = 0.8 / len(labels)
     for m, label in enumerate(labels):
         mass = captures[label][1]["mass"][0].double().sum((0, 1))  # signed, over layers and heads
-        share = (mass / mass.sum().clamp(min=1e-300)).numpy()
+        total = mass.sum()  # (1 − λ) per query for differential maps: negative when λ > 1
+        share = (mass / total if total != 0 else torch.zeros_like(mass)).numpy()
         bars.bar([c + m * width for c in range(len(classes))], 100 * share, width, label=label)
     bars.set_xticks([c + width * (len(labels) - 1) / 2 for c in range(len(classes))], classes)
     bars.set(ylabel="share of attention mass (%)", title="Allocation of the answer's attention")

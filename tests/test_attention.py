@@ -153,6 +153,12 @@ def test_differential_maps_equal_the_plain_maps_combined_without_clamping(tmp_pa
             torch.testing.assert_close(captured, expected, atol=1e-6, rtol=0)
             negative += int((captured < 0).sum())
     assert negative > 0
+    assert all(meta["lambda"][str(layer)] > 1 for layer in (0, 1))  # rows sum to 1 − λ < 0
+    for layer in ("0", "1"):  # the signed shares still sum to 1, and each part's (where it has mass)
+        assert sum(meta["ratios"]["signed_mean_over_heads"][layer].values()) == pytest.approx(1.0)
+        for part in ("positive", "negative"):
+            shares = list(meta["ratios"][part + "_mean_over_heads"][layer].values())
+            assert shares == [None] * 3 or sum(shares) == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------------------- Llama
@@ -269,6 +275,28 @@ def test_bad_input_is_refused_with_the_valid_range(tmp_path):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.modeling_utils import AttentionInterface
     assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward  # the registry is restored
+
+
+def test_two_captures_in_one_run_and_loaders_without_indices(tmp_path):
+    """Both callbacks see the same maps, the kernel registry is restored, rows without ``index`` are numbered."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.modeling_utils import AttentionInterface
+
+    rows = [{k: v for k, v in row.items() if k != "index"} for row in examples()]
+    first = AttentionCaptureCallback(queries="all", max_examples=10, output_dir=str(tmp_path / "a"))
+    second = AttentionCaptureCallback(queries="all", layers=[1], max_examples=10, output_dir=str(tmp_path / "b"))
+    module = Wrapper(tiny("llama", "sdpa"))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[first, second])
+    loader = DataLoader(rows, batch_size=3, collate_fn=lambda b: {k: v for k, v in collate(
+        [{**r, "index": 0} for r in b]).items() if k != "index"})
+    trainer.validate(module, loader, verbose=False)
+    assert AttentionInterface._global_mapping["sdpa"] is sdpa_attention_forward
+    (meta_a, a), (meta_b, b) = load_attention(tmp_path / "a"), load_attention(tmp_path / "b")
+    assert meta_a["examples"] == meta_b["examples"] == [0, 1, 2, 3, 4]
+    for index, row in enumerate(rows):  # rows numbered in the order seen: maps and tokens of the same row
+        assert torch.equal(a[f"{index}/input_ids"], row["input_ids"])
+        assert torch.equal(a[f"{index}/layer1"], b[f"{index}/layer1"])
 
 
 def test_results_of_other_arguments_are_not_replaced(tmp_path):

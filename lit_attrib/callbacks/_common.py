@@ -176,7 +176,11 @@ def datamodule_loader(trainer: Trainer, name: str, purpose: str):
             f"{purpose} come from the datamodule's {name}_dataloader(), which {type(datamodule).__name__} does not "
             f"have; add that method, or name another loader (e.g. 'query', 'forget', 'retain', 'predict')"
         )
-    return method()
+    datamodule.direct_loader = True  # the whole set, unsharded: the callback shards it itself where it must
+    try:
+        return method()
+    finally:
+        datamodule.direct_loader = False
 
 
 def iterate_batches(trainer: Trainer, pl_module: LightningModule, loader, shard: bool = False) -> Iterator[Any]:

@@ -15,7 +15,9 @@ transformers' source:
 
 The kernel still computes the output as before: logits, and generation with the KV cache, are the
 same with and without the callback. Only the first forward of each batch is captured (the prompt's
-prefill during generation).
+prefill when a module generates from its batch, as ``CausalLMModule`` does in predict); it must see
+the batch as the data module gave it, which rules out modules that rebuild their inputs
+(``EvalModule`` re-pads prompts, and scores item×choice rows).
 """
 
 from __future__ import annotations
@@ -81,16 +83,26 @@ def capture_kernel_inputs(implementation: str, record) -> Iterator[None]:
         yield
         return
 
+    active = [True]
+
     def kernel(module, query, key, value, attention_mask, *args, **kwargs):
         output, weights = original(module, query, key, value, attention_mask, *args, **kwargs)
-        record(module, query, key, attention_mask, kwargs, weights)
+        if active[0]:
+            record(module, query, key, attention_mask, kwargs, weights)
         return output, weights
 
+    kernel.lit_attrib_capture = (original, active)
     mapping[implementation] = kernel
     try:
         yield
     finally:
-        mapping[implementation] = original
+        active[0] = False
+        # Restore only our own entry: another capture may have wrapped ours meanwhile. It unwinds on its
+        # exit, past every capture that has ended (ours then included), back to the first live entry.
+        if mapping.get(implementation) is kernel:
+            while hasattr(original, "lit_attrib_capture") and not original.lit_attrib_capture[1][0]:
+                original = original.lit_attrib_capture[0]
+            mapping[implementation] = original
 
 
 class AttentionCaptureCallback(ArtifactCallback):
@@ -120,7 +132,8 @@ class AttentionCaptureCallback(ArtifactCallback):
         heads: head indices (default: all); for a differential model these are the ``H/2``
             differential heads.
         queries: which query positions: ``answer`` (the tokens with labels: the answer of a QA
-            example), ``last`` (each row's last real token: the position that writes the first
+            example and its end-of-sequence token; the prompt's last token, which writes the first
+            answer token, is not among them), ``last`` (each row's last real token: the position that writes the first
             answer token of a prompt), ``all`` (every real token), or a list of positions counted
             from each row's first real token (negative: from its end).
         max_examples: how many examples' maps are kept (those with the smallest dataset indices; the
@@ -212,6 +225,7 @@ class AttentionCaptureCallback(ArtifactCallback):
         self._lambdas = {layer: differential_lambda(m) for m, layer in self._modules.items()} if self._differential \
             else {}
         self._batch: dict | None = None
+        self._rows_seen = 0
         self._kernel_inputs: dict[nn.Module, tuple] = {}
         self._handles = []
         for module in self._modules:
@@ -243,7 +257,9 @@ class AttentionCaptureCallback(ArtifactCallback):
             token_class = torch.where(mask.bool(), 0, -1)  # everything is "other"
         positions = [self._query_positions(row, mask[row], batch) for row in range(ids.shape[0])]
         index = batch.get("index")
-        index = torch.arange(ids.shape[0]) if index is None else index
+        if index is None:  # number the rows in the order seen (a loader without dataset indices)
+            index = torch.arange(self._rows_seen, self._rows_seen + ids.shape[0])
+        self._rows_seen += ids.shape[0]
         self._batch = {"mask": mask, "token_class": token_class, "positions": positions,
                        "index": [int(i) for i in index.tolist()], "ids": ids, "pending": set(self._modules)}
 
@@ -269,6 +285,11 @@ class AttentionCaptureCallback(ArtifactCallback):
     def _record_kernel(self, module, query, key, attention_mask, kwargs, weights) -> None:
         # DiffLlama calls the kernel twice with the same queries and keys: the first call is enough
         if self._batch is not None and module in self._batch["pending"] and module not in self._kernel_inputs:
+            extra = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
+            if extra and weights is None:
+                raise ModelError(f"the '{self._implementation}' kernel of attention layer {self._modules[module]} uses "
+                                 f"{extra}, which the recomputed maps do not model; capture with "
+                                 f"attn_implementation: eager (the kernel's own weights are then used)")
             self._kernel_inputs[module] = (query, key, attention_mask, kwargs.get("scaling", module.scaling), weights)
 
     def _after_forward(self, module: nn.Module, args, kwargs, output) -> None:
@@ -302,9 +323,11 @@ class AttentionCaptureCallback(ArtifactCallback):
                                      f"kernel '{self._implementation}' was not seen; set attn_implementation to "
                                      f"eager or sdpa")
                 if keys != batch["mask"].shape[1]:
-                    raise DataError("AttentionCaptureCallback captures a batch's first forward, which must see the "
-                                    f"whole batch ({batch['mask'].shape[1]} tokens) but saw {keys} keys (a KV cache "
-                                    f"from an earlier call?)")
+                    raise DataError("AttentionCaptureCallback captures a batch's first forward, which must be the "
+                                    f"batch itself ({batch['mask'].shape[1]} tokens) but saw {keys} keys: the module "
+                                    "rebuilt its inputs (e.g. EvalModule re-pads prompts for generation) or reused a "
+                                    "KV cache. Capture with CausalLMModule (validate: whole examples; predict: "
+                                    "prompts, generation included)")
                 if self._differential:
                     half = len(self._heads)
                     maps = probabilities[:half] - self._lambdas[layer] * probabilities[half:]
@@ -361,17 +384,14 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     def _ratios(self, mass: torch.Tensor) -> dict:
         """Per part, layer and head: each class's share (``None`` where a part has no mass)."""
-        total = mass.sum(-1, keepdim=True)
-        ratios = torch.where(total > 0, mass / total.clamp(min=1e-300), torch.nan)
+        ratios = _shares(mass)
         result = {}
         for p, part in enumerate(_PARTS if self._differential else _PARTS[:1]):
             result[part] = {
                 str(layer): {str(head): {c: _number(ratios[p, i, j, k]) for k, c in enumerate(self._classes)}
                              for j, head in enumerate(self._heads)}
                 for i, layer in enumerate(self._layers)}
-            pooled = mass[p].sum(1)  # over heads
-            total = pooled.sum(-1, keepdim=True)
-            pooled = torch.where(total > 0, pooled / total.clamp(min=1e-300), torch.nan)
+            pooled = _shares(mass[p].sum(1))  # heads pooled
             result[part + "_mean_over_heads"] = {
                 str(layer): {c: _number(pooled[i, k]) for k, c in enumerate(self._classes)}
                 for i, layer in enumerate(self._layers)}
@@ -497,6 +517,14 @@ class AttentionCaptureCallback(ArtifactCallback):
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if self._handles:
             self._stop()  # hooks and the kernel registry back as they were; nothing half-written
+
+
+def _shares(mass: torch.Tensor) -> torch.Tensor:
+    """Each class's share of the total over the last dimension; NaN where the total is 0. A signed
+    total is ``(1 − λ)`` per query and may be negative (λ > 1): the shares still sum to 1."""
+    total = mass.sum(-1, keepdim=True)
+    safe = torch.where(total == 0, torch.ones_like(total), total)
+    return torch.where(total != 0, mass / safe, torch.nan)
 
 
 def _number(value: torch.Tensor) -> float | None:

@@ -318,6 +318,14 @@ class TextDataModule(LightningDataModule):
         require_columns(source, self._required_columns(), source=hp.query_path)
         return self._tokenize(source, with_answer=True)
 
+    def _exact_evaluation(self, trainer) -> bool:
+        """Shard validation/test rows without repeats (ranks may then run different numbers of batches)
+        only in the passes Lightning drives for ``validate``/``test``, not inside ``fit``, not under
+        sharded strategies (FSDP, DeepSpeed: every forward is a collective), and not for a callback
+        that asked for the loader by name (it shards, or needs every row, itself)."""
+        sharded = any(kind in type(trainer.strategy).__name__ for kind in ("FSDP", "DeepSpeed"))
+        return trainer.state.fn in ("validate", "test") and not sharded and not getattr(self, "direct_loader", False)
+
     def _loader(self, dataset, batch_size: int, *, shuffle: bool, padding_side: str = "right",
                 evaluation: bool = False) -> DataLoader:
         collate = CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id, padding_side=padding_side)
@@ -334,7 +342,8 @@ class TextDataModule(LightningDataModule):
                 sampler = DistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
                                              shuffle=True, seed=self.hparams.seed)
                 shuffle = False
-            elif evaluation:  # every row exactly once: Lightning's own sampler pads the last batch with repeats
+            elif evaluation and self._exact_evaluation(trainer):
+                # every row exactly once: Lightning's own sampler pads the last batch with repeats
                 sampler = UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size,
                                                        rank=trainer.global_rank, shuffle=False)
         return loader_class(
