@@ -151,11 +151,8 @@ def pass_at_one(predictions: list[str], references: list[str]) -> float:
     return correct / total if total else 0.0
 
 
-class PassAtOne(Metric):
-    """Pass@1 of generated final answers: ``update(predictions, references)`` with generated texts and
-    reference answers (lists of strings); ``compute()`` is the fraction correct over every item seen
-    by every process (0 before any item). States ``correct`` and ``total`` are summed across processes.
-    """
+class _FractionCorrect(Metric):
+    """``correct / total`` (0 before any item), both summed across processes."""
 
     full_state_update = False
     higher_is_better = True
@@ -165,13 +162,22 @@ class PassAtOne(Metric):
         self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
+    def compute(self) -> torch.Tensor:
+        return self.correct.double() / self.total.clamp(min=1)
+
+
+class PassAtOne(_FractionCorrect):
+    """Pass@1 of generated final answers: ``update(predictions, references)`` with generated texts and
+    reference answers (lists of strings); ``compute()`` is the fraction correct over every item seen
+    by every process (0 before any item). States ``correct`` and ``total`` are summed across processes.
+    """
+
+
     def update(self, predictions: list[str], references: list[str]) -> None:
         correct, total = _pass_at_one_update(list(predictions), list(references))
         self.correct += correct
         self.total += total
 
-    def compute(self) -> torch.Tensor:
-        return self.correct.double() / self.total.clamp(min=1)
 
 
 def _multiple_choice_update(scores: torch.Tensor, answers: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -205,23 +211,14 @@ def multiple_choice_accuracy(scores: torch.Tensor, answers: torch.Tensor) -> tor
     return correct.double() / max(total, 1)
 
 
-class MultipleChoiceAccuracy(Metric):
+class MultipleChoiceAccuracy(_FractionCorrect):
     """Accuracy of choosing the highest-scoring choice: ``update(scores (items, choices), answers (items,))``
     as in :func:`multiple_choice_accuracy` (``-inf`` for missing choices, ties to the lowest index).
     States ``correct`` and ``total`` are summed across processes."""
 
-    full_state_update = False
-    higher_is_better = True
-
-    def __init__(self, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.add_state("correct", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
-        self.add_state("total", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, scores: torch.Tensor, answers: torch.Tensor) -> None:
         correct, total = _multiple_choice_update(scores, answers)
         self.correct += correct.to(self.correct.device)
         self.total += total
 
-    def compute(self) -> torch.Tensor:
-        return self.correct.double() / self.total.clamp(min=1)

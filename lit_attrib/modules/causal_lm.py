@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
 from lit_attrib.errors import ModelError, TrainingError
 from lit_attrib.lightning_compat import restore_train_loader_state
-from lit_attrib.modules.loading import build_causal_lm, module_tokenizer
+from lit_attrib.modules.loading import build_causal_lm, module_tokenizer, record_datamodule_tokenizer
 from lit_attrib.ops.loss import loss_mask, token_nll
 
 __all__ = ["CausalLMModule", "SCHEDULERS"]
@@ -112,10 +112,7 @@ class CausalLMModule(LightningModule):
 
     def setup(self, stage: str) -> None:
         # Record the datamodule's tokenizer in our hparams: checkpoints then name the tokenizer they need.
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.tokenizer is None and getattr(datamodule, "tokenizer_name", None):
-            self.hparams.tokenizer = datamodule.tokenizer_name
-            self._hparams_initial.tokenizer = datamodule.tokenizer_name  # what the logger merges with the data's
+        record_datamodule_tokenizer(self)
 
     def configure_model(self) -> None:
         """Build the network once (Lightning calls this before restoring checkpoints and under FSDP)."""

@@ -35,7 +35,7 @@ from lit_attrib.errors import ArtifactError, ModelError
 from lit_attrib.io import atomic_path, default_permissions, write_jsonl
 from lit_attrib.metrics import Memorization, NDCGAtK
 from lit_attrib.modules.edit_spec import parse_layer_spec, spec_targets
-from lit_attrib.modules.loading import configure_base_model, module_tokenizer
+from lit_attrib.modules.loading import configure_base_model, module_tokenizer, record_datamodule_tokenizer
 from lit_attrib.ops.edit import EigenCache, curvature_mass_mask, curvature_project
 from lit_attrib.plotting import edit_sweep_figure, plt
 
@@ -159,10 +159,7 @@ class CurvatureEditModule(LightningModule):
             configure_base_model(self)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.tokenizer is None and getattr(datamodule, "tokenizer_name", None):
-            # as CausalLMModule: record the datamodule's tokenizer (the logger merges both hparams)
-            self.hparams.tokenizer = self._hparams_initial.tokenizer = datamodule.tokenizer_name
+        record_datamodule_tokenizer(self)
         if self.trainer.ckpt_path is not None:
             raise ModelError("CurvatureEditModule edits the weights in setup, which --ckpt_path would overwrite "
                              f"afterwards; pass the checkpoint as model.checkpoint={self.trainer.ckpt_path} instead")

@@ -28,7 +28,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lit_attrib.errors import ArtifactError, DataError, ModelError
 from lit_attrib.io import write_json, write_jsonl
 from lit_attrib.metrics import MultipleChoiceAccuracy, PassAtOne, grade_answers
-from lit_attrib.modules.loading import configure_base_model, module_tokenizer
+from lit_attrib.modules.loading import configure_base_model, module_tokenizer, record_datamodule_tokenizer
 from lit_attrib.ops.loss import IGNORE_INDEX
 
 __all__ = ["EvalModule", "TASK_METRICS"]
@@ -147,10 +147,7 @@ class EvalModule(LightningModule):
             configure_base_model(self)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if self.hparams.tokenizer is None and getattr(datamodule, "tokenizer_name", None):
-            # as CausalLMModule: record the datamodule's tokenizer (the logger merges both hparams)
-            self.hparams.tokenizer = self._hparams_initial.tokenizer = datamodule.tokenizer_name
+        record_datamodule_tokenizer(self)
         if stage not in ("validate", "test"):
             raise ModelError(f"EvalModule evaluates a model: run `lit-attrib validate` or `test`, not `{stage}`")
         if self._folder is None:  # every process asks: trainer.log_dir is a collective

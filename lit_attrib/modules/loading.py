@@ -14,7 +14,7 @@ from lit_attrib.errors import ModelError
 from lit_attrib.hub import load_from_hub_or_path
 from lit_attrib.io import load_checkpoint, load_state_checked
 
-__all__ = ["TESTED_MODEL_TYPES", "build_causal_lm", "configure_base_model", "module_tokenizer"]
+__all__ = ["TESTED_MODEL_TYPES", "build_causal_lm", "configure_base_model", "module_tokenizer", "record_datamodule_tokenizer"]
 
 TESTED_MODEL_TYPES = ("llama", "diffllama", "olmo2", "gpt2")
 """Model types that lit_attrib's test suite builds and trains; other causal LMs usually work too."""
@@ -127,3 +127,12 @@ def configure_base_model(module: Any) -> None:
     )
     if checkpoint is not None:
         load_state_checked(module, checkpoint, hp.checkpoint)
+
+
+def record_datamodule_tokenizer(module: Any) -> None:
+    """Record the datamodule's tokenizer in the module's hyperparameters (when none was given), so that
+    checkpoints name the tokenizer they need; also in the initial ones, which the logger merges with
+    the data's."""
+    datamodule = getattr(module.trainer, "datamodule", None)
+    if module.hparams.tokenizer is None and getattr(datamodule, "tokenizer_name", None):
+        module.hparams.tokenizer = module._hparams_initial.tokenizer = datamodule.tokenizer_name
