@@ -106,7 +106,7 @@ def inspect_factors(path: str, modules: str | list[str] | None = None, tensorboa
 
 def _tools() -> dict:
     """The tools' functions (imported on use: ``lit-attrib fit`` does not pay for them)."""
-    from lit_attrib.noise_robustness import noise_robustness as run
+    from lit_attrib.tools.noise_robustness import noise_robustness as run
 
     return {"inspect-factors": inspect_factors, "noise-robustness": run}
 

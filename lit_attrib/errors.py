@@ -1,6 +1,6 @@
 """Project exceptions: one type per domain, each message says what was seen, what was expected and how to fix it."""
 
-__all__ = ["LitAttribError", "DataError", "ModelError", "TrainingError", "ArtifactError"]
+__all__ = ["LitAttribError", "ConfigError", "DataError", "ModelError", "TrainingError", "ArtifactError"]
 
 
 class LitAttribError(Exception):
@@ -24,3 +24,7 @@ class TrainingError(LitAttribError):
 
 class ArtifactError(LitAttribError):
     """An artifact on disk is missing, incomplete, or does not match the model it is used with."""
+
+
+class ConfigError(LitAttribError, ValueError):
+    """An argument is invalid, or a callback lacks something it needs from the user (a loss, example ids)."""

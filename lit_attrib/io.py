@@ -9,7 +9,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
+import re
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
@@ -92,18 +95,49 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict:
+def load_checkpoint(path: str | os.PathLike, trust_pickle: bool = False,
+                    opt_in: str = "pass trust_pickle=True") -> dict:
     """A Lightning (or plain ``torch.save``) checkpoint as a dict, read on the CPU.
 
-    Tensors-only files load with ``weights_only=True``; Lightning checkpoints that pickle
-    hyperparameter objects fall back to a full load (the file is the user's own).
+    Read with ``torch.load(weights_only=True)``, which builds tensors and plain containers only
+    (lit_attrib's own checkpoints are such files). A file that pickles other objects is refused: unpickling
+    it would run code stored in the file. With ``trust_pickle`` such a file is unpickled, with a warning.
+
+    Args:
+        path: the checkpoint file.
+        trust_pickle: unpickle a file the safe loader refuses (only for files from a trusted source).
+        opt_in: how the caller's user sets ``trust_pickle``, for the error message (e.g. "set
+            SketchedGradCallback's trust_checkpoints: true").
+
+    Raises:
+        ArtifactError: the file is missing, unreadable, or needs unpickling and ``trust_pickle`` is false.
     """
     if not Path(path).is_file():
         raise ArtifactError(f"checkpoint '{path}' does not exist")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # Lightning checkpoints may pickle hyperparameter objects
-        return torch.load(path, map_location="cpu", weights_only=False)
+    except pickle.UnpicklingError as exc:  # torch's safe unpickler met something other than tensors and containers
+        reason = _unsafe_reason(exc)
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise ArtifactError(f"checkpoint '{path}' cannot be read (corrupt, or not a torch checkpoint): "
+                            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    if not trust_pickle:
+        raise ArtifactError(
+            f"checkpoint '{path}' is refused by torch's safe loader (weights_only): {reason}. Loading it needs "
+            f"unpickling, which runs code stored in the file. If you trust the file and where it came from, "
+            f"{opt_in}; otherwise use a checkpoint written by lit_attrib (those load without unpickling)"
+        ) from None
+    warnings.warn(f"checkpoint '{path}' was unpickled (weights_only=False), as trusted; unpickling runs code stored in "
+                  f"the file (torch's safe loader refused it: {reason})", UserWarning, stacklevel=2)
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _unsafe_reason(exc: BaseException) -> str:
+    """The part of torch's ``weights_only`` error that says what it refused (e.g. the global's name)."""
+    text = str(exc)
+    match = re.search(r"WeightsUnpickler error:\s*(.*?)(?:\s+Please use|\n\n|$)", text, re.DOTALL)
+    reason = (match.group(1) if match else text.strip().splitlines()[0] if text.strip() else type(exc).__name__)
+    return " ".join(reason.split()).rstrip(".")
 
 
 def load_state_checked(module: Any, checkpoint: dict, source: str) -> None:

@@ -233,7 +233,7 @@ def attention_comparison_figure(captures: dict[str, tuple[dict, dict[str, torch.
 
     Args:
         captures: label → ``(allocation.json, tensors)`` of an :class:`AttentionCaptureCallback` folder
-            (:func:`lit_attrib.callbacks.attention_capture.load_attention`).
+            (:func:`lit_attrib.artifacts.attention.load_attention`).
         index: dataset index of an example both captures kept.
         layer: the layer to show.
         tokenizer: decodes the token ids for the axes.

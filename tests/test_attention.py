@@ -304,3 +304,105 @@ def test_results_of_other_arguments_are_not_replaced(tmp_path):
     with pytest.raises(Exception, match="overwrite"):
         run(tiny("llama", "sdpa"), AttentionCaptureCallback(queries="all", output_dir=str(tmp_path)))
     assert json.loads((tmp_path / "allocation.json").read_text())["arguments"]["queries"] == "last"
+
+
+# ------------------------------------------------------------------------- allocation accumulator
+def _explicit_allocation(batches, layers: int, heads: int, classes: int):
+    """Mass, query counts and shares by plain loops over heads, queries and keys."""
+    mass = torch.zeros(3, layers, heads, classes, dtype=torch.float64)
+    queries = torch.zeros(layers, dtype=torch.float64)
+    for batch in batches:
+        for layer, maps, key_class in batch:
+            queries[layer] += maps.shape[1]
+            for h in range(heads):
+                for q in range(maps.shape[1]):
+                    for s in range(maps.shape[2]):
+                        c = int(key_class[s])
+                        if c < 0:
+                            continue
+                        w = float(maps[h, q, s])
+                        mass[0, layer, h, c] += w
+                        mass[1, layer, h, c] += max(w, 0.0)
+                        mass[2, layer, h, c] += max(-w, 0.0)
+    total = mass.sum(-1, keepdim=True)
+    pooled = mass.sum(2)
+    return mass, queries, mass / total, pooled / pooled.sum(-1, keepdim=True)
+
+
+def _allocation_batches(seed: int, count: int = 3, layers: int = 2, heads: int = 3, classes: int = 3):
+    """Batches of ``(layer, maps (heads, queries, S), key_class (S,))`` with signed maps and padded keys."""
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        batch = []
+        for layer in range(layers):
+            for _ in range(2):  # two examples per layer and batch
+                keys, queries = int(torch.randint(4, 9, (1,), generator=generator)), int(
+                    torch.randint(1, 4, (1,), generator=generator))
+                maps = torch.randn(heads, queries, keys, generator=generator, dtype=torch.float64)
+                key_class = torch.randint(-1, classes, (keys,), generator=generator)
+                key_class[:classes] = torch.arange(classes)  # every class present
+                batch.append((layer, maps, key_class))
+        batches.append(batch)
+    return batches
+
+
+def _accumulate(batches, layers: int = 2, heads: int = 3, classes: int = 3):
+    from lit_attrib.ops.attention_allocation import AttentionAllocation
+
+    allocation = AttentionAllocation(layers, heads, classes)
+    for batch in batches:
+        allocation.begin_batch()
+        for layer, maps, key_class in batch:
+            allocation.add(layer, maps, key_class)
+        allocation.end_batch()
+    return allocation
+
+
+def test_attention_allocation_equals_explicit_sums_and_shares():
+    batches = _allocation_batches(seed=0)
+    allocation = _accumulate(batches)
+    mass, queries, shares, pooled = _explicit_allocation(batches, 2, 3, 3)
+    torch.testing.assert_close(allocation.mass, mass, atol=1e-12, rtol=0)
+    torch.testing.assert_close(allocation.queries, queries, atol=0, rtol=0)
+    torch.testing.assert_close(allocation.shares(), shares, atol=1e-12, rtol=0)
+    torch.testing.assert_close(allocation.pooled_shares(), pooled, atol=1e-12, rtol=0)
+    torch.testing.assert_close(allocation.shares().sum(-1), torch.ones(3, 2, 3, dtype=torch.float64))
+    torch.testing.assert_close(allocation.mass[0], allocation.mass[1] - allocation.mass[2])  # signed = pos − neg
+
+
+def test_attention_allocation_shares_of_empty_parts_are_nan():
+    from lit_attrib.ops.attention_allocation import AttentionAllocation
+
+    allocation = AttentionAllocation(1, 1, 2)
+    allocation.begin_batch()
+    allocation.add(0, torch.tensor([[[0.25, 0.75, 0.5]]]), torch.tensor([0, 1, -1]))
+    allocation.end_batch()
+    assert allocation.shares()[0, 0, 0].tolist() == [0.25, 0.75]
+    assert allocation.shares()[2, 0, 0].isnan().all()  # no negative mass: no shares
+    with pytest.raises(RuntimeError, match="begin_batch"):
+        allocation.add(0, torch.ones(1, 1, 3), torch.tensor([0, 1, -1]))
+    with pytest.raises(ValueError, match=r"heads=1.*\(2, 1, 3\)"):
+        allocation.begin_batch()
+        allocation.add(0, torch.ones(2, 1, 3), torch.tensor([0, 1, -1]))
+
+
+def test_attention_allocation_split_over_processes_and_resumed_equals_one_pass():
+    from lit_attrib.ops.attention_allocation import AttentionAllocation
+
+    batches = _allocation_batches(seed=1, count=4)
+    whole = _accumulate(batches)
+    first, second = _accumulate(batches[:2]), _accumulate(batches[2:])
+    other = {id(first.mass): second.mass, id(first.queries): second.queries}
+    first.reduce(lambda tensor: tensor + other[id(tensor)])  # a sum over two "processes"
+    torch.testing.assert_close(first.mass, whole.mass, atol=1e-12, rtol=0)
+    torch.testing.assert_close(first.queries, whole.queries, atol=0, rtol=0)
+    resumed = AttentionAllocation(2, 3, 3)
+    resumed.load_state_dict(_accumulate(batches[:3]).state_dict())
+    for layer, maps, key_class in batches[3]:
+        resumed.begin_batch()
+        resumed.add(layer, maps, key_class)
+        resumed.end_batch()
+    torch.testing.assert_close(resumed.mass, whole.mass, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="same layers, heads and classes"):
+        AttentionAllocation(1, 3, 3).load_state_dict(whole.state_dict())

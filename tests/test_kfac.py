@@ -22,7 +22,7 @@ from reference_models import (
 from lit_attrib.artifacts import load_factors
 from lit_attrib.callbacks import KFACCollectorCallback
 from lit_attrib.errors import ArtifactError, ModelError, TrainingError
-from lit_attrib.ops.kfac import ekfac_inverse_hvp
+from lit_attrib.ops.kfac import ekfac_inverse_hvp, factors_inverse_hvp
 
 LAYERS = ["net.inp", "net.shared", "net.conv", "net.head"]
 
@@ -157,8 +157,8 @@ def test_inverse_hvp_equals_explicit_inverse(tmp_path, module, rows, strategy):
             matrix = torch.kron(g, a) + damping * torch.eye(lam.numel(), dtype=lam.dtype)
         vector = torch.randn(3, *lam.shape, dtype=torch.float64)
         expected = torch.linalg.solve(matrix, vector.reshape(3, -1).T).T.reshape(vector.shape)
-        torch.testing.assert_close(factors.inverse_hvp(name, vector), expected, atol=1e-9, rtol=1e-7)
-        torch.testing.assert_close(factors.inverse_hvp(name, vector[0], damping=damping), expected[0], atol=1e-9,
+        torch.testing.assert_close(factors_inverse_hvp(factors[name], vector), expected, atol=1e-9, rtol=1e-7)
+        torch.testing.assert_close(factors_inverse_hvp(factors[name], vector[0], damping=damping), expected[0], atol=1e-9,
                                    rtol=1e-7)
 
 

@@ -10,7 +10,7 @@ from lit_attrib.data.algorithmic import EOS, EQUALS, PLUS, AlgorithmicDataModule
 from lit_attrib.errors import DataError
 from lit_attrib.modules.looped import LoopedTransformerModule
 from lit_attrib.ops import IGNORE_INDEX
-from lit_attrib.tracking import LayerTracker, find_layers
+from lit_attrib.engine.tracking import LayerTracker, find_layers
 
 
 def test_addition_rows_hold_the_reversed_sum():

@@ -12,7 +12,9 @@ from lightning.pytorch import Callback, Trainer
 from safetensors.torch import load_file
 from torch import nn
 
-from lit_attrib.artifacts.sdi import example_checksums
+from lit_attrib.engine.data import example_checksums
+from lit_attrib.engine.task import Task
+from lit_attrib.ops.loss import loss_mask
 from lit_attrib.callbacks import SketchedGradCallback
 from lit_attrib.data.algorithmic import AlgorithmicDataModule
 from lit_attrib.errors import ArtifactError, ModelError
@@ -201,7 +203,7 @@ def test_the_model_keeps_its_own_weights(tmp_path, checkpoints):
 
 def test_hash_tables_are_the_same_for_the_same_seed():
     from lit_attrib.ops.step_features import GradientFeatures
-    from lit_attrib.tracking import find_parameter_modules
+    from lit_attrib.engine.tracking import find_parameter_modules
 
     module = tiny_module()
     layers = find_parameter_modules(module, None)
@@ -328,10 +330,15 @@ def test_unsupported_parameter_type_in_strict_mode_names_it(tmp_path, checkpoint
 def test_checksums_ignore_right_padding():
     batch = {"input_ids": torch.tensor([[1, 2, 3, 13]]), "attention_mask": torch.tensor([[1, 1, 1, 0]]),
              "labels": torch.tensor([[-100, 2, 3, -100]])}
+    task = Task(token_mask=lambda b: loss_mask(b["labels"]))
     shorter = {key: value[:, :3] for key, value in batch.items()}
-    assert torch.equal(example_checksums(batch, 1), example_checksums(shorter, 1))
+    assert torch.equal(example_checksums(task, batch), example_checksums(task, shorter))
     changed = {**shorter, "input_ids": torch.tensor([[1, 2, 4]])}
-    assert not torch.equal(example_checksums(changed, 1), example_checksums(shorter, 1))
+    assert not torch.equal(example_checksums(task, changed), example_checksums(task, shorter))
+    relabelled = {**shorter, "labels": torch.tensor([[-100, 2, 5]])}
+    assert not torch.equal(example_checksums(task, relabelled), example_checksums(task, shorter))
+    tuples = (torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
+    assert not torch.equal(example_checksums(Task(), tuples), example_checksums(Task(), (tuples[0], tuples[1] + 1)))
 
 
 def test_a_killed_pass_resumes_from_its_cached_sketches(tmp_path, checkpoints, monkeypatch):

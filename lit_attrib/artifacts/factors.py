@@ -26,8 +26,7 @@ from torch import nn
 
 from lit_attrib.errors import ArtifactError
 from lit_attrib.io import atomic_path, write_json
-from lit_attrib.ops.kfac import ekfac_inverse_hvp
-from lit_attrib.tracking import SUPPORTED_TYPES, layer_info
+from lit_attrib.layers import is_supported, layer_info
 
 __all__ = ["FACTOR_KEYS", "Factors", "factors_exist", "load_factors", "save_factors"]
 
@@ -60,15 +59,6 @@ class Factors:
 
     def __len__(self) -> int:
         return len(self.modules)
-
-    def inverse_hvp(self, name: str, vector: torch.Tensor, damping: float | None = None) -> torch.Tensor:
-        """``(H + λI)⁻¹ V`` for module ``name`` with ``V (..., out, in)`` in the bias-appended layout."""
-        factors = self.modules[name]
-        dtype = vector.dtype
-        return ekfac_inverse_hvp(
-            vector, factors["activation_eigenvectors"].to(dtype), factors["gradient_eigenvectors"].to(dtype),
-            factors["lambda"].to(dtype), damping,
-        )
 
 
 def factors_exist(path: str | os.PathLike) -> bool:
@@ -144,7 +134,7 @@ def check_factors_against_model(factors: Factors, model: nn.Module) -> None:
                             + (f" (did you mean '{hint[0]}'? pass the same module the factors were collected on)"
                                if hint else ""))
             continue
-        if not isinstance(module, SUPPORTED_TYPES):
+        if not is_supported(module):
             problems.append(f"'{name}' is a {type(module).__name__} in the model, saved as {saved['kind']}")
             continue
         current = layer_info(name, module).describe()

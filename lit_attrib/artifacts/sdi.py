@@ -9,15 +9,13 @@ per-step trajectories; ``sdi.json`` (written last) the steps, checkpoints and sk
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import torch
 
 from lit_attrib.artifacts.scores import save_tensors
 from lit_attrib.io import write_jsonl
-from lit_attrib.ops.loss import loss_mask
 
-__all__ = ["FORMAT", "example_checksums", "save_sdi", "step_shares"]
+__all__ = ["FORMAT", "save_sdi", "step_shares"]
 
 FORMAT = "lit_attrib.sdi/1"
 
@@ -49,23 +47,3 @@ def step_shares(sdi: torch.Tensor) -> list[float]:
     """Each step's share of all |influence|: ``Σ_ij |sdi[i, j, s]|`` normalised."""
     share = sdi.abs().sum((0, 1))
     return (share / share.sum().clamp(min=1e-300)).tolist()
-
-
-def example_checksums(batch: Any, size: int) -> torch.Tensor:
-    """A hash of each example's tokens (``input_ids`` where attended, ``labels`` where taken), ``(B,)``.
-
-    Independent of right padding, so cached sketches are recognised whatever the batch they came in.
-    Batches that are not dicts of ``input_ids`` get ``size`` zeros (no check).
-    """
-    if not isinstance(batch, dict) or "input_ids" not in batch:
-        return torch.zeros(size, dtype=torch.long)
-    ids = batch["input_ids"].detach().cpu().long()
-    weights = (torch.arange(1, ids.shape[1] + 1) * 1_000_003) % 2_147_483_647 + 1
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids) if mask is None else mask.detach().cpu().long()
-    total = ((ids + 3) * mask * weights).sum(-1)
-    if "labels" in batch:
-        labels = batch["labels"].detach().cpu().long()
-        taken = loss_mask(labels).long()
-        total = total * 31 + ((labels + 5) * taken * (weights * 7919 % 2_147_483_647)).sum(-1)
-    return total

@@ -22,21 +22,26 @@ from lit_attrib.artifacts.scores import ChunkStore
 from lit_attrib.callbacks._common import (
     DTYPES,
     ArtifactCallback,
-    LossFn,
-    batch_indices,
     check_context,
     context_length,
-    datamodule_loader,
     decode_texts,
-    default_loss,
-    iterate_batches,
-    own_backward,
     show_progress,
     tensors_checksum,
 )
-from lit_attrib.errors import ArtifactError, DataError, TrainingError
+from lit_attrib.engine.data import (
+    DataSource,
+    ExampleIds,
+    ensure_predict_step,
+    iterate_batches,
+    release_predict_step,
+    resolve_loader,
+)
+from lit_attrib.engine.gradient_pass import own_backward
+from lit_attrib.engine.task import LossFn, Task, resolve_task
+from lit_attrib.engine.tracking import LayerTracker, find_layers
+from lit_attrib.errors import ArtifactError, ConfigError, DataError, TrainingError
+from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.kfac import append_bias_column
-from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 
 
 class FactorScoringCallback(ArtifactCallback, ABC):
@@ -51,8 +56,11 @@ class FactorScoringCallback(ArtifactCallback, ABC):
     metadata_file = "scores.json"
     needs_texts = True
 
+    needs: tuple[str, ...] = ("loss",)
+
     def __init__(self, factors: str, target_modules: list[str] | None, damping: float | None, dtype: str,
-                 loss_fn: LossFn | None, output_dir: str | None, name: str, chunk_size: int, overwrite: bool) -> None:
+                 loss_fn: LossFn | None, output_dir: str | None, name: str, chunk_size: int, overwrite: bool,
+                 task: Task | None = None, token_loss_fn: LossFn | None = None) -> None:
         problems = []
         if dtype not in DTYPES:
             problems.append(f"dtype must be one of {list(DTYPES)}; got '{dtype}'")
@@ -61,12 +69,16 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         if damping is not None and damping < 0:
             problems.append(f"damping must be non-negative (or null for 0.1 · mean(Λ)); got {damping}")
         if problems:
-            raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
         self.factors_path = factors
         self.target_modules = target_modules
         self.damping = damping
         self.dtype = DTYPES[dtype]
-        self.loss_fn = loss_fn or default_loss
+        self.loss_fn = loss_fn
+        self.token_loss_fn = token_loss_fn
+        self.task = task
+        self._task: Task | None = None
+        self._ids: ExampleIds | None = None
         self.output_dir = output_dir
         self.name = name
         self.chunk_size = chunk_size
@@ -85,13 +97,21 @@ class FactorScoringCallback(ArtifactCallback, ABC):
     def arguments(self) -> dict:
         return {"factors": str(self.factors_path), "target_modules": self.target_modules, "damping": self.damping,
                 "dtype": str(self.dtype).replace("torch.", ""),
-                "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
+                "loss_fn": _function_name(self.loss_fn)}
 
     # --------------------------------------------------------------------------- set-up
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            ensure_predict_step(pl_module)
+
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._tracker is not None:  # hooks of an earlier pass that ended in an exception
             self._tracker.detach()
+        owner = f"{type(self).__name__}[{self.name}]"
+        self._task = resolve_task(pl_module, self.task, self.loss_fn, self.token_loss_fn, owner=owner, needs=self.needs)
+        self._ids = ExampleIds(self._task, owner)
         folder = self.folder(trainer)
         self.check_overwrite(trainer)
         self.factors = load_factors(self.factors_path, pl_module, device=pl_module.device)
@@ -151,14 +171,14 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         (``a`` bias-appended, both in ``dtype``)."""
         self._on_gradient = on_gradient
         try:
-            return own_backward(trainer, pl_module, self._tracker, self.loss_fn, batch)
+            return own_backward(trainer, pl_module, self._tracker, self._task, batch)
         finally:
             self._on_gradient = None
 
-    def example_gradients(self, trainer: Trainer, pl_module: LightningModule, loader_name: str, what: str,
+    def example_gradients(self, trainer: Trainer, pl_module: LightningModule, source: DataSource, what: str,
                           per_example: Callable[[LayerInfo, torch.Tensor], Any] | None = None,
                           shard: bool = False) -> tuple[dict[str, Any], torch.Tensor, list[str], int]:
-        """Gradients ``DW`` of each tracked layer over a datamodule loader.
+        """Gradients ``DW`` of each tracked layer over a set of examples (see :data:`DataSource`).
 
         Returns ``(gradients, indices, texts, count)``, ``count`` over every process. With ``per_example``, each layer's list of
         ``per_example(layer, DW)`` over the batches, ``DW (B, out, in)`` being the batch's per-example
@@ -178,23 +198,27 @@ class FactorScoringCallback(ArtifactCallback, ABC):
                 update = torch.einsum("bto,bti->oi", g, a)
                 sums[layer.name] = sums[layer.name] + update if layer.name in sums else update
 
-        loader = datamodule_loader(trainer, loader_name, what)
+        loader = resolve_loader(source, trainer, pl_module, f"the {what}")
+        label = source if isinstance(source, str) else type(source).__name__
+        ids = ExampleIds(self._task, f"{type(self).__name__}[{self.name}]")
         batches = iterate_batches(trainer, pl_module, loader, shard=shard)
-        for batch in tqdm(batches, desc=f"{self.name}: {loader_name} gradients", leave=False,
+        for batch in tqdm(batches, desc=f"{self.name}: {label} gradients", leave=False,
                           disable=not show_progress(trainer)):
-            check_context(batch, self._context, f"an example of the {what}")
+            if count == 0 and per_example is not None:  # rows are told apart only where they are kept apart
+                ids.check(loader, batch, trainer, f"the {what}")
+            check_context(self._task, batch, self._context, f"an example of the {what}")
             current.clear()
             losses = self.backward(trainer, pl_module, batch, collect)
             if not bool(torch.isfinite(losses).all()):
-                raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {loader_name} set "
-                                    f"(dataset indices {batch_indices(batch, count).tolist()[:8]})")
+                raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {what} "
+                                    f"(rows {ids(batch).tolist()[:8]})")
             if per_example is not None:
                 for name, layer in self.layers.items():
                     unused = torch.zeros(len(losses), *layer.gradient_shape, dtype=self.dtype, device=pl_module.device)
                     parts[name].append(per_example(layer, current.pop(name, unused)))
-            indices.append(batch_indices(batch, count))
+            indices.append(ids(batch))
             if self.needs_texts:
-                texts.extend(decode_texts(trainer, pl_module, batch))
+                texts.extend(decode_texts(trainer, pl_module, self._task, batch))
             count += len(losses)
         if per_example is None:
             for name, layer in self.layers.items():  # a layer the loss never reached, or a rank without batches
@@ -206,8 +230,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
             for name in self.layers:
                 sums[name] = trainer.strategy.reduce(sums[name], reduce_op="sum")
         if count == 0:
-            raise DataError(f"the {what} are empty: {loader_name}_dataloader() gave no examples; check the split "
-                            f"that feeds it")
+            raise DataError(f"the {what} are empty: {label} gave no examples; check the data that feeds it")
         gradients = parts if per_example is not None else sums
         return gradients, torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), texts, count
 
@@ -217,22 +240,23 @@ class FactorScoringCallback(ArtifactCallback, ABC):
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         if self._store is None:
             return
-        if trainer.world_size > 1 and not (isinstance(batch, dict) and "index" in batch):
-            raise DataError(f"{type(self).__name__} needs each batch's dataset 'index' column under several processes "
-                            f"(to put the scores in dataset order); add it to the rows your datamodule yields")
-        indices = batch_indices(batch, self._seen)
+        if self._seen == 0:
+            loaders = trainer.predict_dataloaders
+            loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
+            self._ids.check(loader, batch, trainer, "the predict pass")
+        indices = self._ids(batch)
         self._seen += len(indices)
         self._store.see(indices)
         if self._covered and set(indices.tolist()) <= self._covered:
             self._skipped += len(indices)
             return
-        check_context(batch, self._context, "the example")
+        check_context(self._task, batch, self._context, "the example")
         tensors = self.score_batch(trainer, pl_module, batch)
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite {key} for dataset indices "
                                     f"{indices.tolist()[:8]}; check the model and the factors' damping")
-        self._store.add(indices, tensors, decode_texts(trainer, pl_module, batch) if self.needs_texts else None)
+        self._store.add(indices, tensors, decode_texts(trainer, pl_module, self._task, batch) if self.needs_texts else None)
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -273,6 +297,8 @@ class FactorScoringCallback(ArtifactCallback, ABC):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._tracker is not None:
             self._tracker.detach()
+        if stage == "predict":
+            release_predict_step(pl_module)
 
     # ----------------------------------------------------------------- for subclasses
     @abstractmethod
@@ -309,3 +335,7 @@ def markdown_cell(text: str, limit: int = 160) -> str:
     text = " ".join(str(text).split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|")
+
+
+def _function_name(function) -> str | None:
+    return None if function is None else getattr(function, "__qualname__", repr(function))

@@ -18,14 +18,17 @@ same with and without the callback. Only the first forward of each batch is capt
 prefill when a module generates from its batch, as ``CausalLMModule`` does in predict); it must see
 the batch as the data module gave it, which rules out modules that rebuild their inputs
 (``EvalModule`` re-pads prompts, and scores item×choice rows).
+
+The callback says when and where; the math is elsewhere: model recognition and the kernel registry
+in :mod:`lit_attrib.callbacks.attention_kernels`, maps in :mod:`lit_attrib.ops.attention`, the
+allocation sums in :class:`lit_attrib.ops.attention_allocation.AttentionAllocation`, and the files in
+:mod:`lit_attrib.artifacts.attention`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import heapq
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,77 +36,28 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from safetensors.torch import save_file
 from torch import nn
 from typing_extensions import override
 
+from lit_attrib.artifacts.attention import FORMAT, METADATA_FILE, load_attention, save_attention
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.callbacks._scoring import tensorboard_text
+from lit_attrib.callbacks.attention_kernels import attention_modules, capture_kernel_inputs
 from lit_attrib.errors import DataError, ModelError
 from lit_attrib.io import atomic_path, write_json
 from lit_attrib.ops.attention import (
     attention_probabilities,
-    class_mass,
     differential_lambda,
+    differential_map,
     is_differential,
 )
+from lit_attrib.ops.attention_allocation import PARTS, AttentionAllocation
 from lit_attrib.ops.loss import IGNORE_INDEX
 
-__all__ = ["AttentionCaptureCallback", "attention_modules", "capture_kernel_inputs"]
+# attention_modules, capture_kernel_inputs and load_attention are re-exported for existing imports
+__all__ = ["AttentionCaptureCallback", "attention_modules", "capture_kernel_inputs", "load_attention"]
 
 DEFAULT_CLASSES = ("other", "math", "noise")
-_PARTS = ("signed", "positive", "negative")
-
-
-def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """The self-attention modules of a Llama-family model, in layer order.
-
-    Recognised: modules with ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` projections, a
-    ``head_dim`` and a ``config`` (Llama, DiffLlama, Mistral, Qwen2/3, OLMo-2 and their kin).
-    """
-    found = [(name, module) for name, module in model.named_modules()
-             if all(hasattr(module, attr) for attr in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "config"))]
-    return sorted(found, key=lambda item: (getattr(item[1], "layer_idx", None) is None,
-                                           getattr(item[1], "layer_idx", 0) or 0))
-
-
-@contextlib.contextmanager
-def capture_kernel_inputs(implementation: str, record) -> Iterator[None]:
-    """While open, every call of transformers' ``implementation`` attention kernel (``sdpa``,
-    ``flash_attention_2``, ...) also calls ``record(module, query, key, attention_mask, kwargs, weights)``.
-
-    The kernel's output is returned unchanged. The registry entry is restored on exit (also on
-    errors); ``eager`` needs no interception (the module returns its weights).
-    """
-    from transformers.modeling_utils import AttentionInterface
-
-    mapping = AttentionInterface._global_mapping
-    original = mapping.get(implementation)
-    if original is None:
-        yield
-        return
-
-    active = [True]
-
-    def kernel(module, query, key, value, attention_mask, *args, **kwargs):
-        output, weights = original(module, query, key, value, attention_mask, *args, **kwargs)
-        if active[0]:
-            record(module, query, key, attention_mask, kwargs, weights)
-        return output, weights
-
-    kernel.lit_attrib_capture = (original, active)
-    mapping[implementation] = kernel
-    try:
-        yield
-    finally:
-        active[0] = False
-        # Restore only our own entry: another capture may have wrapped ours meanwhile. It unwinds on its
-        # exit, past every capture that has ended (ours then included), back to the first live entry.
-        if mapping.get(implementation) is kernel:
-            while hasattr(original, "lit_attrib_capture") and not original.lit_attrib_capture[1][0]:
-                original = original.lit_attrib_capture[0]
-            mapping[implementation] = original
-
 
 class AttentionCaptureCallback(ArtifactCallback):
     """Capture attention maps in ``validate``, ``test`` or ``predict`` and measure where their mass goes.
@@ -144,7 +98,7 @@ class AttentionCaptureCallback(ArtifactCallback):
         overwrite: replace results made with other arguments.
     """
 
-    metadata_file = "allocation.json"
+    metadata_file = METADATA_FILE
 
     def __init__(
         self,
@@ -217,9 +171,7 @@ class AttentionCaptureCallback(ArtifactCallback):
         self.check_overwrite(trainer)
         names = getattr(trainer.datamodule, "token_classes", None) if trainer.datamodule is not None else None
         self._classes = tuple(names) if names else DEFAULT_CLASSES
-        shape = (3, len(self._layers), len(self._heads), len(self._classes))
-        self._mass = torch.zeros(shape, dtype=torch.float64)
-        self._queries_seen = torch.zeros(len(self._layers), dtype=torch.float64)
+        self._allocation = AttentionAllocation(len(self._layers), len(self._heads), len(self._classes))
         self._examples: dict[int, dict] = {}  # dataset index -> kept maps
         self._heap: list[int] = []  # max-heap (negated) of the kept indices
         self._lambdas = {layer: differential_lambda(m) for m, layer in self._modules.items()} if self._differential \
@@ -262,6 +214,7 @@ class AttentionCaptureCallback(ArtifactCallback):
         self._rows_seen += ids.shape[0]
         self._batch = {"mask": mask, "token_class": token_class, "positions": positions,
                        "index": [int(i) for i in index.tolist()], "ids": ids, "pending": set(self._modules)}
+        self._allocation.begin_batch()
 
     def _query_positions(self, row: int, mask: torch.Tensor, batch: dict) -> torch.Tensor:
         real = mask.nonzero().squeeze(-1)
@@ -328,14 +281,10 @@ class AttentionCaptureCallback(ArtifactCallback):
                                     "rebuilt its inputs (e.g. EvalModule re-pads prompts for generation) or reused a "
                                     "KV cache. Capture with CausalLMModule (validate: whole examples; predict: "
                                     "prompts, generation included)")
-                if self._differential:
-                    half = len(self._heads)
-                    maps = probabilities[:half] - self._lambdas[layer] * probabilities[half:]
-                else:
-                    maps = probabilities
+                # the needed heads are the differential heads, then their partners: D = A_i − λ·A_{i+H/2}
+                maps = differential_map(probabilities, self._lambdas[layer]) if self._differential else probabilities
                 key_class = batch["token_class"][row].to(maps.device)
-                self._mass[:, position] += class_mass(maps, key_class, len(self._classes)).sum(-2).cpu()
-                self._queries_seen[position] += queries.numel()
+                self._allocation.add(position, maps, key_class)
                 if self._keep(index):
                     real = batch["mask"][row].bool()
                     first = int(real.nonzero()[0])
@@ -365,41 +314,39 @@ class AttentionCaptureCallback(ArtifactCallback):
             rank_zero_warn(f"AttentionCaptureCallback: layers {missing} ran no forward in this batch")
         self._batch = None
         self._kernel_inputs.clear()
+        self._allocation.end_batch()
 
     # ---------------------------------------------------------------------------------- end
     def _finish(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._stop()
-        mass, seen, examples = self._mass, self._queries_seen, self._examples
+        examples = self._examples
         if dist.is_available() and dist.is_initialized() and trainer.world_size > 1:
-            parts: list = [None] * trainer.world_size
-            dist.all_gather_object(parts, (mass, seen, examples))
-            mass = sum(part[0] for part in parts)
-            seen = sum(part[1] for part in parts)
-            examples = {index: example for part in parts for index, example in part[2].items()}
+            self._allocation.reduce(lambda tensor: sum(_gather(tensor, trainer.world_size)))
+            examples = {index: example for part in _gather(examples, trainer.world_size)
+                        for index, example in part.items()}
         if not trainer.is_global_zero:
             return
         kept = sorted(examples)[: self.max_examples]
         examples = {index: examples[index] for index in kept}
-        self._write(trainer, pl_module, mass, seen, examples)
+        self._write(trainer, pl_module, self._allocation, examples)
 
-    def _ratios(self, mass: torch.Tensor) -> dict:
+    def _ratios(self, allocation: AttentionAllocation) -> dict:
         """Per part, layer and head: each class's share (``None`` where a part has no mass)."""
-        ratios = _shares(mass)
+        ratios, pooled = allocation.shares(), allocation.pooled_shares()  # pooled: heads together
         result = {}
-        for p, part in enumerate(_PARTS if self._differential else _PARTS[:1]):
+        for p, part in enumerate(PARTS if self._differential else PARTS[:1]):
             result[part] = {
                 str(layer): {str(head): {c: _number(ratios[p, i, j, k]) for k, c in enumerate(self._classes)}
                              for j, head in enumerate(self._heads)}
                 for i, layer in enumerate(self._layers)}
-            pooled = _shares(mass[p].sum(1))  # heads pooled
             result[part + "_mean_over_heads"] = {
-                str(layer): {c: _number(pooled[i, k]) for k, c in enumerate(self._classes)}
+                str(layer): {c: _number(pooled[p, i, k]) for k, c in enumerate(self._classes)}
                 for i, layer in enumerate(self._layers)}
         return result
 
     def summary_table(self, ratios: dict) -> str:
         """Markdown: one row per layer (heads pooled), the share of each class per part."""
-        parts = [p for p in _PARTS if p + "_mean_over_heads" in ratios]
+        parts = [p for p in PARTS if p + "_mean_over_heads" in ratios]
         header = ["layer"] + (["λ"] if self._differential else []) + [
             f"{c} ({p})" if len(parts) > 1 else c for p in parts for c in self._classes]
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -410,24 +357,17 @@ class AttentionCaptureCallback(ArtifactCallback):
             lines.append("| " + " | ".join(cells) + " |")
         return "\n".join(lines)
 
-    def _write(self, trainer: Trainer, pl_module: LightningModule, mass, seen, examples: dict) -> None:
-        folder = self._folder
-        tensors = {"mass": mass.float().contiguous(), "queries_per_layer": seen.float()}
-        if self._lambdas:
-            tensors["lambda"] = torch.tensor([self._lambdas[layer] for layer in self._layers])
-        for index, example in examples.items():
-            for key in ("input_ids", "queries", "token_class"):
-                tensors[f"{index}/{key}"] = example[key].contiguous()
-            for layer, maps in example["maps"].items():
-                tensors[f"{index}/layer{layer}"] = maps
-        with atomic_path(folder / "attention.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": "lit_attrib.attention/1"})
-        ratios = self._ratios(mass)
+    def _write(self, trainer: Trainer, pl_module: LightningModule, allocation: AttentionAllocation,
+               examples: dict) -> None:
+        folder, seen = self._folder, allocation.queries
+        lambdas = [self._lambdas[layer] for layer in self._layers] if self._lambdas else None
+        save_attention(folder, allocation.mass, seen, lambdas, examples)
+        ratios = self._ratios(allocation)
         table = self.summary_table(ratios)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) if trainer.datamodule is not None else None
         figures = self._plots(folder, examples, tokenizer, trainer)
         metadata = {
-            "format": "lit_attrib.attention/1", "arguments": self.arguments(), "model_type": self._model_type,
+            "format": FORMAT, "arguments": self.arguments(), "model_type": self._model_type,
             "attn_implementation": self._implementation, "differential": self._differential,
             "layers": self._layers, "heads": self._heads, "classes": list(self._classes),
             "lambda": {str(layer): lam for layer, lam in self._lambdas.items()},
@@ -519,14 +459,6 @@ class AttentionCaptureCallback(ArtifactCallback):
             self._stop()  # hooks and the kernel registry back as they were; nothing half-written
 
 
-def _shares(mass: torch.Tensor) -> torch.Tensor:
-    """Each class's share of the total over the last dimension; NaN where the total is 0. A signed
-    total is ``(1 − λ)`` per query and may be negative (λ > 1): the shares still sum to 1."""
-    total = mass.sum(-1, keepdim=True)
-    safe = torch.where(total == 0, torch.ones_like(total), total)
-    return torch.where(total != 0, mass / safe, torch.nan)
-
-
 def _number(value: torch.Tensor) -> float | None:
     value = float(value)
     return None if value != value else value
@@ -542,12 +474,8 @@ def _tokens(tokenizer, ids: torch.Tensor) -> list[str] | None:
     return [tokenizer.decode([int(i)]) for i in ids.tolist()]
 
 
-def load_attention(folder: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(allocation.json, tensors of attention.safetensors)`` of a capture folder."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    for file in ("allocation.json", "attention.safetensors"):
-        if not (folder / file).is_file():
-            raise DataError(f"'{folder}' holds no attention capture: {file} is missing (run AttentionCaptureCallback)")
-    return json.loads((folder / "allocation.json").read_text()), load_file(str(folder / "attention.safetensors"))
+def _gather(value: Any, world_size: int) -> list:
+    """``value`` of every process, in rank order (any picklable object, on any backend)."""
+    parts: list = [None] * world_size
+    dist.all_gather_object(parts, value)
+    return parts

@@ -10,12 +10,14 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 
 from lit_attrib.artifacts.scores import save_tensors
-from lit_attrib.callbacks._common import LossFn
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
-from lit_attrib.errors import ModelError
+from lit_attrib.engine.data import DataSource
+from lit_attrib.engine.task import LossFn, Task
+from lit_attrib.errors import ConfigError, ModelError
 from lit_attrib.io import write_json, write_jsonl
+from lit_attrib.ops.kfac import factors_inverse_hvp
 from lit_attrib.ops.influence import LowRank, low_rank, pairwise_scores, token_pairwise_scores
-from lit_attrib.tracking import LayerInfo
+from lit_attrib.layers import LayerInfo
 
 __all__ = ["InfluenceCallback"]
 
@@ -42,7 +44,8 @@ class InfluenceCallback(FactorScoringCallback):
 
     Args:
         factors: folder of the EKFAC (or K-FAC) factors from ``KFACCollectorCallback``.
-        queries: the datamodule loader of the queries: ``<queries>_dataloader()``.
+        queries: the queries: a datamodule loader's name (``<queries>_dataloader()``), a
+            ``DataLoader``, a dataset, or a json/jsonl file (tokenized like the run's data).
         target_modules: fnmatch patterns of the layers to use; default every layer the factors hold.
         query_gradient_rank: cut each preconditioned query gradient to this rank (truncated SVD);
             ``null`` keeps full rank.
@@ -54,8 +57,10 @@ class InfluenceCallback(FactorScoringCallback):
         top_k: helpful and harmful examples listed per query.
         token_scores: also keep each training token's share of the score.
         dtype: precision of the gradients and scores.
-        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss; default
-            ``pl_module.per_example_loss``.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss (shortcut for
+            ``task=Task(loss_fn=...)``); not needed for lit_attrib's modules and wrapped Hugging Face models.
+        task: what lit_attrib needs to know about the module's batches and loss
+            (:class:`lit_attrib.engine.Task`): the loss, example ids, token masks.
         output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
         name: the artifact's name (folder and TensorBoard tag).
         chunk_size: training examples per partial-results file.
@@ -65,7 +70,7 @@ class InfluenceCallback(FactorScoringCallback):
     def __init__(
         self,
         factors: str,
-        queries: str = "query",
+        queries: DataSource = "query",
         target_modules: list[str] | None = None,
         query_gradient_rank: int | None = None,
         expand_low_rank_gb: float = 1.0,
@@ -78,14 +83,16 @@ class InfluenceCallback(FactorScoringCallback):
         name: str = "influence",
         chunk_size: int = 256,
         overwrite: bool = False,
+        task: Task | None = None,
     ) -> None:
         if query_gradient_rank is not None and query_gradient_rank < 1:
-            raise ValueError(f"query_gradient_rank must be at least 1 (or null for full rank); got {query_gradient_rank}")
+            raise ConfigError(f"query_gradient_rank must be at least 1 (or null for full rank); got {query_gradient_rank}")
         if expand_low_rank_gb < 0:
-            raise ValueError(f"expand_low_rank_gb must be non-negative; got {expand_low_rank_gb}")
+            raise ConfigError(f"expand_low_rank_gb must be non-negative; got {expand_low_rank_gb}")
         if top_k < 1:
-            raise ValueError(f"top_k must be at least 1; got {top_k}")
-        super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite)
+            raise ConfigError(f"top_k must be at least 1; got {top_k}")
+        super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite,
+                         task=task)
         self.queries = queries
         self.query_gradient_rank = query_gradient_rank
         self.top_k = top_k
@@ -100,7 +107,7 @@ class InfluenceCallback(FactorScoringCallback):
         self._batch: dict[str, torch.Tensor] = {}
 
     def arguments(self) -> dict:
-        return {**super().arguments(), "queries": self.queries, "query_gradient_rank": self.query_gradient_rank,
+        return {**super().arguments(), "queries": _source_name(self.queries), "query_gradient_rank": self.query_gradient_rank,
                 "token_scores": self.token_scores}  # expand_low_rank_gb changes the speed, not the scores
 
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
@@ -130,7 +137,7 @@ class InfluenceCallback(FactorScoringCallback):
 
     def precondition(self, layer: LayerInfo, gradients: torch.Tensor) -> torch.Tensor | LowRank:
         """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set."""
-        preconditioned = self.factors.inverse_hvp(layer.name, gradients, self.damping)
+        preconditioned = factors_inverse_hvp(self.factors[layer.name], gradients, self.damping)
         if self.query_gradient_rank is None:
             return preconditioned
         try:
@@ -210,3 +217,8 @@ class InfluenceCallback(FactorScoringCallback):
                 lines.append(f"| {query} | {rank} | #{good['index']} {markdown_cell(good['text'], 80)} ({good['score']:.3g}) "
                              f"| #{bad['index']} {markdown_cell(bad['text'], 80)} ({bad['score']:.3g}) |")
         return "\n".join(lines)
+
+
+def _source_name(source) -> str:
+    """How a data source is recorded in the arguments: its name or path, else its type."""
+    return str(source) if isinstance(source, (str, Path)) else type(source).__name__

@@ -21,21 +21,14 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_attrib.artifacts.factors import METADATA_FILE, factors_exist, load_factors, save_factors
-from lit_attrib.callbacks._common import (
-    DTYPES,
-    LossFn,
-    _batch_size,
-    _clone,
-    _slice,
-    default_loss,
-    own_backward,
-    show_progress,
-    train_gradient_scale,
-)
-from lit_attrib.errors import ArtifactError, ModelError, TrainingError
+from lit_attrib.callbacks._common import DTYPES, show_progress
+from lit_attrib.engine.data import ensure_predict_step, release_predict_step
+from lit_attrib.engine.gradient_pass import TrainLossScale, clone_batch, own_backward, slice_batch
+from lit_attrib.engine.task import LossFn, Task, resolve_task
+from lit_attrib.engine.tracking import LayerTracker, find_layers
+from lit_attrib.errors import ArtifactError, ConfigError, ModelError, TrainingError
+from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.kfac_accumulator import KFACAccumulator
-from lit_attrib.ops.loss import IGNORE_INDEX, token_nll
-from lit_attrib.tracking import LayerInfo, LayerTracker, find_layers
 
 __all__ = ["KFACCollectorCallback"]
 
@@ -46,7 +39,7 @@ _PHASE_KEYS = {"covariance": ("activation", "gradient"), "lambda": ("lambda",)}
 class KFACCollectorCallback(Callback):
     """Collect K-FAC or EKFAC factors of the selected linear layers and save them as an artifact.
 
-    ``A = E[a aᵀ]`` and ``G = E[g gᵀ]`` over non-padding tokens (``batch["attention_mask"]``), with
+    ``A = E[a aᵀ]`` and ``G = E[g gᵀ]`` over non-padding tokens (the task's ``padding_mask``), with
     ``g`` the output gradient of each example's **summed** loss; EKFAC adds a second pass over the
     data for ``Λ = E[(Q_Gᵀ DW Q_A)²]``. Passes: for each group of layers, a covariance pass, then
     (EKFAC) a lambda pass. In ``fit`` each pass is one training epoch from ``start_epoch`` on; passes
@@ -62,9 +55,10 @@ class KFACCollectorCallback(Callback):
         target_modules: fnmatch patterns over ``pl_module.named_modules()`` (``nn.Linear`` and
             GPT-2 ``Conv1D``), e.g. ``["*.mlp.*_proj"]``.
         strategy: ``ekfac`` (eigenvalue-corrected, two passes) or ``kfac`` (one pass).
-        fisher: ``empirical`` (gradients of the data's labels) or ``true`` (labels sampled from the
-            model; needs ``pl_module(input_ids, attention_mask)`` to return logits and the batch to
-            have ``labels``; in ``fit`` this is an extra forward/backward per batch).
+        fisher: ``empirical`` (gradients of the data's labels) or ``true`` (targets sampled from the
+            model's own prediction at the positions that carry a loss; needs the task's logits, known
+            for lit_attrib's modules and wrapped Hugging Face models; in ``fit`` this is an extra
+            forward/backward per batch).
         stages: the stages in which to collect.
         max_examples: examples per pass (all if ``None``); split evenly over processes.
         layers_per_pass: bound memory by collecting this many layers at a time (more passes).
@@ -73,10 +67,16 @@ class KFACCollectorCallback(Callback):
         dtype: accumulation and storage dtype (eigendecompositions are always float64).
         output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
         name: the artifact's name (folder name and TensorBoard tag prefix).
-        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss, for the
-            passes the callback runs itself; default ``pl_module.per_example_loss``.
-        train_loss_reduction: how the training step reduced its loss (``auto`` reads
-            ``pl_module.loss_reduction``): ``sum``, ``example_mean`` or ``token_mean``.
+        task: what lit_attrib needs to know about the module's batches and loss
+            (:class:`lit_attrib.engine.Task`); detected for lit_attrib's modules and modules wrapping a
+            Hugging Face causal LM with Hugging Face-style dict batches.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss (shortcut for
+            ``task=Task(loss_fn=...)``), for the passes the callback runs itself and to check the
+            training loss's reduction in ``fit``.
+        train_loss_reduction: how the training step reduced its loss: ``sum``, ``example_mean``,
+            ``token_mean`` (over the task's token mask), or ``auto`` (``pl_module.loss_reduction``, else
+            found by comparing ``training_step``'s loss with the summed losses on the first batch).
+            A stated reduction is checked the same way.
         start_epoch: in ``fit``, the first epoch that collects.
         inspect_modules: patterns of the layers to plot; default the last tracked ``down_proj``
             (or the last tracked layer).
@@ -98,6 +98,7 @@ class KFACCollectorCallback(Callback):
         output_dir: str | None = None,
         name: str = "factors",
         loss_fn: LossFn | None = None,
+        task: Task | None = None,
         train_loss_reduction: Literal["auto", "sum", "example_mean", "token_mean"] = "auto",
         start_epoch: int = 0,
         inspect_modules: list[str] | None = None,
@@ -122,7 +123,7 @@ class KFACCollectorCallback(Callback):
         if unknown := [s for s in stages if s not in ("fit", "validate", "test", "predict")]:
             problems.append(f"unknown stages {unknown}; choose among fit, validate, test, predict")
         if problems:
-            raise ValueError("invalid KFACCollectorCallback arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid KFACCollectorCallback arguments:\n  - " + "\n  - ".join(problems))
         self.target_modules = list(target_modules or ["*.mlp.*_proj"])
         self.strategy = strategy
         self.fisher = fisher
@@ -133,7 +134,8 @@ class KFACCollectorCallback(Callback):
         self.dtype = DTYPES[dtype]
         self.output_dir = output_dir
         self.name = name
-        self.loss_fn = loss_fn or default_loss
+        self.loss_fn = loss_fn
+        self.task = task
         self.train_loss_reduction = train_loss_reduction
         self.start_epoch = start_epoch
         self.inspect_modules = inspect_modules
@@ -154,6 +156,9 @@ class KFACCollectorCallback(Callback):
         self._generator: torch.Generator | None = None
         self._written: Path | None = None
         self._trainer: Trainer | None = None
+        self._task: Task | None = None
+        self._train_scale: TrainLossScale | None = None
+        self._checked_layers = False
 
     # ------------------------------------------------------------------------------ identity
     @property
@@ -167,7 +172,7 @@ class KFACCollectorCallback(Callback):
             "target_modules": self.target_modules, "strategy": self.strategy, "fisher": self.fisher,
             "max_examples": self.max_examples, "layers_per_pass": self.layers_per_pass,
             "module_groups": self.module_groups, "dtype": str(self.dtype).replace("torch.", ""),
-            "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)),
+            "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)) if self.loss_fn else None,
         }
 
     @property
@@ -181,6 +186,8 @@ class KFACCollectorCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage not in self.stages:
             return
+        if stage == "predict":
+            ensure_predict_step(pl_module)
         folder = self._folder(trainer)
         if factors_exist(folder) and not self.overwrite:
             saved = json.loads((folder / METADATA_FILE).read_text()).get("arguments", {})
@@ -202,6 +209,13 @@ class KFACCollectorCallback(Callback):
             return False
         self._stage = stage
         self._trainer = trainer
+        needs = ("loss",) if stage != "fit" or self.strategy == "ekfac" else ()
+        needs += ("logits",) if self.fisher == "true" else ()
+        self._task = resolve_task(pl_module, self.task, self.loss_fn, owner=f"{type(self).__name__}[{self.name}]",
+                                  needs=needs)
+        if stage == "fit" and self.fisher == "empirical":
+            self._train_scale = TrainLossScale(self.train_loss_reduction, self._task, f"{type(self).__name__}[{self.name}]")
+            self._train_scale.setup(pl_module)
         if not self._layers:
             self._layers = find_layers(pl_module, self.target_modules)
             self._groups = self._make_groups(pl_module)
@@ -267,7 +281,8 @@ class KFACCollectorCallback(Callback):
         self._where = f"training step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
         if self.fisher == "true":
             return
-        if self._start_batch(trainer, batch, self._train_gradient_scale(trainer, pl_module, batch), own_pass=False):
+        scale = self._train_scale.for_batch(trainer, pl_module, batch, batch_idx)
+        if self._start_batch(trainer, batch, scale, own_pass=False):
             self._tracker.reset()
             self._tracker.active = True
 
@@ -279,6 +294,10 @@ class KFACCollectorCallback(Callback):
         if self.fisher == "true":
             self._own_pass(trainer, pl_module, batch)
         elif self._tracker.active:
+            if not self._checked_layers:  # the first batch shows whether every tracked layer is really used
+                self._tracker.check_seen("training_step")
+                self._tracker.check_reached()
+                self._checked_layers = True
             self._tracker.active = False
             self._end_batch(trainer)
 
@@ -297,9 +316,6 @@ class KFACCollectorCallback(Callback):
             return
         self._run_remaining_passes(trainer, pl_module, trainer.train_dataloader)
         self._write(trainer)
-
-    def _train_gradient_scale(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> float:
-        return train_gradient_scale(trainer, pl_module, batch, self.train_loss_reduction, type(self).__name__)
 
     # ------------------------------------------------------------------- own-pass stages
     def _stage_start(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -363,17 +379,16 @@ class KFACCollectorCallback(Callback):
         An own pass cuts the batch to the examples still wanted; while observing training the whole
         batch counts (``max_examples`` rounds up to whole batches in ``fit``).
         """
-        size = _batch_size(batch)
+        size = self._task.batch_size(batch)
         if self.max_examples is not None:
             wanted = math.ceil(self.max_examples / trainer.world_size) - self._pass_examples
             if wanted <= 0:
                 return None
             if own_pass and wanted < size:
-                batch = _slice(batch, wanted)
+                batch = slice_batch(batch, wanted)
                 size = wanted
         self._tracker.enabled = set(self._groups[self.passes[self._pass][1]])
-        mask = batch.get("attention_mask") if isinstance(batch, dict) else None
-        self._accumulator.begin_batch(None if mask is None else mask.to(torch.bool), gradient_scale)
+        self._accumulator.begin_batch(self._task.padding_mask(batch), gradient_scale)
         self._pass_examples += size
         return batch
 
@@ -388,22 +403,12 @@ class KFACCollectorCallback(Callback):
     def _own_pass(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> None:
         """Forward and backward of the collector's own, leaving the parameters' ``.grad`` untouched."""
         with torch.inference_mode(False):
-            batch = self._start_batch(trainer, _clone(batch), 1.0, own_pass=True)
+            batch = self._start_batch(trainer, clone_batch(batch), 1.0, own_pass=True)
         if batch is None:
             return
-        loss_fn = self._sampled_loss if self.fisher == "true" else self.loss_fn
-        own_backward(trainer, pl_module, self._tracker, loss_fn, batch)
+        loss = "sampled_loss" if self.fisher == "true" else "loss"
+        own_backward(trainer, pl_module, self._tracker, self._task, batch, loss=loss, generator=self._generator)
         self._end_batch(trainer)
-
-    def _sampled_loss(self, pl_module: LightningModule, batch: dict) -> torch.Tensor:
-        """True Fisher: each label position's token is drawn from the model's own prediction."""
-        logits = pl_module(batch["input_ids"], batch.get("attention_mask"))  # (B, T, V)
-        probabilities = torch.softmax(logits[:, :-1].detach().float(), dim=-1)
-        sampled = torch.multinomial(probabilities.reshape(-1, probabilities.shape[-1]), 1, generator=self._generator)
-        labels = batch["labels"].clone()
-        keep = labels[:, 1:] != IGNORE_INDEX
-        labels[:, 1:] = torch.where(keep, sampled.view(keep.shape), torch.full_like(labels[:, 1:], IGNORE_INDEX))
-        return token_nll(logits, labels).sum(dim=-1)
 
     def _finish_pass(self, trainer: Trainer) -> None:
         phase, group = self.passes[self._pass]
@@ -519,3 +524,5 @@ class KFACCollectorCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._tracker is not None:
             self._tracker.detach()
+        if stage == "predict" and stage in self.stages:
+            release_predict_step(pl_module)

@@ -32,27 +32,33 @@ from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_attrib.artifacts.scores import ChunkStore, save_tensors
-from lit_attrib.artifacts.sdi import FORMAT, example_checksums, save_sdi, step_shares
+from lit_attrib.artifacts.sdi import FORMAT, save_sdi, step_shares
 from lit_attrib.callbacks._common import (
     DTYPES,
     ArtifactCallback,
-    LossFn,
-    batch_indices,
     check_context,
     context_length,
-    datamodule_loader,
-    default_loss,
-    iterate_batches,
-    own_backward,
     show_progress,
     tensors_checksum,
-    train_gradient_scale,
 )
+from lit_attrib.engine.data import (
+    DataSource,
+    ExampleIds,
+    ensure_predict_step,
+    example_checksums,
+    iterate_batches,
+    release_predict_step,
+    resolve_loader,
+)
+from lit_attrib.engine.gradient_pass import TrainLossScale, own_backward
+from lit_attrib.engine.task import LossFn, Task, resolve_task
 from lit_attrib.callbacks._scoring import tensorboard_text
-from lit_attrib.errors import ArtifactError, DataError, ModelError, TrainingError
+from lit_attrib.callbacks.influence import _source_name
+from lit_attrib.errors import ArtifactError, ConfigError, DataError, ModelError, TrainingError
 from lit_attrib.io import atomic_path, load_checkpoint, load_state_checked, write_json
 from lit_attrib.ops.step_features import GradientFeatures, per_example_module, step_layout
-from lit_attrib.tracking import LayerInfo, LayerTracker, find_parameter_modules
+from lit_attrib.engine.tracking import LayerTracker, find_parameter_modules
+from lit_attrib.layers import LayerInfo
 
 __all__ = ["SketchedGradCallback"]
 
@@ -66,8 +72,8 @@ class SketchedGradCallback(ArtifactCallback):
     Two modes:
 
     - **checkpoint mode** (``checkpoints`` given; runs in ``lit-attrib predict``, TracInCP): for each
-      checkpoint, its weights are loaded, the queries (``<queries>_dataloader()``) are sketched per
-      step, and the training examples (the datamodule's ``predict_dataloader()``) are sketched once
+      checkpoint, its weights are loaded, the queries (``queries``) are sketched per
+      step, and the training examples (``train_data``, by default the ``predict`` pass's) are sketched once
       and weighted by ``η_c`` (``eta``, or the learning rate stored in the checkpoint). Training
       sketches are cached on disk per checkpoint, so a killed pass resumes and a second query set
       needs no forward or backward of the training set (its batches are still read, to check the
@@ -98,15 +104,24 @@ class SketchedGradCallback(ArtifactCallback):
         checkpoints: checkpoint files or glob patterns (checkpoint mode); ``null`` for online mode.
         eta: checkpoint weights ``η_c``: one number for all, one per checkpoint, or ``null`` for
             the learning rate each checkpoint's optimizer state holds.
-        queries: the datamodule loader of the queries: ``<queries>_dataloader()``.
+        trust_checkpoints: unpickle checkpoints that hold more than tensors and plain containers
+            (``torch.load(weights_only=False)``, which runs code stored in the file); only for files you trust.
+        queries: the queries: a datamodule loader's name (``<queries>_dataloader()``), a
+            ``DataLoader``, a dataset, or a json/jsonl file.
+        train_data: checkpoint mode: the training examples to score, the same kinds as ``queries``;
+            default ``predict``, the datamodule's ``predict_dataloader()``.
         every_n_steps: online mode: sketch the queries again every this many optimizer steps.
         seed: seed of the hash and sign tables (identical on every device).
         strict: refuse parameters without a dedicated sketch (anything but linear, embedding and
             norm layers); ``false`` sketches their per-example gradients taken through torch.func.
-        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss; default
-            ``pl_module.per_example_loss``.
-        train_loss_reduction: online mode: how the training step reduced its loss (``auto`` reads
-            ``pl_module.loss_reduction``): ``sum``, ``example_mean`` or ``token_mean``.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss (shortcut for
+            ``task=Task(loss_fn=...)``); not needed for lit_attrib's modules and wrapped Hugging Face models.
+        task: what lit_attrib needs to know about the module's batches and loss
+            (:class:`lit_attrib.engine.Task`): the loss, example ids, token masks.
+        train_loss_reduction: online mode: how the training step reduced its loss: ``sum``,
+            ``example_mean``, ``token_mean`` or ``auto`` (``pl_module.loss_reduction``, else found by
+            comparing ``training_step``'s loss with the summed losses on the first batch; a stated
+            reduction is checked the same way).
         dtype: precision of the sketches and scores.
         top_k: helpful and harmful training examples listed per query.
         output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
@@ -129,11 +144,14 @@ class SketchedGradCallback(ArtifactCallback):
         exact: bool = False,
         checkpoints: list[str] | str | None = None,
         eta: float | list[float] | None = None,
-        queries: str = "query",
+        trust_checkpoints: bool = False,
+        queries: DataSource = "query",
+        train_data: DataSource = "predict",
         every_n_steps: int = 1,
         seed: int = 0,
         strict: bool = True,
         loss_fn: LossFn | None = None,
+        task: Task | None = None,
         train_loss_reduction: Literal["auto", "sum", "example_mean", "token_mean"] = "auto",
         dtype: str = "float32",
         top_k: int = 10,
@@ -164,7 +182,7 @@ class SketchedGradCallback(ArtifactCallback):
         if checkpoints is not None and not checkpoints:
             problems.append("checkpoints is empty; give checkpoint files or globs, or null for online mode in fit")
         if problems:
-            raise ValueError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError(f"invalid {type(self).__name__} arguments:\n  - " + "\n  - ".join(problems))
         self.target_modules = target_modules
         self.sketch_dim = sketch_dim
         self.sketch_sharing = sketch_sharing
@@ -172,11 +190,17 @@ class SketchedGradCallback(ArtifactCallback):
         self.exact = exact
         self.checkpoints = checkpoints
         self.eta = eta
+        self.trust_checkpoints = trust_checkpoints
         self.queries = queries
+        self.train_data = train_data
         self.every_n_steps = every_n_steps
         self.seed = seed
         self.strict = strict
-        self.loss_fn = loss_fn or default_loss
+        self.loss_fn = loss_fn
+        self.task = task
+        self._task: Task | None = None
+        self._ids: ExampleIds | None = None
+        self._train_scale: TrainLossScale | None = None
         self.train_loss_reduction = train_loss_reduction
         self.dtype = DTYPES[dtype]
         self.top_k = top_k
@@ -205,21 +229,26 @@ class SketchedGradCallback(ArtifactCallback):
         self._original: dict[str, torch.Tensor] | None = None
         self._layout_checked = False
         self._batch_size = 0
+        self._batch_ids: torch.Tensor | None = None
 
     @override
     def arguments(self) -> dict:
         return {"target_modules": self.target_modules, "sketch_dim": self.sketch_dim,
                 "sketch_sharing": self.sketch_sharing, "mode": self.mode,
-                "exact": self.exact, "checkpoints": self.checkpoints, "eta": self.eta, "queries": self.queries,
+                "exact": self.exact, "checkpoints": self.checkpoints, "eta": self.eta,
+                "queries": _source_name(self.queries), "train_data": _source_name(self.train_data),
                 "every_n_steps": self.every_n_steps, "seed": self.seed, "strict": self.strict,
                 "dtype": str(self.dtype).replace("torch.", ""),
-                "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
+                "loss_fn": None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
 
     # --------------------------------------------------------------------------- set-up
     def _setup(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.check_overwrite(trainer)
         if self._tracker is not None:  # hooks of an earlier pass that ended in an exception
             self._tracker.detach()
+        owner = f"{type(self).__name__}[{self.name}]"
+        self._task = resolve_task(pl_module, self.task, self.loss_fn, owner=owner)
+        self._ids = ExampleIds(self._task, owner)
         self.layers = find_parameter_modules(pl_module, self.target_modules)
         if self.strict and not self.exact:
             unsupported = [f"{name} ({type(layer.module).__name__})" for name, layer in self.layers.items()
@@ -296,14 +325,14 @@ class SketchedGradCallback(ArtifactCallback):
 
         self._collect = collect
         self._layout_checked = False
-        self._batch_size = len(batch_indices(batch, 0))
+        self._batch_size = self._task.batch_size(batch)
         try:
-            losses = own_backward(trainer, pl_module, self._tracker, self.loss_fn, batch)
+            losses = own_backward(trainer, pl_module, self._tracker, self._task, batch)
         finally:
             self._collect = None
         if not bool(torch.isfinite(losses).all()):
-            raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss for dataset indices "
-                                f"{batch_indices(batch, 0).tolist()[:8]}")
+            raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss for rows "
+                                f"{self._task.example_ids(batch)}")
         if not holder:
             raise ModelError(f"the loss of {type(self).__name__}[{self.name}] reached none of the tracked modules; "
                              f"check target_modules")
@@ -320,26 +349,29 @@ class SketchedGradCallback(ArtifactCallback):
     def _query_features(self, trainer: Trainer, pl_module: LightningModule) -> tuple[torch.Tensor, torch.Tensor]:
         """Every query's features (all processes compute all), in dataset index order: ``(N_q, S, size)``
         in ``sdi`` mode, ``(N_q, 1, size)`` in ``tracin`` mode."""
-        loader = datamodule_loader(trainer, self.queries, "the queries")
+        loader = resolve_loader(self.queries, trainer, pl_module, "the queries")
+        ids = ExampleIds(self._task, f"{type(self).__name__}[{self.name}]")
         parts, indices, count = [], [], 0
         was_training = pl_module.training
         pl_module.eval()
         try:
             for batch in tqdm(iterate_batches(trainer, pl_module, loader), desc=f"{self.name}: queries", leave=False,
                               disable=not show_progress(trainer)):
-                check_context(batch, self._context, "a query")
+                if count == 0:
+                    ids.check(loader, batch, trainer, "the queries", sharded=False)
+                check_context(self._task, batch, self._context, "a query")
                 features = self._example_features(trainer, pl_module, batch, per_step=True)
                 parts.append(features if self.mode == "sdi" else features.sum(1, keepdim=True))
-                indices.append(batch_indices(batch, count))
+                indices.append(ids(batch))
                 count += len(indices[-1])
         finally:
             pl_module.train(was_training)
         if not parts:
-            raise DataError(f"the queries are empty: {self.queries}_dataloader() gave no examples")
+            raise DataError(f"the queries are empty: {_source_name(self.queries)} gave no examples")
         indices = torch.cat(indices)
         order = torch.argsort(indices)
         if len(indices.unique()) != len(indices):
-            raise DataError(f"{self.queries}_dataloader() repeats dataset indices; each query needs its own index")
+            raise DataError(f"the queries ({_source_name(self.queries)}) repeat example ids; each query needs its own")
         return torch.cat(parts)[order.to(parts[0].device)], indices[order]
 
     def _contract(self, train: torch.Tensor, weight: float) -> torch.Tensor:
@@ -374,12 +406,13 @@ class SketchedGradCallback(ArtifactCallback):
                                     f"the path")
             paths.extend(matches)
         if isinstance(self.eta, list) and len(self.eta) != len(paths):
-            raise ValueError(f"eta has {len(self.eta)} values for the {len(paths)} checkpoints {paths[:4]}…; give "
+            raise ConfigError(f"eta has {len(self.eta)} values for the {len(paths)} checkpoints {paths[:4]}…; give "
                              f"one per checkpoint, one number for all, or null for their learning rates")
         return paths
 
     def _load_checkpoint(self, pl_module: LightningModule, path: str, position: int) -> dict:
-        checkpoint = load_checkpoint(path)
+        checkpoint = load_checkpoint(path, trust_pickle=self.trust_checkpoints,
+                                     opt_in=f"set {type(self).__name__}'s trust_checkpoints: true")
         load_state_checked(pl_module, checkpoint, path)
         if isinstance(self.eta, list):
             eta = float(self.eta[position])
@@ -432,23 +465,25 @@ class SketchedGradCallback(ArtifactCallback):
             part = load_file(str(file))
             for row, (index, checksum) in enumerate(zip(part["index"].tolist(), part["checksum"].tolist())):
                 cached[(index, checksum)] = (part["sketch"], row)
-        loader = datamodule_loader(trainer, "predict", "the training examples")
+        loader = resolve_loader(self.train_data, trainer, pl_module, "the training examples")
+        ids = ExampleIds(self._task, f"{type(self).__name__}[{self.name}]")
         count = reused = 0
-        for batch in tqdm(iterate_batches(trainer, pl_module, loader, shard=True), desc=f"{self.name}: training set",
-                          leave=False, disable=not show_progress(trainer)):
-            if trainer.world_size > 1 and not (isinstance(batch, dict) and "index" in batch):
-                raise DataError(f"{type(self).__name__} needs each batch's dataset 'index' column under several "
-                                f"processes (to put the results in dataset order); add it to the rows your datamodule "
-                                f"yields")
-            indices = batch_indices(batch, count)
+        for position, batch in enumerate(tqdm(loader, desc=f"{self.name}: training set", leave=False,
+                                              disable=not show_progress(trainer))):
+            if position == 0:
+                ids.check(loader, batch, trainer, "the training examples", sharded=True)
+            indices = ids(batch)  # every batch is numbered, also those another process scores
+            if position % trainer.world_size != trainer.global_rank:
+                continue
+            batch = trainer.strategy.batch_to_device(batch, pl_module.device)
             count += len(indices)
-            checksums = example_checksums(batch, len(indices))
+            checksums = example_checksums(self._task, batch)
             keys = list(zip(indices.tolist(), checksums.tolist()))
             if all(key in cached for key in keys):
                 train = torch.stack([cached[key][0][cached[key][1]] for key in keys]).to(pl_module.device)
                 reused += len(keys)
             else:
-                check_context(batch, self._context, "a training example")
+                check_context(self._task, batch, self._context, "a training example")
                 train = self._example_features(trainer, pl_module, batch, per_step=False)
                 if store is not None:
                     store.add(indices, {"sketch": train, "checksum": checksums})
@@ -471,6 +506,13 @@ class SketchedGradCallback(ArtifactCallback):
         self._setup(trainer, pl_module)
         self._records = restored
         self._refreshed_at = -1
+        self._train_scale = TrainLossScale(self.train_loss_reduction, self._task, f"{type(self).__name__}[{self.name}]")
+        self._train_scale.setup(pl_module)
+
+    @override
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._online:
+            self._ids.reset()  # rows without ids are numbered in loader order, from 0 each epoch
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
@@ -480,11 +522,11 @@ class SketchedGradCallback(ArtifactCallback):
         if step % self.every_n_steps == 0 and self._refreshed_at != step:
             self._queries, self._query_indices = self._query_features(trainer, pl_module)
             self._refreshed_at = step
-        if not (isinstance(batch, dict) and "index" in batch):
-            raise DataError(f"{type(self).__name__} in fit needs each training batch's dataset 'index' column (to "
-                            f"credit the right examples); add it to the rows your datamodule yields")
+        if batch_idx == 0:
+            self._ids.check(trainer.train_dataloader, batch, trainer, "the training set")
+        self._batch_ids = self._ids(batch)
         self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
-        self._scale = train_gradient_scale(trainer, pl_module, batch, self.train_loss_reduction, type(self).__name__)
+        self._scale = self._train_scale.for_batch(trainer, pl_module, batch, batch_idx)
         self._train_features = {}
 
         def collect(layer: LayerInfo, step: int, a: torch.Tensor, g: torch.Tensor) -> None:
@@ -493,7 +535,7 @@ class SketchedGradCallback(ArtifactCallback):
 
         self._collect = collect
         self._layout_checked = False
-        self._batch_size = len(batch["index"])
+        self._batch_size = len(self._batch_ids)
         self._tracker.reset()
         self._tracker.active = True
 
@@ -512,7 +554,7 @@ class SketchedGradCallback(ArtifactCallback):
         if not bool(torch.isfinite(train).all()):
             raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite training gradient sketch at step "
                                 f"{trainer.global_step}")
-        self._record(batch["index"], self._contract(train, self._lr))
+        self._record(self._batch_ids, self._contract(train, self._lr))
 
 
     @override
@@ -614,6 +656,13 @@ class SketchedGradCallback(ArtifactCallback):
         self._online = False
 
     @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            ensure_predict_step(pl_module)
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            release_predict_step(pl_module)
         if self._tracker is not None:
             self._tracker.detach()

@@ -12,11 +12,14 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_attrib.artifacts.scores import save_tensors
-from lit_attrib.callbacks._common import LossFn, _batch_size, _clone, check_loss_shape, default_token_loss
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
+from lit_attrib.callbacks.influence import _source_name
+from lit_attrib.engine.data import DataSource
+from lit_attrib.engine.gradient_pass import check_loss_shape, clone_batch
+from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.io import atomic_open, write_json
-from lit_attrib.ops.loss import loss_mask
-from lit_attrib.tracking import LayerInfo
+from lit_attrib.ops.kfac import factors_inverse_hvp
+from lit_attrib.layers import LayerInfo
 
 __all__ = ["TokenInfluenceCallback"]
 
@@ -27,13 +30,13 @@ class _TokenLoss(nn.Module):
     """``token_loss_fn(pl_module, batch)`` as a module, so that ``torch.func.functional_call`` can swap
     the tracked parameters for dual tensors."""
 
-    def __init__(self, pl_module: LightningModule, token_loss_fn: LossFn) -> None:
+    def __init__(self, pl_module: LightningModule, task: Task) -> None:
         super().__init__()
         self.pl_module = pl_module
-        self.token_loss_fn = token_loss_fn
+        self.task = task
 
     def forward(self, batch: Any) -> torch.Tensor:
-        return self.token_loss_fn(self.pl_module, batch)
+        return self.task.token_loss(self.pl_module, batch)
 
 
 class TokenInfluenceCallback(FactorScoringCallback):
@@ -59,10 +62,12 @@ class TokenInfluenceCallback(FactorScoringCallback):
         target_modules: fnmatch patterns of the layers to use; default every layer the factors hold.
         damping: ``λ``; default ``0.1 · mean(Λ)`` per layer.
         dtype: precision of the direction.
-        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]`` for the mean gradients; default
-            ``pl_module.per_example_loss``.
-        token_loss_fn: ``token_loss_fn(pl_module, batch) -> Tensor[B, T]``, each token's loss; default
-            ``pl_module.per_token_loss``.
+        loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]`` for the mean gradients (default: the sum of
+            ``token_loss_fn``); not needed for lit_attrib's modules and wrapped Hugging Face models.
+        token_loss_fn: ``token_loss_fn(pl_module, batch) -> Tensor[B, T]``, each token's loss, 0 where
+            none is taken.
+        task: what lit_attrib needs to know about the module's batches and loss
+            (:class:`lit_attrib.engine.Task`); its ``token_mask`` says which tokens are shown.
         top_tokens: tokens listed in TensorBoard (highest scores over all queries).
         output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
         name: the artifact's name (folder and TensorBoard tag).
@@ -73,12 +78,13 @@ class TokenInfluenceCallback(FactorScoringCallback):
     tensors_file = "token_scores.safetensors"
     metadata_file = "token_scores.json"
     needs_texts = False
+    needs = ("loss", "token_loss")
 
     def __init__(
         self,
         factors: str,
-        positive: str = "forget",
-        negative: str | None = "retain",
+        positive: DataSource = "forget",
+        negative: DataSource | None = "retain",
         target_modules: list[str] | None = None,
         damping: float | None = None,
         dtype: str = "float32",
@@ -89,36 +95,39 @@ class TokenInfluenceCallback(FactorScoringCallback):
         name: str = "token_influence",
         chunk_size: int = 256,
         overwrite: bool = False,
+        task: Task | None = None,
     ) -> None:
-        super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite)
+        super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite,
+                         task=task, token_loss_fn=token_loss_fn)
         self.positive = positive
         self.negative = negative
-        self.token_loss_fn = token_loss_fn or default_token_loss
         self.top_tokens = top_tokens
         self.direction: dict[str, torch.Tensor] = {}
         self.tangents: dict[str, torch.Tensor] = {}
         self._loss_module: _TokenLoss | None = None
 
     def arguments(self) -> dict:
-        return {**super().arguments(), "positive": self.positive, "negative": self.negative,
-                "token_loss_fn": getattr(self.token_loss_fn, "__qualname__", repr(self.token_loss_fn))}
+        return {**super().arguments(), "positive": _source_name(self.positive),
+                "negative": None if self.negative is None else _source_name(self.negative),
+                "token_loss_fn": None if self.token_loss_fn is None else getattr(self.token_loss_fn, "__qualname__",
+                                                                                  repr(self.token_loss_fn))}
 
     # ---------------------------------------------------------------------- direction
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         sets = [(self.positive, 1.0)] + ([(self.negative, -1.0)] if self.negative else [])
         direction: dict[str, torch.Tensor] = {}
         counts = {}
-        for loader_name, sign in sets:
-            sums, _, _, count = self.example_gradients(trainer, pl_module, loader_name, f"{loader_name} examples",
-                                                       shard=True)
-            counts[loader_name] = count
+        for source, sign in sets:
+            label = _source_name(source)
+            sums, _, _, count = self.example_gradients(trainer, pl_module, source, f"{label} examples", shard=True)
+            counts[label] = count
             for name, total in sums.items():
                 direction[name] = direction.get(name, 0) + sign * total / count
         self.direction = direction
-        self._loss_module = _TokenLoss(pl_module, self.token_loss_fn)
+        self._loss_module = _TokenLoss(pl_module, self._task)
         self.tangents = {}
         for name, layer in self.layers.items():
-            v = self.factors.inverse_hvp(name, direction[name], self.damping)
+            v = factors_inverse_hvp(self.factors[name], direction[name], self.damping)
             self.tangents.update(self._as_parameters(layer, v))
         rank_zero_info(f"{type(self).__name__}[{self.name}]: direction from "
                        + " minus ".join(f"{n} ({c} examples)" for n, c in counts.items()))
@@ -146,10 +155,14 @@ class TokenInfluenceCallback(FactorScoringCallback):
     # ------------------------------------------------------------------------ scoring
     def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
         scores = self.token_scores(trainer, pl_module, batch)
-        mask = loss_mask(batch["labels"]) if "labels" in batch else torch.ones_like(scores, dtype=torch.bool)
-        attention = batch.get("attention_mask", torch.ones_like(batch["input_ids"]))
+        mask = self._task.token_mask(batch)
+        mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.to(scores.device)
+        ids = self._task.input_ids(batch)
+        ids = torch.zeros_like(scores, dtype=torch.long) if ids is None or ids.shape != scores.shape else ids
+        attention = self._task.padding_mask(batch)
+        attention = torch.ones_like(ids, dtype=torch.bool) if attention is None else attention
         return {"scores": scores.masked_fill(~mask, 0.0), "mask": mask.to(torch.uint8),
-                "input_ids": batch["input_ids"], "attention_mask": attention.to(torch.uint8)}
+                "input_ids": ids, "attention_mask": attention.to(torch.uint8)}
 
     def token_scores(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> torch.Tensor:
         """``S[b, t] = vᵀ ∇θ L(x_bt)`` by one JVP through ``token_loss_fn``, ``(B, T)``."""
@@ -163,9 +176,11 @@ class TokenInfluenceCallback(FactorScoringCallback):
         # Forward-mode AD has no fused attention kernel: the math one computes the same attention.
         with torch.inference_mode(False), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), \
                 trainer.precision_plugin.forward_context():
-            batch = _clone(batch)
+            batch = clone_batch(batch)
             values, tangent = torch.func.jvp(losses, (primals,), (self.tangents,))
-        check_loss_shape(values, (_batch_size(batch), batch["input_ids"].shape[1]),
+        ids = self._task.input_ids(batch)
+        length = ids.shape[1] if ids is not None and ids.ndim == 2 else values.shape[-1]
+        check_loss_shape(values, (self._task.batch_size(batch), length),
                          "token_loss_fn (the loss of each token, 0 where none is taken)")
         return tangent.to(self.dtype)
 

@@ -1,24 +1,24 @@
 """GSM8K with injected noise: where does a model look when a math word problem carries distractions?
 
-Three kinds of noise sentence can be inserted into each question (``NOISE_TYPES``): ``inf``
-(irrelevant numbers and facts), ``rcs`` (redundant calculation steps on the problem's own numbers)
-and ``sd`` (semantically related distraction about the problem's people and objects). Every
-tokenized row carries a per-token class (``TOKEN_CLASSES``: other / math / noise) computed from the
-recorded character spans, so a callback can measure how much attention goes to the key math
-information and how much to the noise (seed 004: DiffLlama against Llama).
+:class:`NoisyGSM8KDataModule` inserts one kind of noise sentence into every question (``inf``,
+``rcs`` or ``sd``; :mod:`lit_attrib.data.gsm8k_noise`) and gives every tokenized row a per-token
+class (other / math / noise) computed from the recorded character spans, so a callback can measure
+how much attention goes to the key math information and how much to the noise (seed 004: DiffLlama
+against Llama).
 
-A small offline stand-in for ``openai/gsm8k`` (integer arithmetic word problems with answers in
-GSM8K's format, plus a byte-level BPE tokenizer trained on them and on the noise sentences) is
-generated deterministically with::
+A small offline stand-in for ``openai/gsm8k`` (:mod:`lit_attrib.data.gsm8k_problems`, plus a
+byte-level BPE tokenizer trained on the problems and on their noise sentences) is generated
+deterministically with::
 
     python -m lit_attrib.data.gsm8k --out data/gsm8k_tiny
+
+The generator's and the noise's public names are re-exported here (``from lit_attrib.data.gsm8k
+import inject_noise`` keeps working).
 """
 
 from __future__ import annotations
 
 import argparse
-import random
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -28,322 +28,26 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 from typing_extensions import override
 
+from lit_attrib.data.gsm8k_noise import (
+    NOISE_TYPES,
+    TOKEN_CLASSES,
+    Span,
+    check_noise_type,
+    classify_tokens,
+    inject_noise,
+    math_spans,
+    noise_sentence,
+    sentence_boundaries,
+)
+from lit_attrib.data.gsm8k_problems import generate_problems
 from lit_attrib.data.text import TextDataModule
 from lit_attrib.errors import DataError
 from lit_attrib.io import write_jsonl
 
 __all__ = [
     "NOISE_TYPES", "TOKEN_CLASSES", "NoisyGSM8KDataModule", "classify_tokens", "generate_problems", "inject_noise",
-    "math_spans", "noise_sentence", "write_gsm8k_tiny",
+    "math_spans", "noise_sentence", "sentence_boundaries", "write_gsm8k_tiny",
 ]
-
-NOISE_TYPES = ("clean", "inf", "rcs", "sd")
-"""``clean`` (no noise), ``inf`` (irrelevant numbers/facts), ``rcs`` (redundant calculation steps),
-``sd`` (semantically related distraction)."""
-
-TOKEN_CLASSES = ("other", "math", "noise")
-"""Names of the per-token class ids 0, 1, 2 (padding is -1 in batches)."""
-
-Span = tuple[int, int]
-
-# ------------------------------------------------------------------------------------- generator
-_PEOPLE = [("Mia", "she"), ("Leo", "he"), ("Ava", "she"), ("Sam", "he"), ("Zoe", "she"), ("Max", "he"),
-           ("Lily", "she"), ("Ben", "he"), ("Emma", "she"), ("Noah", "he"), ("Nora", "she"), ("Omar", "he"),
-           ("Ruby", "she"), ("Jack", "he"), ("Ella", "she"), ("Tom", "he")]
-_OBJECTS = ["apples", "pencils", "marbles", "stickers", "cookies", "books", "cards", "stamps", "shells", "beads",
-            "balloons", "oranges", "buttons", "crayons", "eggs", "flowers"]
-_CONTAINERS = [("bag", "bags"), ("box", "boxes"), ("pack", "packs"), ("jar", "jars")]
-_FINAL_QUESTIONS = ["How many {obj} does {name} have now?", "How many {obj} does {name} end up with?",
-                    "How many {obj} does {name} have at the end?"]
-
-
-def _pronouns(subject: str) -> dict[str, str]:
-    return {"she": {"pron": "she", "obj_pron": "her", "pos": "her"},
-            "he": {"pron": "he", "obj_pron": "him", "pos": "his"}}[subject]
-
-
-def _problem(rng: random.Random) -> dict:
-    """One problem: sentences, reasoning lines and the structured calculations ``[a, op, b, result]``."""
-    (name, subject), (other, _) = rng.sample(_PEOPLE, 2)
-    p = {"name": name, "other": other, "obj": rng.choice(_OBJECTS), **_pronouns(subject)}
-    sentences, lines, calculations = [], [], []
-
-    def calc(a: int, op: str, b: int, result: int, line: str) -> None:
-        calculations.append([a, op, b, result])
-        lines.append(line.format(calc=f"{a} {op} {b} = {result}", **p))
-
-    if rng.random() < 0.3:  # the setup itself is a multiplication
-        (one, many), k, m = rng.choice(_CONTAINERS), rng.randint(2, 6), rng.randint(2, 9)
-        value = k * m
-        sentences.append(f"{name} has {k} {many} with {m} {p['obj']} in each {one}.")
-        calc(k, "*", m, value, "{name} starts with {calc} {obj}.")
-        steps = rng.randint(0, 2)
-    else:
-        value = rng.randint(5, 40)
-        sentences.append(f"{name} has {value} {p['obj']}.")
-        steps = rng.randint(1, 2)
-    for _ in range(steps):
-        ops = ["+"] + (["-"] if value >= 3 else []) + (["*"] if value <= 40 else [])
-        ops += ["/"] if any(value % d == 0 for d in (2, 3, 4)) else []
-        op = rng.choice(ops)
-        then = rng.choice(["", "Then "])
-        pron = p["pron"] if then else p["pron"].capitalize()
-        if op == "+":
-            k = rng.randint(2, 15)
-            sentence = rng.choice(["{then}{pron} buys {k} more {obj}.",
-                                   "{then}{other} gives {obj_pron} {k} more {obj}.",
-                                   "{then}{pron} finds {k} more {obj}."])
-            result = value + k
-            calc(value, "+", k, result, "After that, {name} has {calc} {obj}.")
-        elif op == "-":
-            k = rng.randint(1, value - 1)
-            sentence = rng.choice(["{then}{pron} gives {k} {obj} to {other}.", "{then}{pron} loses {k} {obj}.",
-                                   "{then}{pron} sells {k} {obj}."])
-            result = value - k
-            calc(value, "-", k, result, "After that, {name} has {calc} {obj}.")
-        elif op == "*" and rng.random() < 0.5:
-            (one, many), k, m = rng.choice(_CONTAINERS), rng.randint(2, 5), rng.randint(2, 9)
-            sentence = f"{{then}}{{pron}} buys {k} {many} with {m} {{obj}} in each {one}."
-            calc(k, "*", m, k * m, "{name} buys {calc} {obj}.")
-            result = value + k * m
-            calc(value, "+", k * m, result, "After that, {name} has {calc} {obj}.")
-        elif op == "*":
-            k = rng.choice([2, 3])
-            sentence = "{then}{pron} " + ("doubles" if k == 2 else "triples") + " {pos} {obj}."
-            result = value * k
-            calc(value, "*", k, result, "After that, {name} has {calc} {obj}.")
-        else:
-            k = rng.choice([d for d in (2, 3, 4) if value % d == 0])
-            sentence = "{then}{pron} puts {pos} {obj} into {k} equal piles and keeps one pile."
-            result = value // k
-            calc(value, "/", k, result, "One pile has {calc} {obj}.")
-        sentences.append(sentence.format(then=then, k=k, **{**p, "pron": pron}))
-        value = result
-    sentences.append(rng.choice(_FINAL_QUESTIONS).format(**p))
-    return {"question": " ".join(sentences), "answer": "\n".join(lines + [f"#### {value}"]),
-            "calculations": calculations, "result": value}
-
-
-def generate_problems(n: int, seed: int = 0) -> list[dict]:
-    """``n`` distinct GSM8K-style arithmetic word problems (deterministic for a seed).
-
-    Each question has 2–4 short sentences (a person, objects, quantities, one to three of
-    + − × ÷ steps) and ends with the question asked; integer numbers stay small (below ~200).
-
-    Args:
-        n: number of problems.
-        seed: random seed.
-
-    Returns:
-        Rows with ``question``, ``answer`` (reasoning lines such as ``After that, Mia has 12 + 7 = 19
-        apples.`` and a final ``#### 19`` line, as in ``openai/gsm8k``), ``calculations`` (the
-        structured steps ``[a, op, b, result]``, op in ``+ - * /``) and ``result`` (the final answer).
-    """
-    rng = random.Random(seed)
-    rows, seen = [], set()
-    while len(rows) < n:
-        row = _problem(rng)
-        if row["question"] not in seen:
-            seen.add(row["question"])
-            rows.append(row)
-    return rows
-
-
-# ----------------------------------------------------------------------------------------- noise
-_INF = [
-    "The shop opened {x} years ago and has {y} windows.", "The town library has {x} shelves on {y} floors.",
-    "A bus stops at the corner every {x} minutes.", "{name}'s cousin is {x} years old.",
-    "The park nearby has {x} benches and {y} lamps.", "The school has {x} classrooms and {y} teachers.",
-    "It was {x} degrees outside that day.", "{name}'s house number is {x}.",
-    "The street has {x} houses and {y} trees.", "There are {x} days left until the holiday.",
-]
-_RCS = [
-    "Note that {a} + {b} = {sum}, although this is not needed.",
-    "As a side note, {a} * {b} = {product}, but this does not change the answer.",
-    "One could also work out {a} - {b} = {difference}, which is not used here.",
-    "Adding {a} and {b} gives {sum}, but that is not part of the question.",
-    "Doubling {a} gives {double}, although nobody asked for it.",
-    "It is also true that {a} + {a} = {double}, which does not matter here.",
-    "Multiplying {b} by 10 gives {ten_b}, but that plays no role.",
-    "Subtracting {b} from {a} leaves {difference}, which is not needed.",
-]
-_SD = [
-    "{other} also likes {obj} but did not get any today.", "{name} thinks that {obj} look nicer on sunny days.",
-    "{other} once read a book about {obj}.", "{name} keeps the {obj} in a blue box.",
-    "{other} asked {name} where the {obj} came from.", "{name}'s sister prefers {obj2} to {obj}.",
-    "Everyone agreed that the {obj} looked very nice.", "{other} was not interested in {obj} at all.",
-    "{name} has always wanted to collect {obj2} as well.", "The {obj} reminded {other} of a trip to the seaside.",
-]
-_TEMPLATES = {"inf": _INF, "rcs": _RCS, "sd": _SD}
-
-# Capitalised words that start sentences rather than name people (for finding the problem's names).
-_NOT_NAMES = set("""A An The Then Now So But And Or If In On At After Before During Each Every How What When Where Which
-Who Why She He They It Its Her His Their We I You Our This That These Those There Here Also For Of To With By From
-As One Two Three Four Five Six Seven Eight Nine Ten Mr Mrs Ms Dr Monday Tuesday Wednesday Thursday Friday Saturday
-Sunday January February March April May June July August September October November December""".split())
-_ABBREVIATION = re.compile(r"\b(?:Mr|Mrs|Ms|Dr|St|Jr|Sr|Prof)$")
-_BOUNDARY = re.compile(r"(?<=[.!?])(?=\s+\S)")
-# The problem's object: the one asked about ("How many apples ..."), else a plural after a number ("12 more apples").
-_ASKED_OBJECT = re.compile(r"\b[Hh]ow many ([a-z]{3,})\b")
-_COUNTED_OBJECT = re.compile(r"\b\d+\s+(?:more\s+|of\s+)?([a-z]{3,}s)\b")
-
-
-def _rng(seed: int, key: int | str, noise: str) -> random.Random:
-    # A string seed is hashed with SHA-512 by `random`: independent of PYTHONHASHSEED and of row order.
-    return random.Random(f"{seed}:{key}:{noise}")
-
-
-def _check_noise(noise: str) -> None:
-    if noise not in NOISE_TYPES:
-        raise DataError(f"unknown noise type {noise!r}; choose one of {list(NOISE_TYPES)}")
-
-
-def _sentence(rng: random.Random, question: str, noise: str) -> str:
-    names = list(dict.fromkeys(w for w in re.findall(r"\b[A-Z][a-z]+\b", question) if w not in _NOT_NAMES))
-    asked, counted = _ASKED_OBJECT.search(question), _COUNTED_OBJECT.findall(question)
-    outsiders = [person for person, _ in _PEOPLE if person not in names]
-    name = names[0] if names else rng.choice(outsiders)
-    other = names[1] if len(names) > 1 else rng.choice([person for person in outsiders if person != name])
-    obj = asked.group(1) if asked else counted[0] if counted else rng.choice(_OBJECTS)
-    numbers = [int(n) for n in re.findall(r"(?<![\d.,$])\d{1,4}(?![\d,.]?\d)", question)][:4]
-    while len(numbers) < 2:
-        numbers.append(rng.randint(2, 20))
-    a, b = sorted(rng.sample(numbers, 2), reverse=True)
-    template = rng.choice(_TEMPLATES[noise])
-    return template.format(
-        name=name, other=other, obj=obj, obj2=rng.choice([o for o in _OBJECTS if o != obj]),
-        x=rng.randint(2, 60), y=rng.randint(2, 60), a=a, b=b, sum=a + b, product=a * b, difference=a - b,
-        double=2 * a, ten_b=10 * b,
-    )
-
-
-def noise_sentence(question: str, noise: str, seed: int, key: int | str = 0) -> str | None:
-    """The sentence :func:`inject_noise` inserts into ``question`` (``None`` for ``clean``).
-
-    Templated with seeded random choices, reusing the question's names, objects and (``rcs``) numbers.
-    """
-    _check_noise(noise)
-    return None if noise == "clean" else _sentence(_rng(seed, key, noise), question, noise)
-
-
-def sentence_boundaries(question: str) -> list[int]:
-    """Positions right after a sentence-ending ``.``/``!``/``?`` that is followed by whitespace and more text.
-
-    The end of the text is never a boundary, so a noise sentence inserted at a boundary always comes
-    before the final sentence (the question asked). A ``.`` after an abbreviation such as ``Mr`` is not
-    a boundary.
-    """
-    return [m.start() for m in _BOUNDARY.finditer(question)
-            if not _ABBREVIATION.search(question, 0, m.start() - 1)]
-
-
-def inject_noise(question: str, noise: str, seed: int, key: int | str = 0) -> tuple[str, Span | None]:
-    """Insert one noise sentence into ``question`` at a seeded random sentence boundary.
-
-    The inserted text is the sentence with **one separating space**, and the returned span covers
-    exactly that inserted text, so ``noisy[:start] + noisy[end:] == question`` always holds:
-
-    - at a boundary ``p`` (see :func:`sentence_boundaries`) the space goes first:
-      ``noisy = question[:p] + " " + sentence + question[p:]``, ``span = (p, p + 1 + len(sentence))``;
-    - a question **without a sentence boundary** (e.g. a single sentence) gets the noise at its start,
-      with the space last: ``noisy = sentence + " " + question``, ``span = (0, len(sentence) + 1)``.
-
-    Either way ``noisy[start:end].strip() == noise_sentence(question, noise, seed, key)``.
-
-    Args:
-        question: the question text.
-        noise: one of :data:`NOISE_TYPES`; ``clean`` returns the question unchanged and ``None``.
-        seed: noise seed.
-        key: the row's key (its source ``index``): the choice depends on ``(seed, key, noise)`` only.
-
-    Returns:
-        ``(noisy_question, (start, end))``, or ``(question, None)`` for ``clean``.
-
-    Raises:
-        DataError: an unknown noise type, or an empty question.
-    """
-    _check_noise(noise)
-    if noise == "clean":
-        return question, None
-    if not question.strip():
-        raise DataError(f"cannot insert {noise} noise into an empty question (row {key}); drop or fill that row")
-    rng = _rng(seed, key, noise)
-    sentence = _sentence(rng, question, noise)  # drawn first: noise_sentence() repeats exactly this draw
-    boundaries = sentence_boundaries(question)
-    if not boundaries:
-        return f"{sentence} {question}", (0, len(sentence) + 1)
-    p = rng.choice(boundaries)
-    return f"{question[:p]} {sentence}{question[p:]}", (p, p + 1 + len(sentence))
-
-
-# ------------------------------------------------------------------------------------ math spans
-_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-                 "sixteen seventeen eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety "
-                 "hundreds? thousands? millions? billions? dozens? pairs? couple thirds? quarters? half halves")
-_OPERATOR_WORDS = ("plus minus times multiplied multiply multiplies divided divide divides twice thrice "
-                   "double doubled doubles triple tripled triples each per more less fewer total sum "
-                   "difference product average percent altogether")
-_MATH = re.compile(
-    r"\$?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?%?|\$?\.\d+%?"  # 12, 1,200, 3.5, $4.20, 25%, .5
-    r"|\b(?:" + "|".join((_NUMBER_WORDS + " " + _OPERATOR_WORDS).split()) + r")\b"
-    r"|[+=*×÷−]|(?<=[\s\d])[-/](?=[\s\d$])",  # a hyphen or slash counts between numbers, not in "18-year-old"
-    re.IGNORECASE,
-)
-
-
-def math_spans(text: str) -> list[Span]:
-    """Character spans ``(start, end)`` of the key math information in ``text``, in order, disjoint.
-
-    Matched (case-insensitive, whole words):
-
-    - numbers: integers, decimals, thousands with commas, ``$`` amounts and percentages
-      (``12``, ``1,200``, ``3.5``, ``$4.20``, ``25%``);
-    - operators: ``+ = * × ÷ −`` anywhere, ``-`` and ``/`` between numbers or spaces (not in
-      ``18-year-old`` or ``km/h``);
-    - operator words: plus, minus, times, multiplied/multiply, divided/divide, twice, thrice,
-      double(d), triple(d), each, per, more, less, fewer, total, sum, difference, product, average,
-      percent, altogether;
-    - quantity words: zero … twenty, thirty … ninety, hundred(s), thousand(s), million(s),
-      billion(s), dozen(s), pair(s), couple, third(s), quarter(s), half, halves.
-    """
-    return [match.span() for match in _MATH.finditer(text)]
-
-
-def classify_tokens(offsets: list[Span], *, text: str, noise_span: Span | None, math: list[Span]) -> list[int]:
-    """Class id (index into :data:`TOKEN_CLASSES`) of each token from its character ``offsets`` in ``text``.
-
-    A token is ``noise`` (2) if it overlaps a non-space character of ``noise_span``, else ``math`` (1)
-    if it overlaps a ``math`` span, else ``other`` (0). Empty offsets (special tokens) are ``other``.
-    The noise span's separating space is left out so that a byte-level token such as ``" She"`` that
-    merely starts on it is not counted as noise.
-    """
-    core = None
-    if noise_span is not None:
-        start, end = noise_span
-        inside = text[start:end]
-        start += len(inside) - len(inside.lstrip())
-        end -= len(inside) - len(inside.rstrip())
-        core = (start, end)
-    classes = []
-    for begin, finish in offsets:
-        if finish <= begin:
-            classes.append(0)
-        elif core is not None and begin < core[1] and core[0] < finish:
-            classes.append(2)
-        elif any(begin < b and a < finish for a, b in math):
-            classes.append(1)
-        else:
-            classes.append(0)
-    return classes
-
-
-def _shift(spans: list[Span], by: int) -> list[Span]:
-    return [(start + by, end + by) for start, end in spans]
-
-
-def _prefix_length(template: str, field: str) -> int:
-    """Characters the formatted ``template`` puts before ``{field}`` (escaped braces counted once)."""
-    return template.format(**{field: "\0"}).index("\0")
 
 
 # ------------------------------------------------------------------------------------ datamodule
@@ -401,7 +105,7 @@ class NoisyGSM8KDataModule(TextDataModule):
         val_size: int | float = 1.0,
         **kwargs,
     ) -> None:
-        _check_noise(noise)
+        check_noise_type(noise)
         if kwargs.get("format", "qa") != "qa":
             raise DataError(f"NoisyGSM8KDataModule needs format: qa (noise goes into the question); "
                             f"got format: {kwargs['format']}")
@@ -527,6 +231,15 @@ class NoisyGSM8KDataModule(TextDataModule):
             raise DataError(f"row {row['index']}: tokenizing {text[:40]!r} with offsets gives other tokens than the "
                             f"row holds, so token classes cannot be aligned")
         return classify_tokens(encoding["offset_mapping"], text=text, noise_span=noise, math=math)[:len(ids)]
+
+
+def _shift(spans: list[Span], by: int) -> list[Span]:
+    return [(start + by, end + by) for start, end in spans]
+
+
+def _prefix_length(template: str, field: str) -> int:
+    """Characters the formatted ``template`` puts before ``{field}`` (escaped braces counted once)."""
+    return template.format(**{field: "\0"}).index("\0")
 
 
 # ------------------------------------------------------------------------------------ tiny files

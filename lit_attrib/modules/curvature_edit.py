@@ -79,6 +79,8 @@ class CurvatureEditModule(LightningModule):
         config: instead of ``pretrained``, a config dict of a fresh model (tiny demos).
         checkpoint: a Lightning checkpoint of a ``CausalLMModule`` to take the weights from; without
             ``pretrained`` and ``config``, the model is built as the checkpoint's hyperparameters say.
+        trust_checkpoint: unpickle a ``checkpoint`` that holds more than tensors and plain containers
+            (``torch.load(weights_only=False)``, which runs code stored in the file); only for files you trust.
         tokenizer: tokenizer hub id or path; defaults to the datamodule's, then ``pretrained``.
         init_seed: seed of the initial weights of a ``config`` model.
         dtype: dtype of the weights (the edit itself is computed in float64).
@@ -99,6 +101,7 @@ class CurvatureEditModule(LightningModule):
         pretrained: str | None = None,
         config: dict[str, Any] | None = None,
         checkpoint: str | None = None,
+        trust_checkpoint: bool = False,
         tokenizer: str | None = None,
         init_seed: int = 0,
         dtype: Literal["float32", "bfloat16", "float16"] = "float32",

@@ -104,16 +104,22 @@ def configure_base_model(module: Any) -> None:
     The architecture and initial weights come from ``hparams.pretrained`` (hub id or path) or
     ``hparams.config`` (a fresh model, vocabulary from the module's tokenizer); then the weights of
     ``hparams.checkpoint`` (a Lightning checkpoint of a ``CausalLMModule``) are loaded into the module,
-    if given. With a checkpoint but neither ``pretrained`` nor ``config``, the model is built as the
-    checkpoint's own hyperparameters say. Used by every module that evaluates or edits a trained model
-    (``CurvatureEditModule``, ``EvalModule``); the module's weights are ``model.*``, as in ``CausalLMModule``.
+    if given (read without unpickling unless ``hparams.trust_checkpoint``). With a checkpoint but neither
+    ``pretrained`` nor ``config``, the model is built as the checkpoint's own hyperparameters say. Used by
+    every module that evaluates or edits a trained model (``CurvatureEditModule``, ``EvalModule``); the
+    module's weights are ``model.*``, as in ``CausalLMModule``.
 
     Raises:
         ModelError: the checkpoint names no model and none is given.
-        ArtifactError: the checkpoint is missing or holds another model's weights.
+        ArtifactError: the checkpoint is missing, needs unpickling but is not trusted, or holds another model's
+            weights.
     """
     hp = module.hparams
-    checkpoint = load_checkpoint(hp.checkpoint) if hp.checkpoint is not None else None
+    checkpoint = None
+    if hp.checkpoint is not None:
+        checkpoint = load_checkpoint(
+            hp.checkpoint, trust_pickle=bool(hp.get("trust_checkpoint", False)),
+            opt_in=f"set {type(module).__name__}'s trust_checkpoint: true (--model.trust_checkpoint true)")
     pretrained, config, init_seed = hp.pretrained, hp.config, hp.init_seed
     if pretrained is None and config is None:
         saved = checkpoint.get("hyper_parameters", {})

@@ -39,7 +39,8 @@ def differential_map(probabilities: torch.Tensor, lam: float, heads: list[int] |
 
     Args:
         probabilities: softmax maps of **all** ``H`` attention heads, heads on dimension ``-3``
-            (``(..., H, queries, keys)``).
+            (``(..., H, queries, keys)``); or of a selection laid out the same way, e.g. the maps of
+            heads ``[i, j, i + H/2, j + H/2]`` (with ``heads=None`` the first half pairs with the second).
         lam: the layer's λ (:func:`differential_lambda`).
         heads: differential heads, each in ``[0, H/2)``.
     """

@@ -17,6 +17,7 @@ __all__ = [
     "default_damping",
     "eigendecompose",
     "ekfac_inverse_hvp",
+    "factors_inverse_hvp",
     "kfac_lambda",
     "per_example_gradient",
     "rotate_gradient",
@@ -92,3 +93,11 @@ def ekfac_inverse_hvp(
         raise ValueError(f"damping {damping} leaves non-positive entries in Λ + λ; use a larger damping")
     rotated = rotate_gradient(vector, activation_eigenvectors, gradient_eigenvectors)
     return gradient_eigenvectors @ (rotated / denominator) @ activation_eigenvectors.T
+
+
+def factors_inverse_hvp(factors: dict[str, torch.Tensor], vector: torch.Tensor, damping: float | None = None) -> torch.Tensor:
+    """:func:`ekfac_inverse_hvp` with one layer's saved factors (``activation_eigenvectors``,
+    ``gradient_eigenvectors``, ``lambda``), cast to ``vector``'s dtype."""
+    dtype = vector.dtype
+    return ekfac_inverse_hvp(vector, factors["activation_eigenvectors"].to(dtype),
+                             factors["gradient_eigenvectors"].to(dtype), factors["lambda"].to(dtype), damping)

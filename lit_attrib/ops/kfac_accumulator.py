@@ -17,7 +17,7 @@ from lit_attrib.ops.kfac import (
     kfac_lambda,
     per_example_gradient,
 )
-from lit_attrib.tracking import LayerInfo
+from lit_attrib.layers import LayerInfo
 
 __all__ = ["KFACAccumulator"]
 

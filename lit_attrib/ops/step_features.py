@@ -23,7 +23,7 @@ from lit_attrib.ops.sketch import (
     functional_example_gradients,
     layer_norm_example_gradients,
 )
-from lit_attrib.tracking import LayerInfo
+from lit_attrib.layers import LayerInfo
 
 __all__ = ["GradientFeatures", "per_example_module", "proportional", "step_layout"]
 

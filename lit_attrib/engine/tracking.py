@@ -10,56 +10,14 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from lit_attrib.errors import ModelError
+from lit_attrib.errors import ConfigError, ModelError
+from lit_attrib.layers import LayerInfo, is_supported, layer_info
 
-__all__ = ["SUPPORTED_TYPES", "LayerInfo", "LayerTracker", "find_layers", "find_parameter_modules", "layer_info"]
-
-SUPPORTED_TYPES = (nn.Linear, Conv1D)
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """A tracked layer in lit_attrib's linear convention ``y = W a (+ b)``, ``W (out, in)``.
-
-    ``kind`` is ``"linear"`` (``nn.Linear``, weight stored ``(out, in)``), ``"conv1d"`` (transformers'
-    GPT-2 ``Conv1D``, weight stored ``(in, out)``), ``"embedding"`` (``out`` = rows, ``in`` = width) or
-    ``"other"`` (any other module with parameters of its own; only the sketching callback takes these).
-    """
-
-    name: str
-    module: nn.Module
-    kind: str
-    in_features: int
-    out_features: int
-    has_bias: bool
-
-    @property
-    def gradient_shape(self) -> tuple[int, int]:
-        """``(out, in + bias)``: the shape of this layer's gradient in the bias-appended layout."""
-        return self.out_features, self.in_features + int(self.has_bias)
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "in_features": self.in_features, "out_features": self.out_features,
-                "bias": self.has_bias}
-
-
-def layer_info(name: str, module: nn.Module) -> LayerInfo:
-    """The :class:`LayerInfo` of ``module`` named ``name``."""
-    if isinstance(module, nn.Embedding):
-        return LayerInfo(name, module, "embedding", module.embedding_dim, module.num_embeddings, False)
-    if not isinstance(module, SUPPORTED_TYPES):
-        return LayerInfo(name, module, "other", 0, 0, False)
-    if isinstance(module, nn.Linear):
-        return LayerInfo(name, module, "linear", module.in_features, module.out_features, module.bias is not None)
-    in_features, out_features = module.weight.shape  # Conv1D stores (in, out)
-    return LayerInfo(name, module, "conv1d", in_features, out_features, module.bias is not None)
-
+__all__ = ["LayerInfo", "LayerTracker", "find_layers", "find_parameter_modules", "layer_info"]
 
 def find_layers(root: nn.Module, patterns: Iterable[str]) -> dict[str, LayerInfo]:
     """The modules of ``root`` whose names match any fnmatch ``patterns``, in model order.
@@ -77,15 +35,15 @@ def find_layers(root: nn.Module, patterns: Iterable[str]) -> dict[str, LayerInfo
     for pattern in patterns:
         matches = [(name, module) for name, module in named if fnmatch.fnmatchcase(name, pattern)]
         if not matches:
-            candidates = [name for name, module in named if isinstance(module, SUPPORTED_TYPES)]
+            candidates = [name for name, module in named if is_supported(module)]
             shown = ", ".join(candidates[:12]) + (f", … ({len(candidates)} in all)" if len(candidates) > 12 else "")
             problems.append(f"pattern '{pattern}' matches no module; supported layers are named like: {shown}")
             continue
-        supported = [(name, module) for name, module in matches if isinstance(module, SUPPORTED_TYPES)]
+        supported = [(name, module) for name, module in matches if is_supported(module)]
         # Containers ("*.mlp") and parameter-free leaves (activations, dropout) are skipped; a leaf with
         # weights of another type (a norm, an embedding) is an error: its curvature would be missing.
         unsupported = [f"{name} ({type(module).__name__})" for name, module in matches
-                       if not isinstance(module, SUPPORTED_TYPES) and next(module.children(), None) is None
+                       if not is_supported(module) and next(module.children(), None) is None
                        and next(module.parameters(recurse=False), None) is not None]
         if unsupported:
             problems.append(f"pattern '{pattern}' matches modules of unsupported types: {unsupported[:8]} "
@@ -164,6 +122,7 @@ class LayerTracker:
         self.uses: dict[str, int] = {}
         self.calls: list[str] = []
         self.outputs: list[torch.Tensor] = []
+        self.reached: set[str] = set()
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def attach(self) -> LayerTracker:
@@ -182,6 +141,7 @@ class LayerTracker:
         self.uses.clear()
         self.calls.clear()
         self.outputs.clear()
+        self.reached.clear()
 
     def __enter__(self) -> LayerTracker:
         return self.attach()
@@ -202,9 +162,32 @@ class LayerTracker:
             if self.force_grad and not output.requires_grad and torch.is_grad_enabled():
                 output = output.detach().requires_grad_(True)
             if self.on_gradient is not None and output.requires_grad:
-                output.register_hook(lambda grad: self.on_gradient(layer, use, activation, grad.detach()))
+                output.register_hook(lambda grad: self._gradient(layer, use, activation, grad))
                 if self.force_grad:  # an own pass takes gradients with respect to these
                     self.outputs.append(output)
             return output
 
         return hook
+
+    def _gradient(self, layer: LayerInfo, use: int, activation: torch.Tensor, grad: torch.Tensor) -> None:
+        self.reached.add(layer.name)
+        self.on_gradient(layer, use, activation, grad.detach())
+
+    def check_seen(self, what: str = "the loss") -> None:
+        """Raise a :class:`ConfigError` naming the enabled layers that were never called through ``forward``
+        since :meth:`reset` (their hooks saw nothing: their results would be zeros)."""
+        if unseen := [name for name in self.layers if name in self.enabled and name not in self.uses]:
+            raise ConfigError(
+                f"tracked layer(s) {unseen[:8]} were never called through their forward() while computing {what}: "
+                f"their weights are used some other way (e.g. nn.MultiheadAttention's out_proj, whose weight "
+                f"F.multi_head_attention_forward reads directly) or not at all. Leave them out of target_modules"
+            )
+
+    def check_reached(self) -> None:
+        """Raise a :class:`ConfigError` naming the called layers whose outputs got no gradient (the loss does
+        not depend on them)."""
+        if unreached := [name for name in self.layers if name in self.uses and name not in self.reached]:
+            raise ConfigError(
+                f"the loss does not depend on the output of tracked layer(s) {unreached[:8]} (no gradient reached "
+                f"them); leave them out of target_modules"
+            )

@@ -96,8 +96,8 @@ def noise_robustness(
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.loggers import TensorBoardLogger
 
+    from lit_attrib.artifacts.attention import load_attention
     from lit_attrib.callbacks import AttentionCaptureCallback
-    from lit_attrib.callbacks.attention_capture import load_attention
     from lit_attrib.data import NoisyGSM8KDataModule
     from lit_attrib.modules import CausalLMModule, EvalModule
 

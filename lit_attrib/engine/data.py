@@ -1,0 +1,213 @@
+"""Data in, directly: the sets an analysis reads (queries, forget/retain, the examples to score) as a
+``DataLoader``, a dataset, a file, or a datamodule loader's name; example ids; and running a
+``predict`` pass on a module that never wrote ``predict_step``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+
+from lit_attrib.engine.task import Task
+from lit_attrib.errors import ConfigError, DataError
+
+__all__ = ["DataSource", "ExampleIds", "example_checksums", "ensure_predict_step", "is_ordered", "iterate_batches", "release_predict_step",
+           "resolve_loader"]
+
+DataSource = Union[str, os.PathLike, DataLoader, Dataset]
+"""A DataLoader; a dataset (map-style; rows collated by the default collate); a path to a json/jsonl/csv/
+parquet file (tokenized like the run's ``TextDataModule``, or with the module's tokenizer); or the name
+``x`` of the datamodule's ``x_dataloader()``."""
+
+_FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt")
+
+
+def resolve_loader(source: DataSource, trainer: Trainer, pl_module: LightningModule, purpose: str,
+                   batch_size: int = 8) -> DataLoader:
+    """The loader of ``source`` (see :data:`DataSource`); ``purpose`` names the set in messages.
+
+    Raises:
+        DataError: a name the datamodule has no loader for (or no datamodule), or a file that does not exist.
+    """
+    if isinstance(source, DataLoader):
+        return source
+    if isinstance(source, Dataset):
+        return DataLoader(source, batch_size=batch_size, shuffle=False)
+    if hasattr(source, "__getitem__") and hasattr(source, "column_names"):  # a Hugging Face datasets.Dataset
+        return DataLoader(source.with_format("torch"), batch_size=batch_size, shuffle=False)
+    text = os.fspath(source)
+    if text.endswith(_FILE_SUFFIXES) or os.sep in text:
+        return _file_loader(Path(text), trainer, pl_module, purpose)
+    return _datamodule_loader(trainer, text, purpose)
+
+
+def _datamodule_loader(trainer: Trainer, name: str, purpose: str) -> DataLoader:
+    datamodule = trainer.datamodule
+    method = getattr(datamodule, f"{name}_dataloader", None)
+    if method is None:
+        owner = "the run has no datamodule" if datamodule is None else f"{type(datamodule).__name__} has no {name}_dataloader()"
+        raise DataError(
+            f"{purpose} are named '{name}', i.e. the datamodule's {name}_dataloader(), but {owner}. Hand the callback "
+            f"the data directly instead (a DataLoader, a dataset, or a json/jsonl file), or name a loader the "
+            f"datamodule has (e.g. 'query', 'forget', 'retain', 'predict')"
+        )
+    datamodule.direct_loader = True  # the whole set, unsharded: the callback shards it itself where it must
+    try:
+        return method()
+    finally:
+        datamodule.direct_loader = False
+
+
+def _file_loader(path: Path, trainer: Trainer, pl_module: LightningModule, purpose: str) -> DataLoader:
+    """A file of examples, tokenized as the run's ``TextDataModule`` tokenizes (template, ``max_length``),
+    or with the module's tokenizer and ``TextDataModule``'s defaults."""
+    if not path.is_file():
+        raise DataError(f"{purpose}: '{path}' is not a file (nor a loader name: names have no '/' or suffix)")
+    from lit_attrib.data.text import TextDataModule  # the data layer knows how files become examples
+
+    datamodule = trainer.datamodule
+    if isinstance(datamodule, TextDataModule):
+        arguments = {**datamodule.hparams, "query_path": str(path), "query_num_samples": None}
+    else:
+        tokenizer = getattr(pl_module, "tokenizer", None)
+        name = getattr(tokenizer, "name_or_path", None) or getattr(getattr(pl_module, "hparams", {}), "get",
+                                                                        lambda *_: None)("tokenizer")
+        if not name:
+            raise DataError(f"{purpose}: to read '{path}' lit_attrib needs a tokenizer, and neither the datamodule "
+                            f"(a TextDataModule) nor the module (a `tokenizer` attribute) has one; hand the callback "
+                            f"a DataLoader instead")
+        arguments = {"path": str(path), "tokenizer": name, "query_path": str(path), "val_size": 0}
+    reader = TextDataModule(**arguments)
+    return reader.query_dataloader()
+
+
+def is_ordered(loader: Any) -> bool:
+    """Whether the loader yields its dataset in order (so that positions are dataset indices): its
+    sampler, unwrapped from batch samplers and Lightning's wrappers, is sequential (or an unshuffled
+    ``DistributedSampler``); an iterable dataset's order is its own."""
+    if isinstance(getattr(loader, "dataset", None), IterableDataset):
+        return True
+    # With a batch sampler, the loader's own sampler is a placeholder: the batch sampler's decides.
+    first = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
+    seen, todo = set(), [first]
+    while todo:
+        item = todo.pop(0)
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, SequentialSampler):
+            return True
+        if isinstance(item, DistributedSampler):
+            return not item.shuffle
+        if isinstance(item, RandomSampler):
+            return False
+        inner = [getattr(item, key, None) for key in ("batch_sampler", "_batch_sampler", "sampler", "_sampler")]
+        todo.extend(value for value in inner if value is not None)
+    return False
+
+
+class ExampleIds:
+    """Each row's dataset index: the task's ``example_ids``, or positions in loader order.
+
+    Positions are only right when the loader is not shuffled and one process reads all of it; both
+    are checked (:meth:`check`) before any work, never guessed.
+    """
+
+    def __init__(self, task: Task, owner: str) -> None:
+        self.task = task
+        self.owner = owner
+        self._next = 0
+
+    def check(self, loader: Any, batch: Any, trainer: Trainer, what: str, sharded: bool = False) -> None:
+        """Refuse positions as ids where they would be wrong: a shuffled loader, or several processes."""
+        if self.task.example_ids(batch) is not None:
+            return
+        fix = ("add an 'index' entry to each row (dict batches), or give a Task with example_ids=f(batch) -> (B,)")
+        if (sharded or trainer.world_size > 1) and trainer.world_size > 1:
+            raise ConfigError(f"{self.owner}: the batches of {what} carry no example ids, and with {trainer.world_size} "
+                              f"processes their positions are not dataset indices; {fix}")
+        if not is_ordered(loader):
+            raise ConfigError(f"{self.owner}: the loader of {what} is shuffled and its batches carry no example ids, so "
+                              f"scores could not be put on the right examples; use shuffle=False, or {fix}")
+
+    def reset(self) -> None:
+        self._next = 0
+
+    def __call__(self, batch: Any) -> torch.Tensor:
+        ids = self.task.example_ids(batch)
+        size = self.task.batch_size(batch)
+        if ids is None:
+            ids = torch.arange(self._next, self._next + size)
+        elif len(ids) != size:
+            raise ConfigError(f"{self.owner}: example_ids gave {len(ids)} ids for a batch of {size} examples")
+        self._next += size
+        return ids
+
+
+def iterate_batches(trainer: Trainer, pl_module: LightningModule, loader, shard: bool = False) -> Iterator[Any]:
+    """The loader's batches on the module's device; with ``shard``, only every ``world_size``-th from this rank."""
+    for position, batch in enumerate(loader):
+        if shard and position % trainer.world_size != trainer.global_rank:
+            continue
+        yield trainer.strategy.batch_to_device(batch, pl_module.device)
+
+
+def _no_predictions(batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> None:
+    """The predict_step lit_attrib lends a module that has none: the analysis callbacks do the work."""
+    return None
+
+
+def ensure_predict_step(pl_module: LightningModule) -> None:
+    """Lend ``pl_module`` a ``predict_step`` that returns nothing, if its class never defined one
+    (Lightning's default calls ``forward(batch)``, which a module with another signature cannot take)."""
+    if type(pl_module).predict_step is LightningModule.predict_step:
+        holders = getattr(pl_module, "_lit_attrib_predict_holders", 0)
+        if holders == 0:
+            pl_module.predict_step = _no_predictions
+        pl_module._lit_attrib_predict_holders = holders + 1
+
+
+def release_predict_step(pl_module: LightningModule) -> None:
+    """Undo :func:`ensure_predict_step` (once the last callback that lent it is done)."""
+    holders = getattr(pl_module, "_lit_attrib_predict_holders", 0)
+    if holders <= 0:
+        return
+    pl_module._lit_attrib_predict_holders = holders - 1
+    if holders == 1 and pl_module.__dict__.get("predict_step") is _no_predictions:
+        del pl_module.predict_step
+
+
+def example_checksums(task: Task, batch: Any) -> torch.Tensor:
+    """A hash of each example's content, ``(B,)``, so that cached per-example results are recognised
+    whatever batch they came in. Token ids count where the padding mask says (right padding does not
+    change the hash), the token mask's targets too; other batches (tuples) are hashed over every
+    tensor of each row."""
+    size = task.batch_size(batch)
+    ids = task.input_ids(batch) if isinstance(batch, dict) else None
+    if ids is None:  # tuple batches hold targets beside the inputs: every tensor counts
+        values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+        total = torch.zeros(size, dtype=torch.long)
+        for value in values:
+            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == size:
+                flat = value.detach().cpu().reshape(size, -1)
+                flat = flat.double().view(torch.long) if flat.is_floating_point() else flat.long()
+                weights = (torch.arange(1, flat.shape[1] + 1) * 1_000_003) % 2_147_483_647 + 1
+                total = total * 31 + ((flat + 3) * weights).sum(-1)
+        return total
+    ids = ids.detach().cpu().long()
+    weights = (torch.arange(1, ids.shape[1] + 1) * 1_000_003) % 2_147_483_647 + 1
+    mask = task.padding_mask(batch)
+    mask = torch.ones_like(ids) if mask is None else mask.detach().cpu().long()
+    total = ((ids + 3) * mask * weights).sum(-1)
+    taken = task.token_mask(batch)
+    if taken is not None and isinstance(batch, dict) and isinstance(batch.get("labels"), torch.Tensor):
+        labels = batch["labels"].detach().cpu().long()
+        total = total * 31 + ((labels + 5) * taken.cpu().long() * (weights * 7919 % 2_147_483_647)).sum(-1)
+    return total
