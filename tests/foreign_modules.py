@@ -426,12 +426,26 @@ FOREIGN["llama_nolabels"] = Foreign(
     llama_loss, llama_token_loss, llama_targets, attended, dict_ids, FOREIGN["llama_labels"].layers, hf=True)
 
 
-def foreign_task(spec: Foreign):
-    """The glue as a :class:`lit_attrib.engine.Task` (imported here: the modules above do not need lit_attrib)."""
+def foreign_task(spec: Foreign, style: str = "subclass"):
+    """The glue as a :class:`lit_attrib.engine.Task` (imported here: the modules above do not need lit_attrib).
+
+    ``style="functions"`` builds it from the functions (``example_ids`` then returns ``None`` for
+    batches without ids); ``"subclass"`` overrides the methods, as a user subclassing ``Task`` would.
+    """
     from lit_attrib.engine import Task
 
-    return Task(loss_fn=spec.loss_fn, token_loss_fn=spec.token_loss_fn, example_ids=spec.example_ids,
-                token_mask=spec.token_mask, padding_mask=spec.padding_mask)
+    functions = dict(loss_fn=spec.loss_fn, token_loss_fn=spec.token_loss_fn, token_mask=spec.token_mask,
+                     padding_mask=spec.padding_mask)
+    if style == "functions":
+        return Task(example_ids=spec.example_ids, **functions)
+
+    class ForeignTask(Task):
+        def example_ids(self, batch):
+            ids = spec.example_ids(batch)
+            return None if ids is None else torch.as_tensor(ids).long().reshape(-1)
+
+    ForeignTask.__qualname__ = ForeignTask.__name__ = f"{spec.name}_task"
+    return ForeignTask(**functions)
 
 
 def perturbed(module: nn.Module, scale: float = 0.1, seed: int = 1) -> dict[str, torch.Tensor]:

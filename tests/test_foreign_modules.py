@@ -415,9 +415,14 @@ def sdi(tmp_path, world, name="sdi", fn="predict", loader=None, queries=None, mo
     return load_file(str(tmp_path / name / "sdi.safetensors"))
 
 
-def test_sdi_checkpoint_mode(tmp_path, world, checkpoints):
+@pytest.mark.parametrize("source", ["predict_loader", "train_data"])
+def test_sdi_checkpoint_mode(tmp_path, world, checkpoints, source):
+    """TracInCP in ``trainer.predict(module, dataloaders=loader)``: the training examples are the predict
+    loader's (``predict_loader``), or the same loader handed over as ``train_data``."""
     spec = world.spec
-    tensors = sdi(tmp_path, world, loader=spec.loader(world.train, batch_size=7), checkpoints=checkpoints)
+    loader = spec.loader(world.train, batch_size=7)
+    extra = {"train_data": loader} if source == "train_data" else {}
+    tensors = sdi(tmp_path, world, loader=loader, checkpoints=checkpoints, **extra)
     expected = reference_checkpoint_tracin(world, checkpoints, [0.5, 0.25])  # the checkpoints' learning rates
     assert tensors["tracin"].shape == (N_TRAIN, N_QUERY)
     close(tensors["tracin"], expected, 1e-9, "TracInCP")
@@ -428,8 +433,8 @@ def test_sdi_checkpoint_mode(tmp_path, world, checkpoints):
 
 def test_sdi_checkpoint_mode_does_not_depend_on_batching_or_shuffling(tmp_path, world, checkpoints):
     spec = world.spec
-    tensors = sdi(tmp_path, world, loader=spec.loader(world.train_ids, batch_size=1, shuffle=True),
-                  checkpoints=checkpoints, eta=[1.0, 2.0])
+    loader = spec.loader(world.train_ids, batch_size=1, shuffle=True)
+    tensors = sdi(tmp_path, world, loader=loader, train_data=loader, checkpoints=checkpoints, eta=[1.0, 2.0])
     close(tensors["tracin"], reference_checkpoint_tracin(world, checkpoints, [1.0, 2.0]), 1e-9,
           "TracInCP, shuffled, batch size 1")
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
@@ -541,14 +546,15 @@ def test_shuffled_loader_without_ids_is_refused(tmp_path, world, callback):
             token_influence(tmp_path, world, shuffled)
         elif callback == "sdi_checkpoints":
             path = save_checkpoint(spec.make().state_dict(), tmp_path / "a.ckpt", 1.0, 0)
-            sdi(tmp_path, world, loader=shuffled, checkpoints=[path])
+            sdi(tmp_path, world, loader=shuffled, train_data=shuffled, checkpoints=[path])
         elif callback == "sdi_online":
             sdi(tmp_path, world, fn="fit", loader=shuffled, train_loss_reduction="token_mean")
         else:
             predict(tmp_path, spec.make(), shuffled, AttentionCaptureCallback(
                 queries="all", plot_examples=0, output_dir=str(tmp_path / "out")))
     assert "id" in str(error.value).lower(), str(error.value)
-    written = [p.name for p in tmp_path.rglob("*") if p.suffix in (".safetensors", ".json", ".jsonl")]
+    results = ("scores.safetensors", "token_scores.safetensors", "sdi.safetensors", "attention.safetensors")
+    written = [p.name for p in tmp_path.rglob("*") if p.name in results]
     assert not written, f"results written despite the error: {written}"
 
 
@@ -575,3 +581,16 @@ def test_predict_on_a_module_without_forward_or_predict_step(tmp_path, worlds):
     expected = reference_kfac(world.module, list(spec.loader(world.train)), spec.layers, spec.loss_fn,
                               spec.padding_mask)
     check_factors(tmp_path / "factors", expected, "kfac", spec, world.module, [], 1e-9)
+
+
+def test_task_built_from_functions_whose_example_ids_say_none(tmp_path, worlds):
+    """``Task(example_ids=f)`` where ``f(batch)`` returns ``None`` for batches without ids (the contract's
+    ``example_ids(batch) -> (B,) | None``): rows are then numbered in loader order."""
+    world = worlds("nanogpt")
+    spec = world.spec
+    callback = InfluenceCallback(factors=str(world.factors_dir), dtype="float64", output_dir=str(tmp_path / "out"),
+                                 queries=spec.loader(world.queries), task=foreign_task(spec, style="functions"))
+    predict(tmp_path, spec.make(), spec.loader(world.train), callback)
+    scores = load_file(str(tmp_path / "out" / "scores.safetensors"))
+    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), 1e-9,
+          "influence with a functions-built task")

@@ -43,6 +43,8 @@ from lit_attrib.artifacts.attention import FORMAT, METADATA_FILE, load_attention
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.callbacks.attention_kernels import attention_modules, capture_kernel_inputs
+from lit_attrib.engine.data import ensure_predict_step, release_predict_step
+from lit_attrib.engine.task import Task, resolve_task
 from lit_attrib.errors import DataError, ModelError
 from lit_attrib.io import atomic_path, write_json
 from lit_attrib.ops.attention import (
@@ -52,7 +54,6 @@ from lit_attrib.ops.attention import (
     is_differential,
 )
 from lit_attrib.ops.attention_allocation import PARTS, AttentionAllocation
-from lit_attrib.ops.loss import IGNORE_INDEX
 
 # attention_modules, capture_kernel_inputs and load_attention are re-exported for existing imports
 __all__ = ["AttentionCaptureCallback", "attention_modules", "capture_kernel_inputs", "load_attention"]
@@ -96,6 +97,8 @@ class AttentionCaptureCallback(ArtifactCallback):
         output_dir: artifact folder.
         name: the artifact's name.
         overwrite: replace results made with other arguments.
+        task: how to read token ids, example ids, padding and answer tokens from a batch
+            (:class:`lit_attrib.engine.Task`); detected for Hugging Face-style dict batches.
     """
 
     metadata_file = METADATA_FILE
@@ -110,6 +113,7 @@ class AttentionCaptureCallback(ArtifactCallback):
         output_dir: str | None = None,
         name: str = "attention",
         overwrite: bool = False,
+        task: Task | None = None,
     ) -> None:
         if isinstance(queries, str) and queries not in ("answer", "last", "all"):
             raise ModelError(f"queries must be 'answer', 'last', 'all' or a list of positions; got {queries!r}")
@@ -123,6 +127,8 @@ class AttentionCaptureCallback(ArtifactCallback):
         self.output_dir = output_dir
         self.name = name
         self.overwrite = overwrite
+        self.task = task
+        self._task: Task | None = None
         self._modules: dict[nn.Module, int] = {}
         self._handles: list = []
 
@@ -166,6 +172,7 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._resolve(pl_module)
+        self._task = resolve_task(pl_module, self.task, owner=f"{type(self).__name__}[{self.name}]", needs=())
         # every process asks for the folder (trainer.log_dir is a collective); refuse before the pass, not after
         self._folder = self.folder(trainer)
         self.check_overwrite(trainer)
@@ -198,31 +205,33 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     # ------------------------------------------------------------------------------- capture
     def _batch_start(self, batch: Any) -> None:
-        if not isinstance(batch, dict) or "input_ids" not in batch:
-            raise DataError("AttentionCaptureCallback needs dict batches with input_ids (and attention_mask, index)")
-        ids = batch["input_ids"]
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask
-        if "token_class" in batch:
-            token_class = batch["token_class"]
-        else:
+        task = self._task
+        ids = task.input_ids(batch)
+        if ids is None:
+            raise DataError("AttentionCaptureCallback needs token ids in each batch (dict batches with input_ids, or a "
+                            "Task with input_ids=f(batch))")
+        mask = task.padding_mask(batch)
+        mask = torch.ones_like(ids) if mask is None else mask.long()
+        token_class = task.column(batch, "token_class")
+        if token_class is None:
             token_class = torch.where(mask.bool(), 0, -1)  # everything is "other"
-        positions = [self._query_positions(row, mask[row], batch) for row in range(ids.shape[0])]
-        index = batch.get("index")
+        index = task.example_ids(batch)
         if index is None:  # number the rows in the order seen (a loader without dataset indices)
             index = torch.arange(self._rows_seen, self._rows_seen + ids.shape[0])
         self._rows_seen += ids.shape[0]
+        answers = task.answer_mask(batch) if self.queries == "answer" else None
+        if self.queries == "answer" and answers is None:
+            raise DataError("queries='answer' needs batches with labels (whole QA examples); use queries: last or "
+                            "all for prompt-only batches (or predict_content: examples)")
+        positions = [self._query_positions(row, mask[row], answers, int(index[row])) for row in range(ids.shape[0])]
         self._batch = {"mask": mask, "token_class": token_class, "positions": positions,
                        "index": [int(i) for i in index.tolist()], "ids": ids, "pending": set(self._modules)}
         self._allocation.begin_batch()
 
-    def _query_positions(self, row: int, mask: torch.Tensor, batch: dict) -> torch.Tensor:
+    def _query_positions(self, row: int, mask: torch.Tensor, answers: torch.Tensor | None, index: int) -> torch.Tensor:
         real = mask.nonzero().squeeze(-1)
         if self.queries == "answer":
-            if "labels" not in batch:
-                raise DataError("queries='answer' needs batches with labels (whole QA examples); use queries: last or "
-                                "all for prompt-only batches (or predict_content: examples)")
-            return (batch["labels"][row] != IGNORE_INDEX).nonzero().squeeze(-1)
+            return answers[row].nonzero().squeeze(-1).to(real.device)
         if self.queries == "last":
             return real[-1:]
         if self.queries == "all":
@@ -230,9 +239,9 @@ class AttentionCaptureCallback(ArtifactCallback):
         count = real.shape[0]
         bad = [p for p in self.queries if not -count <= p < count]
         if bad:
-            where = f"dataset index {int(batch['index'][row])}" if "index" in batch else f"row {row} of the batch"
-            raise DataError(f"query positions {bad} are outside the example at {where} ({count} real tokens; valid "
-                            f"are {-count}..{count - 1}); positions count from each example's first real token")
+            raise DataError(f"query positions {bad} are outside the example at dataset index {index} ({count} real "
+                            f"tokens; valid are {-count}..{count - 1}); positions count from each example's first real "
+                            f"token")
         return real[torch.as_tensor(self.queries, device=real.device)]
 
     def _record_kernel(self, module, query, key, attention_mask, kwargs, weights) -> None:
@@ -452,6 +461,16 @@ class AttentionCaptureCallback(ArtifactCallback):
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, pl_module)
+
+    @override
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            ensure_predict_step(pl_module)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            release_predict_step(pl_module)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

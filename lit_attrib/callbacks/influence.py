@@ -15,9 +15,9 @@ from lit_attrib.engine.data import DataSource
 from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.errors import ConfigError, ModelError
 from lit_attrib.io import write_json, write_jsonl
-from lit_attrib.ops.kfac import factors_inverse_hvp
-from lit_attrib.ops.influence import LowRank, low_rank, pairwise_scores, token_pairwise_scores
 from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.influence import LowRank, low_rank, pairwise_scores, token_pairwise_scores
+from lit_attrib.ops.kfac import factors_inverse_hvp
 
 __all__ = ["InfluenceCallback"]
 

@@ -41,6 +41,8 @@ from lit_attrib.callbacks._common import (
     show_progress,
     tensors_checksum,
 )
+from lit_attrib.callbacks._scoring import tensorboard_text
+from lit_attrib.callbacks.influence import _source_name
 from lit_attrib.engine.data import (
     DataSource,
     ExampleIds,
@@ -52,13 +54,11 @@ from lit_attrib.engine.data import (
 )
 from lit_attrib.engine.gradient_pass import TrainLossScale, own_backward
 from lit_attrib.engine.task import LossFn, Task, resolve_task
-from lit_attrib.callbacks._scoring import tensorboard_text
-from lit_attrib.callbacks.influence import _source_name
+from lit_attrib.engine.tracking import LayerTracker, find_parameter_modules
 from lit_attrib.errors import ArtifactError, ConfigError, DataError, ModelError, TrainingError
 from lit_attrib.io import atomic_path, load_checkpoint, load_state_checked, write_json
-from lit_attrib.ops.step_features import GradientFeatures, per_example_module, step_layout
-from lit_attrib.engine.tracking import LayerTracker, find_parameter_modules
 from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.step_features import GradientFeatures, per_example_module, step_layout
 
 __all__ = ["SketchedGradCallback"]
 

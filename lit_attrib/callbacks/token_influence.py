@@ -18,8 +18,8 @@ from lit_attrib.engine.data import DataSource
 from lit_attrib.engine.gradient_pass import check_loss_shape, clone_batch
 from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.io import atomic_open, write_json
-from lit_attrib.ops.kfac import factors_inverse_hvp
 from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.kfac import factors_inverse_hvp
 
 __all__ = ["TokenInfluenceCallback"]
 

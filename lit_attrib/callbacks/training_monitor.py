@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from lit_attrib.errors import ConfigError
+
 __all__ = ["TrainingMonitor"]
 
 
@@ -27,7 +29,7 @@ class TrainingMonitor(Callback):
 
     def __init__(self, window: int = 20) -> None:
         if window < 1:
-            raise ValueError(f"window must be at least 1; got {window}")
+            raise ConfigError(f"window must be at least 1; got {window}")
         self.window = window
         self._times: deque[float] = deque(maxlen=window)
         self._samples: deque[int] = deque(maxlen=window)

@@ -28,6 +28,7 @@ import argparse
 import random
 from pathlib import Path
 
+from lit_attrib.errors import ConfigError
 from lit_attrib.io import write_jsonl
 
 __all__ = ["VOCABULARY", "generate_canaries", "generate_general_text", "write_canary_dataset"]
@@ -153,7 +154,7 @@ def write_canary_dataset(out_dir: str | Path, num_general: int = 4000, num_heldo
     if not 1 <= sentences_per_row[0] <= sentences_per_row[1]:
         problems.append(f"sentences_per_row must be a range (min, max) with 1 <= min <= max; got {sentences_per_row}")
     if problems:
-        raise ValueError("invalid canary dataset arguments:\n  - " + "\n  - ".join(problems))
+        raise ConfigError("invalid canary dataset arguments:\n  - " + "\n  - ".join(problems))
 
     out_dir = Path(out_dir)
     rows = generate_general_text(num_general + num_heldout, sentences_per_row, seed=seed)

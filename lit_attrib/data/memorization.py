@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 from lit_attrib.data.collate import CausalLMCollator
 from lit_attrib.data.sources import load_source, require_columns
 from lit_attrib.data.tokenizer import load_tokenizer
-from lit_attrib.errors import DataError
+from lit_attrib.errors import ConfigError, DataError
 from lit_attrib.ops.loss import IGNORE_INDEX
 
 __all__ = ["MemorizationDataModule", "collate_windows", "text_windows"]
@@ -105,7 +105,7 @@ class MemorizationDataModule(LightningDataModule):
         if memorized is None and heldout is None and scan is None:
             problems.append("give at least one of memorized, heldout and scan")
         if problems:
-            raise DataError("invalid MemorizationDataModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid MemorizationDataModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.datasets: dict[str, list[dict]] = {}

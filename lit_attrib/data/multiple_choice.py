@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader
 
 from lit_attrib.data.sources import load_source, require_columns
 from lit_attrib.data.tokenizer import load_tokenizer
-from lit_attrib.errors import DataError
+from lit_attrib.errors import ConfigError, DataError
 from lit_attrib.io import read_jsonl, write_jsonl
 from lit_attrib.ops.loss import IGNORE_INDEX
 
@@ -214,7 +214,7 @@ class MultipleChoiceDataModule(LightningDataModule):
                 problems.append(f"{name} {template!r} may only use the placeholders {['{' + f + '}' for f in fields]}; "
                                 f"it has {exc}")
         if problems:
-            raise DataError("invalid MultipleChoiceDataModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid MultipleChoiceDataModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.items: list[dict] | None = None

@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_attrib.data.collate import CausalLMCollator
 from lit_attrib.data.sources import load_source, require_columns, seeded_split
 from lit_attrib.data.tokenizer import load_tokenizer
-from lit_attrib.errors import DataError
+from lit_attrib.errors import ConfigError, DataError
 from lit_attrib.ops.loss import IGNORE_INDEX
 
 __all__ = ["TextDataModule", "normalize_text"]
@@ -122,7 +122,7 @@ class TextDataModule(LightningDataModule):
         if "{output}" not in answer_template and format == "qa":
             problems.append(f"answer_template must contain '{{output}}'; got {answer_template!r}")
         if problems:
-            raise DataError("invalid TextDataModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid TextDataModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
         self.tokenizer_name = tokenizer
         self.batch_size = batch_size

@@ -40,7 +40,9 @@ from lit_attrib.ops.loss import IGNORE_INDEX, loss_mask, token_nll
 
 __all__ = ["CausalLMTask", "HFCausalLMTask", "Task", "batch_size", "find_causal_lm", "resolve_task"]
 
-LossFn = Callable[[Any, Any], torch.Tensor]
+LossFn = Callable[[Any, Any], Any]
+"""``f(module, batch) -> Tensor``; typed loosely so that a YAML config may name any function (jsonargparse
+would otherwise demand a ``-> torch.Tensor`` annotation on it)."""
 BatchFn = Callable[[Any], Any]
 
 
@@ -153,6 +155,14 @@ class Task:
         """``(B, T)`` bool: the tokens whose loss counts, or ``None`` when unknown."""
         return None if self._token_mask is None else self._token_mask(batch).bool()
 
+    def answer_mask(self, batch: Any) -> torch.Tensor | None:
+        """``(B, T)`` bool: the tokens the data marks as targets (an answer), or ``None`` when it marks none."""
+        return self.token_mask(batch)
+
+    def column(self, batch: Any, name: str) -> Any:
+        """A named per-example column of a dict batch (e.g. ``token_class``), or ``None``."""
+        return batch.get(name) if isinstance(batch, dict) else None
+
     def padding_mask(self, batch: Any) -> torch.Tensor | None:
         """``(B, T)`` bool: the real input tokens, or ``None`` when every token is real."""
         if self._padding_mask is not None:
@@ -245,6 +255,11 @@ class HFCausalLMTask(Task):
         if self._token_mask is not None:
             return self._token_mask(batch).bool()
         return loss_mask(self.labels(batch))
+
+    def answer_mask(self, batch: Any) -> torch.Tensor | None:
+        if self._token_mask is None and isinstance(batch, dict) and "labels" not in batch:
+            return None  # prompts only: the data marks no targets
+        return self.token_mask(batch)
 
     def logits(self, module: nn.Module, batch: Any) -> torch.Tensor:
         if self._logits_fn is not None:

@@ -11,7 +11,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_warn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 
-from lit_attrib.errors import ModelError, TrainingError
+from lit_attrib.errors import ConfigError, ModelError, TrainingError
 from lit_attrib.lightning_compat import restore_train_loader_state
 from lit_attrib.modules.loading import build_causal_lm, module_tokenizer, record_datamodule_tokenizer
 from lit_attrib.ops.loss import loss_mask, token_nll
@@ -98,7 +98,7 @@ class CausalLMModule(LightningModule):
         if max_new_tokens < 1:
             problems.append(f"max_new_tokens must be at least 1; got {max_new_tokens}")
         if problems:
-            raise ModelError("invalid CausalLMModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid CausalLMModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
         self.val_loss = torchmetrics.MeanMetric()

@@ -31,7 +31,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lit_attrib.artifacts.factors import load_factors
-from lit_attrib.errors import ArtifactError, ModelError
+from lit_attrib.errors import ArtifactError, ConfigError, ModelError
 from lit_attrib.io import atomic_path, default_permissions, write_jsonl
 from lit_attrib.metrics import Memorization, NDCGAtK
 from lit_attrib.modules.edit_spec import parse_layer_spec, spec_targets
@@ -128,7 +128,7 @@ class CurvatureEditModule(LightningModule):
         if ndcg_k < 1:
             problems.append(f"ndcg_k must be at least 1; got {ndcg_k}")
         if problems:
-            raise ModelError("invalid CurvatureEditModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid CurvatureEditModule arguments:\n  - " + "\n  - ".join(problems))
         self.spec = parse_layer_spec(dict(layers) if isinstance(layers, Mapping) else layers)
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None

@@ -25,7 +25,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lit_attrib.errors import ArtifactError, DataError, ModelError
+from lit_attrib.errors import ArtifactError, ConfigError, DataError, ModelError
 from lit_attrib.io import write_json, write_jsonl
 from lit_attrib.metrics import MultipleChoiceAccuracy, PassAtOne, grade_answers
 from lit_attrib.modules.loading import configure_base_model, module_tokenizer, record_datamodule_tokenizer
@@ -127,7 +127,7 @@ class EvalModule(LightningModule):
         if stop is not None and (isinstance(stop, str) or not all(isinstance(s, str) and s for s in stop)):
             problems.append(f"stop must be a list of non-empty strings; got {stop!r}")
         if problems:
-            raise ModelError("invalid EvalModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid EvalModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
         self.metric = PassAtOne() if task == "generation" else MultipleChoiceAccuracy()

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
+from lit_attrib.errors import ConfigError
 from lit_attrib.ops.loss import loss_mask, token_nll
 
 __all__ = ["LoopedTransformerModule"]
@@ -80,7 +81,7 @@ class LoopedTransformerModule(LightningModule):
         if n_loops < 1:
             problems.append(f"n_loops must be at least 1; got {n_loops}")
         if problems:
-            raise ValueError("invalid LoopedTransformerModule arguments:\n  - " + "\n  - ".join(problems))
+            raise ConfigError("invalid LoopedTransformerModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(init_seed)

@@ -11,13 +11,13 @@ from collections.abc import Callable
 
 import torch
 
+from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.kfac import (
     append_bias_column,
     eigendecompose,
     kfac_lambda,
     per_example_gradient,
 )
-from lit_attrib.layers import LayerInfo
 
 __all__ = ["KFACAccumulator"]
 

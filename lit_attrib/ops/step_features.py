@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from lit_attrib.errors import ModelError
+from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.kfac import append_bias_column
 from lit_attrib.ops.sketch import (
     CountSketch,
@@ -23,7 +24,6 @@ from lit_attrib.ops.sketch import (
     functional_example_gradients,
     layer_norm_example_gradients,
 )
-from lit_attrib.layers import LayerInfo
 
 __all__ = ["GradientFeatures", "per_example_module", "proportional", "step_layout"]
 

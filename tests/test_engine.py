@@ -1,0 +1,219 @@
+"""The engine's user contract on a module written outside lit_attrib: tuple batches, a token-mean loss of
+its own, no ``predict_step``, no example ids. Numbers against explicit hooks; misuse against clear errors."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule, Trainer
+from safetensors.torch import load_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from lit_attrib.callbacks import InfluenceCallback, KFACCollectorCallback
+from lit_attrib.engine import Task
+from lit_attrib.errors import ConfigError, DataError, LitAttribError
+
+VOCAB, LENGTH, WIDTH = 13, 6, 8
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Chunks(Dataset):
+    """nanoGPT-style ``(x, y)`` chunks of a token stream, ``y`` already shifted."""
+
+    def __init__(self, count: int = 14, seed: int = 3) -> None:
+        stream = torch.randint(0, VOCAB, (count * LENGTH + 1,), generator=torch.Generator().manual_seed(seed))
+        self.rows = [(stream[i * LENGTH:(i + 1) * LENGTH], stream[i * LENGTH + 1:(i + 1) * LENGTH + 1])
+                     for i in range(count)]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int):
+        return self.rows[i]
+
+
+class TupleLM(LightningModule):
+    """A user's module: ``(x, y)`` batches, token-mean cross entropy, SGD; no predict_step, no lit_attrib."""
+
+    def __init__(self, lr: float = 0.0, mha: bool = False) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(VOCAB, WIDTH)
+        self.hidden = nn.Linear(WIDTH, WIDTH)
+        self.attention = nn.MultiheadAttention(WIDTH, 2, batch_first=True) if mha else None
+        self.head = nn.Linear(WIDTH, VOCAB)
+        self.lr = lr
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.hidden(self.embed(x)))
+        if self.attention is not None:
+            h = h + self.attention(h, h, h, need_weights=False)[0]
+        return self.head(h)  # (B, T, V)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def summed_loss(module, batch):
+    x, y = batch
+    return F.cross_entropy(module(x).transpose(1, 2), y, reduction="none").sum(-1)  # (B,)
+
+
+def _trainer(tmp_path, callbacks, **kwargs) -> Trainer:
+    return Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                   enable_model_summary=False, default_root_dir=tmp_path, callbacks=callbacks, **kwargs)
+
+
+def _reference_factors(module: TupleLM, rows: list) -> dict[str, torch.Tensor]:
+    """A and G of ``head`` from hooks of our own, with g of each example's summed loss."""
+    seen = {}
+    handle = module.head.register_forward_hook(lambda m, inputs, output: seen.update(a=inputs[0], out=output))
+    a_sum = torch.zeros(WIDTH + 1, WIDTH + 1, dtype=torch.float64)
+    g_sum = torch.zeros(VOCAB, VOCAB, dtype=torch.float64)
+    tokens = 0
+    for x, y in rows:
+        loss = summed_loss(module, (x[None], y[None])).sum()
+        (g,) = torch.autograd.grad(loss, seen["out"])
+        a = torch.cat([seen["a"], torch.ones_like(seen["a"][..., :1])], -1).reshape(-1, WIDTH + 1)
+        g = g.reshape(-1, VOCAB)
+        a_sum += a.T @ a
+        g_sum += g.T @ g
+        tokens += a.shape[0]
+    handle.remove()
+    return {"activation_covariance": a_sum / tokens, "gradient_covariance": g_sum / tokens}
+
+
+@pytest.mark.parametrize("reduction", ["auto", "token_mean"])
+def test_fit_collection_on_tuple_batches_finds_the_token_mean(tmp_path, reduction):
+    module, data = TupleLM(), Chunks()
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", dtype="float64", plots=False,
+                                     output_dir=str(tmp_path / "f"), loss_fn=summed_loss,
+                                     train_loss_reduction=reduction)
+    _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(data, batch_size=4, shuffle=True))
+    saved = load_file(str(tmp_path / "f" / "factors.safetensors"))
+    expected = _reference_factors(module, data.rows)
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[f"head.{key}"], value, rtol=1e-10, atol=1e-12)
+
+
+def test_a_wrong_reduction_is_refused_on_the_first_batch(tmp_path):
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", plots=False, loss_fn=summed_loss,
+                                     output_dir=str(tmp_path / "f"), train_loss_reduction="example_mean")
+    with pytest.raises(ConfigError, match=r"train_loss_reduction is 'example_mean'.*token_mean 24"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(TupleLM(), DataLoader(Chunks(), batch_size=4))
+    assert not (tmp_path / "f").exists()
+
+
+def test_a_loss_that_is_not_the_training_loss_is_refused(tmp_path):
+    def shifted_twice(module, batch):  # the training loss shifts once: this one is another loss
+        x, y = batch
+        return F.cross_entropy(module(x)[:, :-1].transpose(1, 2), y[:, 1:], reduction="none").sum(-1)
+
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", plots=False, loss_fn=shifted_twice,
+                                     output_dir=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match="fits none of"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(TupleLM(), DataLoader(Chunks(), batch_size=4))
+
+
+def test_without_a_loss_the_callback_says_what_to_give(tmp_path):
+    callback = KFACCollectorCallback(target_modules=["head"], plots=False, output_dir=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match=r"TupleLM.*loss_fn=f\(module, batch\)"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(TupleLM(), DataLoader(Chunks(), batch_size=4))
+
+
+def test_a_layer_never_called_through_forward_is_named(tmp_path):
+    callback = KFACCollectorCallback(target_modules=["attention.out_proj", "head"], strategy="kfac", plots=False,
+                                     loss_fn=summed_loss, output_dir=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match=r"\['attention.out_proj'\] were never called through their forward"):
+        _trainer(tmp_path, [callback]).predict(TupleLM(mha=True), DataLoader(Chunks(), batch_size=4))
+
+
+def _factors(tmp_path, module) -> str:
+    callback = KFACCollectorCallback(target_modules=["hidden", "head"], dtype="float64", plots=False,
+                                     output_dir=str(tmp_path / "factors"), loss_fn=summed_loss)
+    _trainer(tmp_path, [callback]).predict(module, DataLoader(Chunks(), batch_size=5), return_predictions=False)
+    return str(tmp_path / "factors")
+
+
+def test_predict_without_predict_step_and_data_handed_over_directly(tmp_path):
+    module, data = TupleLM(), Chunks()
+    factors = _factors(tmp_path, module)
+    queries = torch.utils.data.Subset(data, [0, 3])
+
+    def scores(loader, name, task=None, queries=queries):
+        callback = InfluenceCallback(factors=factors, queries=queries, dtype="float64", output_dir=str(tmp_path / name),
+                                     **({"task": task} if task else {"loss_fn": summed_loss}))
+        _trainer(tmp_path, [callback]).predict(module, loader, return_predictions=False)
+        return load_file(str(tmp_path / name / "scores.safetensors"))["scores"]
+
+    ordered = scores(DataLoader(data, batch_size=4), "ordered")
+    assert ordered.shape == (2, len(data))
+    assert "predict_step" not in module.__dict__  # the lent predict_step is returned
+    # Batch size 1 and 7 agree; the query's own row is its most helpful example.
+    torch.testing.assert_close(scores(DataLoader(data, batch_size=7), "seven"), ordered, rtol=1e-9, atol=1e-12)
+    assert ordered.argmax(-1).tolist() == [0, 3]
+
+    with pytest.raises(ConfigError, match="shuffled and its batches carry no example ids"):
+        scores(DataLoader(data, batch_size=4, shuffle=True), "shuffled")
+
+    class Indexed(Dataset):  # rows that say which example they are: shuffling is then harmless
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return (*data[i], i)
+
+    task = Task(loss_fn=lambda m, b: summed_loss(m, b[:2]), example_ids=lambda b: b[2])
+    shuffled = scores(DataLoader(Indexed(), batch_size=3, shuffle=True), "with-ids", task=task,
+                      queries=torch.utils.data.Subset(Indexed(), [0, 3]))
+    torch.testing.assert_close(shuffled, ordered, rtol=1e-9, atol=1e-12)
+
+
+def test_a_loader_name_without_a_datamodule_says_how_to_hand_data_over(tmp_path):
+    module = TupleLM()
+    callback = InfluenceCallback(factors=_factors(tmp_path, module), loss_fn=summed_loss, output_dir=str(tmp_path / "i"))
+    with pytest.raises(DataError, match="the run has no datamodule.*a DataLoader, a dataset"):
+        _trainer(tmp_path, [callback]).predict(module, DataLoader(Chunks(), batch_size=4))
+
+
+def test_errors_for_bad_arguments_are_config_errors():
+    with pytest.raises(ConfigError):
+        KFACCollectorCallback(max_examples=0)
+    with pytest.raises(ConfigError):
+        InfluenceCallback(factors="x", top_k=0)
+    assert issubclass(ConfigError, LitAttribError) and issubclass(ConfigError, ValueError)
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_layers_import_only_downwards():
+    package = REPO / "lit_attrib"
+    for path in (package / "ops").glob("*.py"):
+        bad = {n for n in _imports(path) if n.split(".")[0] in ("lightning", "transformers")
+               or n.startswith(("lit_attrib.engine", "lit_attrib.callbacks", "lit_attrib.modules", "lit_attrib.data"))}
+        assert not bad, f"{path.name} imports {bad}"
+    for path in (package / "artifacts").glob("*.py"):
+        bad = {n for n in _imports(path) if n.startswith(("lit_attrib.ops", "lit_attrib.engine", "lit_attrib.callbacks"))}
+        assert not bad, f"artifacts/{path.name} imports {bad}"
+    for path in (package / "callbacks").glob("*.py"):
+        source = path.read_text()
+        assert "batch[\"labels\"]" not in source and "batch['index']" not in source, path.name
