@@ -19,7 +19,7 @@ from conftest import REPO, TINY_CONFIGS, TOKENIZER, run_cli
 from lightning.pytorch import Trainer
 
 from lit_attrib.data import MultipleChoiceDataModule, TextDataModule, load_tokenizer
-from lit_attrib.errors import ArtifactError, DataError, ModelError
+from lit_attrib.errors import ArtifactError, ConfigError, DataError, ModelError
 from lit_attrib.io import read_jsonl, write_jsonl
 from lit_attrib.metrics import (
     MultipleChoiceAccuracy,
@@ -331,7 +331,7 @@ def test_existing_results_stop_the_run_before_any_work(tmp_path):
     with pytest.raises(ModelError, match="multiple-choice batches"):  # the wrong data for the task
         trainer.validate(EvalModule(config=CONFIG, tokenizer=str(TOKENIZER), output_dir=str(tmp_path / "g")),
                          datamodule=data)
-    with pytest.raises(ModelError, match="give the model"):
+    with pytest.raises(ConfigError, match="give the model"):  # bad arguments are ConfigErrors everywhere
         EvalModule(task="multiple_choice")
 
 

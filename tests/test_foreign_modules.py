@@ -81,8 +81,11 @@ def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str =
     torch.testing.assert_close(actual.to(torch.float64), expected, rtol=rtol, atol=rtol * scale, msg=lambda m: f"{what}: {m}")
 
 
-def fit_rtol(spec: Foreign) -> float:
-    return 2e-5 if spec.name == "llama_labels" else 1e-9
+def tol(spec: Foreign) -> float:
+    """HF's Llama is not float64 throughout: ``LlamaRMSNorm`` normalises in float32 (and HF's own loss with
+    ``labels`` is float32), so two float64 computations that differ only in rounding before a norm agree to
+    float32 precision behind it. The other modules are float64 end to end."""
+    return 2e-5 if spec.hf else 1e-9
 
 
 def split(batch) -> list:
@@ -209,8 +212,8 @@ def test_kfac_in_fit_observes_the_real_training_backward(tmp_path, name):
     expected = reference_kfac_training(replay, recorder.batches, spec.layers, spec.loss_fn, spec.padding_mask,
                                        training_loss, LR)
     for (key, value), other in zip(trained.state_dict().items(), replay.state_dict().values()):
-        close(value, other, fit_rtol(spec), f"the replay's weights {key}")
-    check_factors(tmp_path / "factors", expected, "kfac", spec, replay, [], fit_rtol(spec))
+        close(value, other, tol(spec), f"the replay's weights {key}")
+    check_factors(tmp_path / "factors", expected, "kfac", spec, replay, [], tol(spec))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -234,7 +237,7 @@ def test_kfac_in_fit_finds_or_refuses_the_reduction(tmp_path, name):
         return
     expected = reference_kfac_training(spec.make(lr=LR), recorder.batches, spec.layers, spec.loss_fn,
                                        spec.padding_mask, training_loss, LR)
-    check_factors(tmp_path / "auto", expected, "kfac", spec, None, [], fit_rtol(spec))
+    check_factors(tmp_path / "auto", expected, "kfac", spec, None, [], tol(spec))
 
 
 @pytest.mark.parametrize("strategy", ["kfac", "ekfac"])
@@ -245,7 +248,7 @@ def test_kfac_in_predict(tmp_path, world, strategy):
     predict(tmp_path, spec.make(), spec.loader(world.train, batch_size=7), callback)
     expected = reference_kfac(world.module, list(spec.loader(world.train, batch_size=7)), spec.layers, spec.loss_fn,
                               spec.padding_mask)
-    check_factors(tmp_path / "factors", expected, strategy, spec, world.module, spec.examples(world.train), 1e-9)
+    check_factors(tmp_path / "factors", expected, strategy, spec, world.module, spec.examples(world.train), tol(spec))
     metadata = json.loads((tmp_path / "factors" / "factors.json").read_text())
     assert metadata["arguments"]["strategy"] == strategy
 
@@ -265,7 +268,7 @@ def test_kfac_does_not_depend_on_batching_or_shuffling(tmp_path, world):
         other = read_factors(folders[label])
         for name in spec.layers:
             for key in ("activation_covariance", "gradient_covariance", "lambda"):
-                close(other[name][key], first[name][key], 1e-9, f"{label}: {name}.{key}")
+                close(other[name][key], first[name][key], tol(spec), f"{label}: {name}.{key}")
 
 
 def test_kfac_with_explicit_glue_on_hf_modules(tmp_path, worlds):
@@ -278,7 +281,7 @@ def test_kfac_with_explicit_glue_on_hf_modules(tmp_path, worlds):
         predict(tmp_path, spec.make(), spec.loader(world.train), callback)
         expected = reference_kfac(world.module, list(spec.loader(world.train)), spec.layers, spec.loss_fn,
                                   spec.padding_mask)
-        check_factors(tmp_path / name, expected, "kfac", spec, world.module, [], 1e-9)
+        check_factors(tmp_path / name, expected, "kfac", spec, world.module, [], tol(spec))
 
 
 def test_a_layer_never_called_through_forward_is_refused(tmp_path):
@@ -308,7 +311,7 @@ def test_influence(tmp_path, world):
     scores = influence(tmp_path, world, spec.loader(world.train, batch_size=7))
     expected = reference_influence(world.query_grads, world.train_grads, world.factors)
     assert scores["scores"].shape == (N_QUERY, N_TRAIN)
-    close(scores["scores"], expected, 1e-9, "influence scores")
+    close(scores["scores"], expected, tol(spec), "influence scores")
     assert scores["train_indices"].tolist() == list(range(N_TRAIN))
     assert scores["query_indices"].tolist() == list(range(N_QUERY))
 
@@ -319,7 +322,7 @@ def test_influence_with_explicit_damping_and_queries_as_a_dataset(tmp_path, worl
         pytest.skip("rows of different lengths need the user's collate_fn: a bare dataset cannot be batched")
     scores = influence(tmp_path, world, spec.loader(world.train), queries=world.queries, damping=0.05)
     close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors, damping=0.05),
-          1e-9, "influence scores (damping 0.05)")
+          tol(spec), "influence scores (damping 0.05)")
 
 
 def test_influence_does_not_depend_on_batching_or_shuffling(tmp_path, world):
@@ -327,7 +330,7 @@ def test_influence_does_not_depend_on_batching_or_shuffling(tmp_path, world):
     expected = reference_influence(world.query_grads, world.train_grads, world.factors)
     shuffled = influence(tmp_path, world, spec.loader(world.train_ids, batch_size=1, shuffle=True), name="bs1",
                          queries=spec.loader(world.queries, batch_size=2))
-    close(shuffled["scores"], expected, 1e-9, "shuffled, batch size 1, with ids")
+    close(shuffled["scores"], expected, tol(spec), "shuffled, batch size 1, with ids")
     assert shuffled["train_indices"].tolist() == list(range(N_TRAIN))
 
 
@@ -364,7 +367,7 @@ def test_token_influence(tmp_path, world):
     tensors = token_influence(tmp_path, world, spec.loader(world.queries, batch_size=2))
     scores, mask = expected_token_scores(world)
     assert tensors["scores"].shape == scores.shape
-    close(tensors["scores"], scores, 1e-9, "token scores")
+    close(tensors["scores"], scores, tol(spec), "token scores")
     assert torch.equal(tensors["mask"].bool(), mask), f"mask {tensors['mask'].int().tolist()} != {mask.int().tolist()}"
     assert tensors["query_indices"].tolist() == list(range(N_QUERY))
 
@@ -374,7 +377,7 @@ def test_token_influence_does_not_depend_on_batching_or_shuffling(tmp_path, worl
     queries = spec.dataset(N_QUERY, seed=2, with_ids=True)
     tensors = token_influence(tmp_path, world, spec.loader(queries, batch_size=1, shuffle=True, seed=3))
     scores, mask = expected_token_scores(world)
-    close(tensors["scores"], scores, 1e-9, "token scores, shuffled, batch size 1")
+    close(tensors["scores"], scores, tol(spec), "token scores, shuffled, batch size 1")
     assert tensors["query_indices"].tolist() == list(range(N_QUERY))
 
 
@@ -425,8 +428,8 @@ def test_sdi_checkpoint_mode(tmp_path, world, checkpoints, source):
     tensors = sdi(tmp_path, world, loader=loader, checkpoints=checkpoints, **extra)
     expected = reference_checkpoint_tracin(world, checkpoints, [0.5, 0.25])  # the checkpoints' learning rates
     assert tensors["tracin"].shape == (N_TRAIN, N_QUERY)
-    close(tensors["tracin"], expected, 1e-9, "TracInCP")
-    close(tensors["sdi"].sum(-1), expected, 1e-9, "SDI summed over steps")
+    close(tensors["tracin"], expected, tol(spec), "TracInCP")
+    close(tensors["sdi"].sum(-1), expected, tol(spec), "SDI summed over steps")
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
     assert tensors["query_indices"].tolist() == list(range(N_QUERY))
 
@@ -435,7 +438,7 @@ def test_sdi_checkpoint_mode_does_not_depend_on_batching_or_shuffling(tmp_path, 
     spec = world.spec
     loader = spec.loader(world.train_ids, batch_size=1, shuffle=True)
     tensors = sdi(tmp_path, world, loader=loader, train_data=loader, checkpoints=checkpoints, eta=[1.0, 2.0])
-    close(tensors["tracin"], reference_checkpoint_tracin(world, checkpoints, [1.0, 2.0]), 1e-9,
+    close(tensors["tracin"], reference_checkpoint_tracin(world, checkpoints, [1.0, 2.0]), tol(spec),
           "TracInCP, shuffled, batch size 1")
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
 
@@ -471,7 +474,7 @@ def test_sdi_online_in_fit(tmp_path, world, shuffled):
     fit(tmp_path, spec.make(lr=LR), spec.loader(data, batch_size=4, shuffle=shuffled), recorder, callback)
     tensors = load_file(str(tmp_path / "sdi" / "sdi.safetensors"))
     expected = reference_online_tracin(world, recorder.batches, LR)
-    close(tensors["tracin"], expected, fit_rtol(spec), "online TracIn")
+    close(tensors["tracin"], expected, tol(spec), "online TracIn")
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
 
 
@@ -484,7 +487,8 @@ def test_sdi_tracks_a_tied_weight_once(tmp_path, worlds):
     path = save_checkpoint(module.state_dict(), tmp_path / "a.ckpt", 1.0, 0)
     callback = SketchedGradCallback(target_modules=["gpt.lm_head", "gpt.transformer.wte"], exact=True,
                                     dtype="float64", plots=False, output_dir=str(tmp_path / "sdi"),
-                                    queries=spec.loader(world.queries), checkpoints=[path], **glue(spec))
+                                    queries=spec.loader(world.queries), checkpoints=[path],
+                                    train_data=spec.loader(world.train), **glue(spec))
     predict(tmp_path, spec.make(), spec.loader(world.train), callback)
     tensors = load_file(str(tmp_path / "sdi" / "sdi.safetensors"))
 
@@ -497,7 +501,7 @@ def test_sdi_tracks_a_tied_weight_once(tmp_path, worlds):
 
     assert module.gpt.lm_head.weight is module.gpt.transformer.wte.weight
     expected = weight_grads(world.train) @ weight_grads(world.queries).T
-    close(tensors["tracin"], expected, 1e-9, "TracIn of the tied weight")
+    close(tensors["tracin"], expected, tol(spec), "TracIn of the tied weight")
 
 
 # =============================================================================== attention
@@ -564,7 +568,7 @@ def test_unshuffled_loaders_without_ids_number_rows_in_order(tmp_path, worlds):
     world = worlds("nanogpt")
     spec = world.spec
     scores = influence(tmp_path, world, DataLoader(world.train, batch_size=4), queries=world.queries)
-    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), 1e-9,
+    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), tol(spec),
           "influence from a plain DataLoader and a dataset of queries")
 
 
@@ -580,7 +584,7 @@ def test_predict_on_a_module_without_forward_or_predict_step(tmp_path, worlds):
     predict(tmp_path, LlamaWithoutForward(), spec.loader(world.train), callback)
     expected = reference_kfac(world.module, list(spec.loader(world.train)), spec.layers, spec.loss_fn,
                               spec.padding_mask)
-    check_factors(tmp_path / "factors", expected, "kfac", spec, world.module, [], 1e-9)
+    check_factors(tmp_path / "factors", expected, "kfac", spec, world.module, [], tol(spec))
 
 
 def test_task_built_from_functions_whose_example_ids_say_none(tmp_path, worlds):
@@ -592,5 +596,5 @@ def test_task_built_from_functions_whose_example_ids_say_none(tmp_path, worlds):
                                  queries=spec.loader(world.queries), task=foreign_task(spec, style="functions"))
     predict(tmp_path, spec.make(), spec.loader(world.train), callback)
     scores = load_file(str(tmp_path / "out" / "scores.safetensors"))
-    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), 1e-9,
+    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), tol(spec),
           "influence with a functions-built task")

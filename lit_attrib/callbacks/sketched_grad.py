@@ -434,6 +434,10 @@ class SketchedGradCallback(ArtifactCallback):
                            f"predict it does nothing. Give checkpoints for TracInCP")
             return
         paths = self._resolve_checkpoints()
+        if not self.trust_checkpoints:  # refuse a file that needs unpickling before any pass, not at its turn
+            for path in paths:
+                if torch.serialization.get_unsafe_globals_in_checkpoint(path):
+                    load_checkpoint(path, opt_in=f"set {type(self).__name__}'s trust_checkpoints: true")  # raises
         self._setup(trainer, pl_module)
         self._original = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         self._used = []
