@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 
+from lit_attrib.engine.data import ensure_predict_step, release_predict_step
 from lit_attrib.engine.task import Task
 from lit_attrib.errors import ArtifactError, DataError
 
@@ -29,6 +30,14 @@ class ArtifactCallback(Callback, ABC):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(name=self.name)
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":  # the analysis is the callback's: a module without predict_step is lent one
+            ensure_predict_step(pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage == "predict":
+            release_predict_step(pl_module)
 
     @abstractmethod
     def arguments(self) -> dict:

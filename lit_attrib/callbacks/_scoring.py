@@ -31,9 +31,7 @@ from lit_attrib.callbacks._common import (
 from lit_attrib.engine.data import (
     DataSource,
     ExampleIds,
-    ensure_predict_step,
     iterate_batches,
-    release_predict_step,
     resolve_loader,
 )
 from lit_attrib.engine.gradient_pass import own_backward
@@ -100,11 +98,6 @@ class FactorScoringCallback(ArtifactCallback, ABC):
                 "loss_fn": _function_name(self.loss_fn)}
 
     # --------------------------------------------------------------------------- set-up
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict":
-            ensure_predict_step(pl_module)
-
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._tracker is not None:  # hooks of an earlier pass that ended in an exception
@@ -297,8 +290,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._tracker is not None:
             self._tracker.detach()
-        if stage == "predict":
-            release_predict_step(pl_module)
+        super().teardown(trainer, pl_module, stage)
 
     # ----------------------------------------------------------------- for subclasses
     @abstractmethod

@@ -43,7 +43,6 @@ from lit_attrib.artifacts.attention import FORMAT, METADATA_FILE, load_attention
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.callbacks.attention_kernels import attention_modules, capture_kernel_inputs
-from lit_attrib.engine.data import ensure_predict_step, release_predict_step
 from lit_attrib.engine.task import Task, resolve_task
 from lit_attrib.errors import DataError, ModelError
 from lit_attrib.io import atomic_path, write_json
@@ -461,16 +460,6 @@ class AttentionCaptureCallback(ArtifactCallback):
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._finish(trainer, pl_module)
-
-    @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict":
-            ensure_predict_step(pl_module)
-
-    @override
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict":
-            release_predict_step(pl_module)
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

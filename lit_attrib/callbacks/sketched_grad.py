@@ -46,10 +46,8 @@ from lit_attrib.callbacks.influence import _source_name
 from lit_attrib.engine.data import (
     DataSource,
     ExampleIds,
-    ensure_predict_step,
     example_checksums,
     iterate_batches,
-    release_predict_step,
     resolve_loader,
 )
 from lit_attrib.engine.gradient_pass import TrainLossScale, own_backward
@@ -660,13 +658,7 @@ class SketchedGradCallback(ArtifactCallback):
         self._online = False
 
     @override
-    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict":
-            ensure_predict_step(pl_module)
-
-    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict":
-            release_predict_step(pl_module)
+        super().teardown(trainer, pl_module, stage)
         if self._tracker is not None:
             self._tracker.detach()
