@@ -217,3 +217,54 @@ def test_layers_import_only_downwards():
     for path in (package / "callbacks").glob("*.py"):
         source = path.read_text()
         assert "batch[\"labels\"]" not in source and "batch['index']" not in source, path.name
+
+
+def test_ekfac_in_fit_without_a_loss_is_refused_before_training(tmp_path):
+    module = TupleLM()
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="ekfac", plots=False,
+                                     train_loss_reduction="token_mean", output_dir=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match="loss_fn=f"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(Chunks(), batch_size=4))
+    assert all(torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_true_fisher_uses_the_task_logits_not_forward(tmp_path):
+    """A module whose forward does not return logits: the true Fisher samples from the task's logits."""
+
+    class Wrapped(TupleLM):
+        def forward(self, x):  # a user's forward that returns something else entirely
+            return {"hidden": x}
+
+        def logits(self, x):
+            return TupleLM.forward(self, x)
+
+    def logits_fn(module, batch):
+        return module.logits(batch[0])
+
+    task = Task(loss_fn=lambda m, b: F.cross_entropy(m.logits(b[0]).transpose(1, 2), b[1], reduction="none").sum(-1),
+                logits_fn=logits_fn)
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", fisher="true", plots=False,
+                                     dtype="float64", task=task, output_dir=str(tmp_path / "f"), seed=3)
+    _trainer(tmp_path, [callback]).predict(Wrapped(), DataLoader(Chunks(), batch_size=4), return_predictions=False)
+    saved = load_file(str(tmp_path / "f" / "factors.safetensors"))
+    # Sampled targets change G, not A; A equals the explicit one.
+    expected = _reference_factors(TupleLM(), Chunks().rows)
+    torch.testing.assert_close(saved["head.activation_covariance"], expected["activation_covariance"])
+    assert not torch.allclose(saved["head.gradient_covariance"], expected["gradient_covariance"])
+    with pytest.raises(ConfigError, match="logits_fn"):
+        callback = KFACCollectorCallback(target_modules=["head"], fisher="true", plots=False, loss_fn=summed_loss,
+                                         output_dir=str(tmp_path / "g"))
+        _trainer(tmp_path, [callback]).predict(Wrapped(), DataLoader(Chunks(), batch_size=4))
+
+
+def test_a_loss_function_named_in_yaml_needs_no_annotation(tmp_path, monkeypatch):
+    from jsonargparse import ArgumentParser
+
+    (tmp_path / "user_losses.py").write_text("def summed(module, batch):\n    return module(batch).sum(-1)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parser = ArgumentParser()
+    parser.add_class_arguments(InfluenceCallback, "callback")
+    config = parser.parse_args(["--callback.factors=f", "--callback.loss_fn=user_losses.summed"])
+    callback = parser.instantiate_classes(config).callback
+    assert callback.loss_fn.__name__ == "summed" and callback.loss_fn.__module__ == "user_losses"
