@@ -21,7 +21,7 @@ from lightning.pytorch import Trainer
 from lit_attrib.artifacts.factors import FACTOR_KEYS, save_factors
 from lit_attrib.callbacks import MemorizedSetCallback
 from lit_attrib.data import MemorizationDataModule, load_tokenizer
-from lit_attrib.errors import ArtifactError, DataError, ModelError
+from lit_attrib.errors import ArtifactError, ConfigError, DataError, ModelError
 from lit_attrib.io import read_jsonl, write_jsonl
 from lit_attrib.metrics import ndcg_at_k
 from lit_attrib.modules import CausalLMModule, CurvatureEditModule
@@ -120,7 +120,7 @@ def test_edit_bad_input(tmp_path):
         make_module(tmp_path / "factors", '{"0": {"upp": 0.5}}')
     with pytest.raises(DataError, match="not valid JSON"):
         make_module(tmp_path / "factors", '{"0": {"up": 0.5}')
-    with pytest.raises(ModelError, match=r"rhos must be .* in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"rhos must be .* in \[0, 1\]"):
         make_module(tmp_path / "factors", {"0": {"up": 0.5}}, rhos=[0.5, -0.1])
     # factors of another width: (64, 48) instead of (64, 32)
     write_random_factors(tmp_path / "wide", layers=(0,), shapes={"up": (64, 48)})

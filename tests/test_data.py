@@ -10,7 +10,7 @@ import torch
 
 from lit_attrib.data import CausalLMCollator, TextDataModule, load_tokenizer, normalize_text
 from lit_attrib.data.facts import generate_facts
-from lit_attrib.errors import DataError
+from lit_attrib.errors import ConfigError, DataError
 from lit_attrib.io import read_jsonl
 from lit_attrib.ops import IGNORE_INDEX
 
@@ -157,7 +157,7 @@ def test_missing_path_and_offline_hub_id(tokenizer_path):
 
 
 def test_invalid_arguments_are_reported_together(facts_path, tokenizer_path):
-    with pytest.raises(DataError) as info:
+    with pytest.raises(ConfigError) as info:
         TextDataModule(path=facts_path, tokenizer=tokenizer_path, max_length=1, batch_size=0, prompt_template="Q:")
     assert "max_length" in str(info.value) and "batch_size" in str(info.value) and "{input}" in str(info.value)
 

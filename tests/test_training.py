@@ -11,7 +11,7 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_attrib.data import TextDataModule
-from lit_attrib.errors import ModelError, TrainingError
+from lit_attrib.errors import ConfigError, ModelError, TrainingError
 from lit_attrib.modules import CausalLMModule, build_causal_lm
 
 
@@ -160,7 +160,7 @@ def test_unknown_model_type_suggests_close_names(tokenizer_path):
 
 
 def test_unknown_scheduler():
-    with pytest.raises(ModelError, match=r"unknown scheduler 'cosine_restarts'; choose one of \[.*'cosine_with_restarts'"):
+    with pytest.raises(ConfigError, match=r"unknown scheduler 'cosine_restarts'; choose one of \[.*'cosine_with_restarts'"):
         CausalLMModule(config=TINY_CONFIGS["llama"], scheduler="cosine_restarts")
 
 
@@ -172,9 +172,9 @@ def test_pretrained_path_missing_and_hub_offline():
 
 
 def test_exactly_one_model_source():
-    with pytest.raises(ModelError, match="exactly one of `pretrained`"):
+    with pytest.raises(ConfigError, match="exactly one of `pretrained`"):
         CausalLMModule()
-    with pytest.raises(ModelError, match="exactly one of `pretrained`"):
+    with pytest.raises(ConfigError, match="exactly one of `pretrained`"):
         CausalLMModule(pretrained="x", config={"model_type": "llama"})
 
 

@@ -17,6 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lit_attrib.callbacks._common import ArtifactCallback, check_context, context_length, tensors_checksum
+from lit_attrib.engine.task import Task
 from lit_attrib.errors import DataError, ModelError
 from lit_attrib.io import write_json, write_jsonl
 
@@ -85,7 +86,7 @@ class MemorizedSetCallback(ArtifactCallback):
         if not isinstance(batch, dict) or "prefix_len" not in batch:
             raise DataError("MemorizedSetCallback needs window batches (with `prefix_len`); use "
                             "lit_attrib.data.MemorizationDataModule with `scan` as the datamodule")
-        check_context(batch, self._context, "the window")
+        check_context(Task(), batch, self._context, "the window")
         prefix_len = int(batch["prefix_len"])
         ids = batch["input_ids"]
         window = (prefix_len, ids.shape[1] - prefix_len)
