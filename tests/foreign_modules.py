@@ -22,8 +22,9 @@ real (``padding_mask``) and where a batch keeps its example ids (``example_ids``
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -147,12 +148,12 @@ class GPT(nn.Module):
                  n_embd: int = 8) -> None:
         super().__init__()
         self.block_size = block_size
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab_size, n_embd),
-            wpe=nn.Embedding(block_size, n_embd),
-            h=nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)]),
-            ln_f=nn.LayerNorm(n_embd),
-        ))
+        self.transformer = nn.ModuleDict({
+            "wte": nn.Embedding(vocab_size, n_embd),
+            "wpe": nn.Embedding(block_size, n_embd),
+            "h": nn.ModuleList([Block(n_embd, n_head) for _ in range(n_layer)]),
+            "ln_f": nn.LayerNorm(n_embd),
+        })
         self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.apply(self._init_weights)
@@ -166,7 +167,7 @@ class GPT(nn.Module):
             torch.nn.init.normal_(module.weight, mean=0.0, std=0.2)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        b, t = idx.size()
+        _, t = idx.size()
         pos = torch.arange(0, t, dtype=torch.long, device=idx.device)  # (t,)
         x = self.transformer.wte(idx) + self.transformer.wpe(pos)
         for block in self.transformer.h:
@@ -434,8 +435,8 @@ def foreign_task(spec: Foreign, style: str = "subclass"):
     """
     from lit_attrib.engine import Task
 
-    functions = dict(loss_fn=spec.loss_fn, token_loss_fn=spec.token_loss_fn, token_mask=spec.token_mask,
-                     padding_mask=spec.padding_mask)
+    functions = {"loss_fn": spec.loss_fn, "token_loss_fn": spec.token_loss_fn, "token_mask": spec.token_mask,
+                 "padding_mask": spec.padding_mask}
     if style == "functions":
         return Task(example_ids=spec.example_ids, **functions)
 
@@ -463,4 +464,4 @@ def perturbed(module: nn.Module, scale: float = 0.1, seed: int = 1) -> dict[str,
     return out
 
 
-__all__ = ["FOREIGN", "Foreign", "foreign_task", "perturbed", "VOCAB"]
+__all__ = ["FOREIGN", "VOCAB", "Foreign", "foreign_task", "perturbed"]

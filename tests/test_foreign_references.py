@@ -26,6 +26,15 @@ from torch import nn
 NAMES = list(FOREIGN)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny float64 matrices: one thread is faster than two, and spins less on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module", params=NAMES)
 def spec(request):
     return FOREIGN[request.param]

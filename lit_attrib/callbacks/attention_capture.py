@@ -43,6 +43,7 @@ from lit_attrib.artifacts.attention import FORMAT, METADATA_FILE, load_attention
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.callbacks.attention_kernels import attention_modules, capture_kernel_inputs
+from lit_attrib.engine.data import ExampleIds, current_loader, lent_predict_step
 from lit_attrib.engine.task import Task, resolve_task
 from lit_attrib.errors import DataError, ModelError
 from lit_attrib.io import atomic_path, write_json
@@ -171,7 +172,9 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     def _start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._resolve(pl_module)
-        self._task = resolve_task(pl_module, self.task, owner=f"{type(self).__name__}[{self.name}]", needs=())
+        owner = f"{type(self).__name__}[{self.name}]"
+        self._task = resolve_task(pl_module, self.task, owner=owner, needs=())
+        self._ids = ExampleIds(self._task, owner)
         # every process asks for the folder (trainer.log_dir is a collective); refuse before the pass, not after
         self._folder = self.folder(trainer)
         self.check_overwrite(trainer)
@@ -203,8 +206,10 @@ class AttentionCaptureCallback(ArtifactCallback):
         self._batch = None
 
     # ------------------------------------------------------------------------------- capture
-    def _batch_start(self, batch: Any) -> None:
+    def _batch_start(self, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         task = self._task
+        if batch_idx == 0:  # rows without ids are numbered in loader order: refuse where that would be wrong
+            self._ids.check(current_loader(trainer, dataloader_idx), batch, trainer, "the captured examples")
         ids = task.input_ids(batch)
         if ids is None:
             raise DataError("AttentionCaptureCallback needs token ids in each batch (dict batches with input_ids, or a "
@@ -417,7 +422,7 @@ class AttentionCaptureCallback(ArtifactCallback):
     @override
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         if self._handles:
-            self._batch_start(batch)
+            self._batch_start(trainer, batch, batch_idx, dataloader_idx)
 
     @override
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -435,7 +440,7 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     @override
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start(batch)
+        self._batch_start(trainer, batch, batch_idx, dataloader_idx)
 
     @override
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -451,10 +456,13 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     @override
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
-        self._batch_start(batch)
+        self._batch_start(trainer, batch, batch_idx, dataloader_idx)
 
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if lent_predict_step(pl_module):  # the lent predict_step runs no forward: run the one to watch
+            with torch.no_grad():
+                self._task.forward(pl_module, batch)
         self._batch_end()
 
     @override

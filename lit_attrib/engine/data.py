@@ -18,7 +18,8 @@ from torch.utils.data.distributed import DistributedSampler
 from lit_attrib.engine.task import Task
 from lit_attrib.errors import ConfigError, DataError
 
-__all__ = ["DataSource", "ExampleIds", "example_checksums", "ensure_predict_step", "is_ordered", "iterate_batches", "release_predict_step",
+__all__ = ["DataSource", "ExampleIds", "current_loader", "example_checksums", "ensure_predict_step", "is_ordered",
+           "iterate_batches", "lent_predict_step", "release_predict_step",
            "resolve_loader"]
 
 DataSource = Union[str, os.PathLike, DataLoader, Dataset]
@@ -51,6 +52,12 @@ def resolve_loader(source: DataSource, trainer: Trainer, pl_module: LightningMod
 def _datamodule_loader(trainer: Trainer, name: str, purpose: str) -> DataLoader:
     datamodule = trainer.datamodule
     method = getattr(datamodule, f"{name}_dataloader", None)
+    if method is None and name == "predict" and trainer.world_size == 1:
+        # trainer.predict(module, dataloaders=...): the predict pass's own loader (one process reads it all)
+        loaders = trainer.predict_dataloaders
+        loaders = [loaders] if isinstance(loaders, DataLoader) else list(loaders or [])
+        if len(loaders) == 1:
+            return loaders[0]
     if method is None:
         owner = "the run has no datamodule" if datamodule is None else f"{type(datamodule).__name__} has no {name}_dataloader()"
         raise DataError(
@@ -157,6 +164,23 @@ def iterate_batches(trainer: Trainer, pl_module: LightningModule, loader, shard:
         if shard and position % trainer.world_size != trainer.global_rank:
             continue
         yield trainer.strategy.batch_to_device(batch, pl_module.device)
+
+
+def current_loader(trainer: Trainer, dataloader_idx: int = 0) -> Any:
+    """The loader the running validate/test/predict loop reads (``dataloader_idx`` of several)."""
+    fn = str(getattr(trainer.state.fn, "value", trainer.state.fn))
+    loaders = {"validate": trainer.val_dataloaders, "fit": trainer.val_dataloaders, "test": trainer.test_dataloaders,
+               "predict": trainer.predict_dataloaders}.get(fn)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+    if isinstance(loaders, dict):
+        return list(loaders.values())[dataloader_idx]
+    return loaders
+
+
+def lent_predict_step(pl_module: LightningModule) -> bool:
+    """Whether ``pl_module`` runs the ``predict_step`` lit_attrib lent it (which runs no forward)."""
+    return pl_module.__dict__.get("predict_step") is _no_predictions
 
 
 def _no_predictions(batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> None:

@@ -146,7 +146,8 @@ class Task:
     def example_ids(self, batch: Any) -> torch.Tensor | None:
         """``(B,)`` dataset indices of the rows, or ``None`` when the batch does not say."""
         if self._example_ids is not None:
-            return torch.as_tensor(self._example_ids(batch)).detach().cpu().long().reshape(-1)
+            ids = self._example_ids(batch)
+            return None if ids is None else torch.as_tensor(ids).detach().cpu().long().reshape(-1)
         if isinstance(batch, dict) and "index" in batch:
             return torch.as_tensor(batch["index"]).detach().cpu().long().reshape(-1)
         return None
@@ -154,6 +155,11 @@ class Task:
     def token_mask(self, batch: Any) -> torch.Tensor | None:
         """``(B, T)`` bool: the tokens whose loss counts, or ``None`` when unknown."""
         return None if self._token_mask is None else self._token_mask(batch).bool()
+
+    def forward(self, module: nn.Module, batch: Any) -> torch.Tensor:
+        """One forward of the model on the batch, for callbacks that watch it (attention capture): the
+        logits where the task can give them, else the loss."""
+        return self.logits(module, batch) if self.has_logits else self.loss(module, batch)
 
     def answer_mask(self, batch: Any) -> torch.Tensor | None:
         """``(B, T)`` bool: the tokens the data marks as targets (an answer), or ``None`` when it marks none."""
