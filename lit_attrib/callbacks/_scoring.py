@@ -39,7 +39,7 @@ from lit_attrib.engine.task import LossFn, Task, resolve_task
 from lit_attrib.engine.tracking import LayerTracker, find_layers
 from lit_attrib.errors import ArtifactError, ConfigError, DataError, TrainingError
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.kfac import append_bias_column
+from lit_attrib.ops.gradients import ExampleGradients
 
 
 class FactorScoringCallback(ArtifactCallback, ABC):
@@ -155,13 +155,11 @@ class FactorScoringCallback(ArtifactCallback, ABC):
 
     # ------------------------------------------------------------------------ gradients
     def _dispatch_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:
-        if layer.has_bias:
-            activations = append_bias_column(activations)
-        self._on_gradient(layer, activations.to(self.dtype), gradients.to(self.dtype))
+        self._on_gradient(layer, activations, gradients)
 
     def backward(self, trainer: Trainer, pl_module: LightningModule, batch: Any, on_gradient) -> torch.Tensor:
-        """One own forward/backward; ``on_gradient(layer, a, g)`` gets every use of every tracked layer
-        (``a`` bias-appended, both in ``dtype``)."""
+        """One own forward/backward; ``on_gradient(layer, a, g)`` (an accumulator's ``add``) gets every use
+        of every tracked layer."""
         self._on_gradient = on_gradient
         try:
             return own_backward(trainer, pl_module, self._tracker, self._task, batch)
@@ -173,59 +171,44 @@ class FactorScoringCallback(ArtifactCallback, ABC):
                           shard: bool = False) -> tuple[dict[str, Any], torch.Tensor, list[str], int]:
         """Gradients ``DW`` of each tracked layer over a set of examples (see :data:`DataSource`).
 
-        Returns ``(gradients, indices, texts, count)``, ``count`` over every process. With ``per_example``, each layer's list of
-        ``per_example(layer, DW)`` over the batches, ``DW (B, out, in)`` being the batch's per-example
-        gradients (so that only one batch of them is held at a time); otherwise each layer's sum
-        over the examples ``(out, in)`` (summed across processes when ``shard`` splits the batches).
+        Returns ``(gradients, indices, texts, count)``, ``count`` over every process. With ``per_example``,
+        each layer's list of ``per_example(layer, DW)`` over the batches, ``DW (B, out, in)`` being the
+        batch's per-example gradients (so that only one batch of them is held at a time); otherwise each
+        layer's sum over the examples ``(out, in)`` (summed across processes when ``shard`` splits the
+        batches).
         """
-        sums: dict[str, torch.Tensor] = {}
+        accumulator = ExampleGradients(self.layers, self.dtype, per_example=per_example is not None,
+                                       device=pl_module.device)
         parts: dict[str, list[Any]] = {name: [] for name in self.layers}
-        indices, texts, count = [], [], 0
-        current: dict[str, torch.Tensor] = {}
-
-        def collect(layer: LayerInfo, a: torch.Tensor, g: torch.Tensor) -> None:
-            if per_example is not None:
-                update = torch.einsum("bto,bti->boi", g, a)
-                current[layer.name] = current[layer.name] + update if layer.name in current else update
-            else:
-                update = torch.einsum("bto,bti->oi", g, a)
-                sums[layer.name] = sums[layer.name] + update if layer.name in sums else update
-
+        indices, texts = [], []
         loader = resolve_loader(source, trainer, pl_module, f"the {what}")
         label = source if isinstance(source, str) else type(source).__name__
         ids = ExampleIds(self._task, f"{type(self).__name__}[{self.name}]")
         batches = iterate_batches(trainer, pl_module, loader, shard=shard)
         for batch in tqdm(batches, desc=f"{self.name}: {label} gradients", leave=False,
                           disable=not show_progress(trainer)):
-            if count == 0 and per_example is not None:  # rows are told apart only where they are kept apart
+            if not indices and per_example is not None:  # rows are told apart only where they are kept apart
                 ids.check(loader, batch, trainer, f"the {what}")
             check_context(self._task, batch, self._context, f"an example of the {what}")
-            current.clear()
-            losses = self.backward(trainer, pl_module, batch, collect)
+            rows = ids(batch)
+            accumulator.begin_batch(len(rows))
+            losses = self.backward(trainer, pl_module, batch, accumulator.add)
             if not bool(torch.isfinite(losses).all()):
                 raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {what} "
-                                    f"(rows {ids(batch).tolist()[:8]})")
-            if per_example is not None:
-                for name, layer in self.layers.items():
-                    unused = torch.zeros(len(losses), *layer.gradient_shape, dtype=self.dtype, device=pl_module.device)
-                    parts[name].append(per_example(layer, current.pop(name, unused)))
-            indices.append(ids(batch))
+                                    f"(rows {rows.tolist()[:8]})")
+            for name, gradients in accumulator.end_batch().items():
+                parts[name].append(per_example(self.layers[name], gradients))
+            indices.append(rows)
             if self.needs_texts:
                 texts.extend(decode_texts(trainer, pl_module, self._task, batch))
-            count += len(losses)
-        if per_example is None:
-            for name, layer in self.layers.items():  # a layer the loss never reached, or a rank without batches
-                if name not in sums:
-                    sums[name] = torch.zeros(layer.gradient_shape, dtype=self.dtype, device=pl_module.device)
-        if shard and trainer.world_size > 1:
-            total = trainer.strategy.reduce(torch.tensor(float(count), device=pl_module.device), reduce_op="sum")
-            count = int(total)
-            for name in self.layers:
-                sums[name] = trainer.strategy.reduce(sums[name], reduce_op="sum")
-        if count == 0:
+        # A layer the loss never reached, or a rank without batches, adds zeros; several processes add up.
+        accumulator.reduce((lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if shard and trainer.world_size > 1
+                           else (lambda t: t))
+        if accumulator.count == 0:
             raise DataError(f"the {what} are empty: {label} gave no examples; check the data that feeds it")
-        gradients = parts if per_example is not None else sums
-        return gradients, torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), texts, count
+        gradients = parts if per_example is not None else accumulator.sums
+        return (gradients, torch.cat(indices) if indices else torch.empty(0, dtype=torch.long), texts,
+                accumulator.count)
 
     # ---------------------------------------------------------------------- the pass
     @override

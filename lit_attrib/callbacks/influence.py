@@ -16,7 +16,7 @@ from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.errors import ConfigError, ModelError
 from lit_attrib.io import write_json, write_jsonl
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.influence import LowRank, low_rank, pairwise_scores, token_pairwise_scores
+from lit_attrib.ops.influence import LowRank, PairwiseScores, low_rank
 from lit_attrib.ops.kfac import factors_inverse_hvp
 
 __all__ = ["InfluenceCallback"]
@@ -98,10 +98,8 @@ class InfluenceCallback(FactorScoringCallback):
         self.top_k = top_k
         self.token_scores = token_scores
         self.expand_low_rank_gb = expand_low_rank_gb
-        self._expanded_bytes = 0
-        self._decided: set[str] = set()
-        self.expanded: list[str] = []
         self.preconditioned: dict[str, torch.Tensor | LowRank] = {}
+        self._scores: PairwiseScores | None = None
         self.query_indices = torch.empty(0, dtype=torch.long)
         self.query_texts: list[str] = []
         self._batch: dict[str, torch.Tensor] = {}
@@ -113,12 +111,10 @@ class InfluenceCallback(FactorScoringCallback):
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
         # Each batch of query gradients is preconditioned (and cut to rank r) as soon as it is known,
         # so that only one batch of full per-example gradients is ever held.
-        self._decided.clear()
-        self.expanded = []
-        self._expanded_bytes = 0
         parts, self.query_indices, self.query_texts, _ = self.example_gradients(
             trainer, pl_module, self.queries, "queries", per_example=self.precondition)
         self.preconditioned = {}
+        self._scores = None
         for name, batches in parts.items():
             if self.query_gradient_rank is None:
                 self.preconditioned[name] = torch.cat(batches)
@@ -134,6 +130,8 @@ class InfluenceCallback(FactorScoringCallback):
 
     def release(self) -> None:
         self.preconditioned = {}
+        if self._scores is not None:  # keep what it decided (``expanded``), drop the query gradients
+            self._scores.preconditioned = {}
 
     def precondition(self, layer: LayerInfo, gradients: torch.Tensor) -> torch.Tensor | LowRank:
         """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set."""
@@ -145,44 +143,18 @@ class InfluenceCallback(FactorScoringCallback):
         except ValueError as exc:
             raise ModelError(f"layer '{layer.name}': {exc}") from None
 
+    @property
+    def expanded(self) -> list[str]:
+        """The layers whose rank-r query gradients were multiplied back out (see ``expand_low_rank_gb``)."""
+        return self._scores.expanded if self._scores is not None else []
+
     def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
-        self._batch = {}
-        self.backward(trainer, pl_module, batch, self._score_layer)
-        result = {"scores": self._batch["scores"].T}  # (B, Q): the example first
-        if self.token_scores:
-            result["token_scores"] = self._batch["token_scores"].transpose(0, 1)  # (B, Q, T)
-        return result
-
-    def _score_layer(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
-        if layer.name not in self._decided:
-            self._maybe_expand(layer, tokens=activations.shape[1])
-        preconditioned = self.preconditioned[layer.name]
-        if self.token_scores:
-            tokens = token_pairwise_scores(preconditioned, activations, gradients)
-            self._accumulate("token_scores", tokens)
-            self._accumulate("scores", tokens.sum(-1))
-        else:
-            self._accumulate("scores", pairwise_scores(preconditioned, activations, gradients))
-
-    def _maybe_expand(self, layer: LayerInfo, tokens: int) -> None:
-        """Multiply a layer's rank-r factors back out when that contracts faster and the memory allows."""
-        self._decided.add(layer.name)
-        preconditioned = self.preconditioned[layer.name]
-        if not isinstance(preconditioned, tuple) or self.token_scores:
-            return
-        left, right = preconditioned
-        queries, out_features, rank = left.shape
-        in_features = right.shape[-1]
-        through_tokens = tokens * queries * rank * (out_features + in_features)
-        expanded = (tokens + queries) * out_features * in_features
-        size = queries * out_features * in_features * left.element_size()
-        if expanded < through_tokens and self._expanded_bytes + size <= self.expand_low_rank_gb * 2**30:
-            self.preconditioned[layer.name] = left @ right  # still rank r, now cheaper to contract
-            self._expanded_bytes += size
-            self.expanded.append(layer.name)
-
-    def _accumulate(self, key: str, value: torch.Tensor) -> None:
-        self._batch[key] = self._batch[key] + value if key in self._batch else value
+        if self._scores is None:
+            self._scores = PairwiseScores(self.preconditioned, self.dtype, self.token_scores,
+                                          self.expand_low_rank_gb * 2**30)
+        self._scores.begin_batch()
+        self.backward(trainer, pl_module, batch, self._scores.add)
+        return self._scores.end_batch()
 
     def write(self, trainer: Trainer, folder: Path, indices: torch.Tensor, tensors: dict[str, torch.Tensor],
               texts: list[str], metadata: dict) -> None:

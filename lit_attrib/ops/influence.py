@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LowRank", "low_rank", "pairwise_scores", "token_pairwise_scores"]
+from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.gradients import layer_inputs
+
+__all__ = ["LowRank", "PairwiseScores", "low_rank", "pairwise_scores", "token_pairwise_scores"]
 
 LowRank = tuple[torch.Tensor, torch.Tensor]
 """A rank-r factorisation ``P ≈ left @ right`` with ``left (Q, out, r)`` and ``right (Q, r, in)``."""
@@ -74,3 +77,73 @@ def pairwise_scores(preconditioned: torch.Tensor | LowRank, activations: torch.T
     # Plain matrix products: einsum would copy both operands into its own layout first.
     example_gradients = torch.bmm(output_gradients.mT, activations)  # (B, out, in)
     return preconditioned.flatten(1) @ example_gradients.flatten(1).T
+
+
+class PairwiseScores:
+    """Scores of each training example of a batch against every query, accumulated over the tracked
+    layers' uses: ``S[b, q] = Σ_layers Σ_uses Σ_t g_{b,t}ᵀ P_q a_{b,t}``.
+
+    A rank-r ``P`` is multiplied back out to ``(Q, out, in)`` for a layer whenever that contracts
+    faster (``(T + Q)·out·in`` against ``T·Q·r·(out + in)``) and the expanded layers stay within
+    ``expand_bytes`` together (the decision is made once per layer, at its first use).
+
+    Args:
+        preconditioned: each layer's ``P (Q, out, in)`` or its :func:`low_rank` factors.
+        dtype: the dtype of ``a``, ``g`` and the scores.
+        token_scores: also keep each training token's share ``(B, Q, T)``.
+        expand_bytes: memory for expanded rank-r layers (0: never expand).
+    """
+
+    def __init__(self, preconditioned: dict[str, torch.Tensor | LowRank], dtype: torch.dtype = torch.float32,
+                 token_scores: bool = False, expand_bytes: float = 0.0) -> None:
+        self.preconditioned = dict(preconditioned)
+        self.dtype = dtype
+        self.token_scores = token_scores
+        self.expand_bytes = expand_bytes
+        self.expanded: list[str] = []
+        self._expanded_bytes = 0
+        self._decided: set[str] = set()
+        self._batch: dict[str, torch.Tensor] = {}
+
+    def begin_batch(self) -> None:
+        self._batch = {}
+
+    def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        """Add one use of ``layer``: ``a (B, T, in)`` as it entered the layer, ``g (B, T, out)``."""
+        a, g = layer_inputs(layer, activations, gradients, self.dtype)
+        if layer.name not in self._decided:
+            self._maybe_expand(layer.name, tokens=a.shape[1])
+        preconditioned = self.preconditioned[layer.name]
+        if self.token_scores:
+            tokens = token_pairwise_scores(preconditioned, a, g)  # (Q, B, T)
+            self._add("token_scores", tokens)
+            self._add("scores", tokens.sum(-1))
+        else:
+            self._add("scores", pairwise_scores(preconditioned, a, g))
+
+    def end_batch(self) -> dict[str, torch.Tensor]:
+        """The batch's ``scores (B, Q)`` (and ``token_scores (B, Q, T)``), the example first."""
+        result = {"scores": self._batch["scores"].T}
+        if self.token_scores:
+            result["token_scores"] = self._batch["token_scores"].transpose(0, 1)
+        self._batch = {}
+        return result
+
+    def _add(self, key: str, value: torch.Tensor) -> None:
+        self._batch[key] = self._batch[key] + value if key in self._batch else value
+
+    def _maybe_expand(self, name: str, tokens: int) -> None:
+        self._decided.add(name)
+        preconditioned = self.preconditioned[name]
+        if not isinstance(preconditioned, tuple) or self.token_scores:
+            return
+        left, right = preconditioned
+        queries, out_features, rank = left.shape
+        in_features = right.shape[-1]
+        through_tokens = tokens * queries * rank * (out_features + in_features)
+        expanded = (tokens + queries) * out_features * in_features
+        size = queries * out_features * in_features * left.element_size()
+        if expanded < through_tokens and self._expanded_bytes + size <= self.expand_bytes:
+            self.preconditioned[name] = left @ right  # still rank r, now cheaper to contract
+            self._expanded_bytes += size
+            self.expanded.append(name)

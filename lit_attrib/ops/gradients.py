@@ -1,0 +1,101 @@
+"""Per-example gradients of linear layers from their activations and output gradients.
+
+For ``y = W a (+ b)`` the gradient of one example's summed loss is ``DW = Σ_t g_t a_tᵀ`` (bias
+column appended to ``a``), summed over every use of the layer in the forward pass. It is never formed
+from ``out × in`` per-token products: one batched matrix product per use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.kfac import append_bias_column, per_example_gradient
+
+__all__ = ["ExampleGradients", "layer_inputs"]
+
+
+def layer_inputs(layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a`` (bias-appended when the layer has a bias) and ``g`` of one use, ``(B, T, ·)``, in ``dtype``."""
+    if activations.ndim == 2:  # (T, in): one example
+        activations, gradients = activations.unsqueeze(0), gradients.unsqueeze(0)
+    activations = activations.to(dtype)
+    if layer.has_bias:
+        activations = append_bias_column(activations)
+    return activations, gradients.to(dtype)
+
+
+class ExampleGradients:
+    """Each tracked layer's per-example gradient ``DW (B, out, in)`` over one batch, or the running sum
+    ``Σ_examples DW (out, in)``.
+
+    Interface of every accumulator: :meth:`begin_batch`; :meth:`add` one use of one layer; :meth:`end_batch`;
+    :meth:`reduce` across processes; :meth:`state_dict`.
+
+    Args:
+        layers: the tracked layers, by name.
+        dtype: the dtype of the gradients (inputs are cast to it).
+        per_example: keep each example's gradient for the batch (returned by :meth:`end_batch`) instead of
+            adding them to the running sums.
+        device: where the sums live.
+    """
+
+    def __init__(self, layers: dict[str, LayerInfo], dtype: torch.dtype = torch.float32, per_example: bool = False,
+                 device: torch.device | str = "cpu") -> None:
+        self.layers = layers
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.per_example = per_example
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0
+        self._batch: dict[str, torch.Tensor] = {}
+        self._size = 0
+
+    def begin_batch(self, size: int) -> None:
+        """Start a batch of ``size`` examples."""
+        self._batch = {}
+        self._size = size
+
+    def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        """Add one use of ``layer``: ``a (B, T, in)`` as it entered the layer, ``g (B, T, out)`` of the summed loss."""
+        a, g = layer_inputs(layer, activations, gradients, self.dtype)
+        if self.per_example:
+            update = per_example_gradient(a, g)  # (B, out, in)
+            held = self._batch.get(layer.name)
+            self._batch[layer.name] = update if held is None else held.add_(update)
+        else:
+            update = g.flatten(0, 1).T @ a.flatten(0, 1)  # (out, in): the batch's sum
+            held = self.sums.get(layer.name)
+            self.sums[layer.name] = update if held is None else held.add_(update)
+
+    def end_batch(self) -> dict[str, torch.Tensor]:
+        """Finish the batch; with ``per_example``, each layer's ``DW (B, out, in)`` (zeros for a layer the
+        loss did not reach in this batch), else an empty dict."""
+        self.count += self._size
+        if not self.per_example:
+            return {}
+        batch = {name: self._batch.get(name, torch.zeros(self._size, *layer.gradient_shape, dtype=self.dtype,
+                                                              device=self.device))
+                 for name, layer in self.layers.items()}
+        self._batch = {}
+        return batch
+
+    def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum the running sums and the count over processes (every process calls this; a layer a process
+        never saw contributes zeros)."""
+        for name, layer in self.layers.items():
+            value = self.sums.get(name)
+            if value is None:
+                value = torch.zeros(layer.gradient_shape, dtype=self.dtype, device=self.device)
+            self.sums[name] = reduce_fn(value)
+        self.count = int(reduce_fn(torch.tensor(float(self.count), dtype=torch.float64, device=self.device)))
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.detach().to("cpu", copy=True) for k, v in self.sums.items()}, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {k: v.to(self.device) for k, v in state.get("sums", {}).items()}
+        self.count = state.get("count", 0)
