@@ -268,3 +268,71 @@ def test_a_loss_function_named_in_yaml_needs_no_annotation(tmp_path, monkeypatch
     config = parser.parse_args(["--callback.factors=f", "--callback.loss_fn=user_losses.summed"])
     callback = parser.instantiate_classes(config).callback
     assert callback.loss_fn.__name__ == "summed" and callback.loss_fn.__module__ == "user_losses"
+
+
+def test_kfac_and_online_sdi_in_one_fit_do_not_see_each_others_passes(tmp_path):
+    from lit_attrib.callbacks import SketchedGradCallback
+
+    data = Chunks()
+
+    def run(callbacks, name):
+        _trainer(tmp_path / name, callbacks, max_epochs=1).fit(TupleLM(), DataLoader(data, batch_size=4))
+
+    kfac = lambda name: KFACCollectorCallback(target_modules=["head"], strategy="kfac", dtype="float64",  # noqa: E731
+                                              plots=False, loss_fn=summed_loss, output_dir=str(tmp_path / name))
+    sdi = lambda name: SketchedGradCallback(target_modules=["hidden", "head"], checkpoints=None, exact=True,  # noqa: E731
+                                            queries=torch.utils.data.Subset(data, [1, 2]), loss_fn=summed_loss,
+                                            dtype="float64", plots=False, output_dir=str(tmp_path / name))
+    run([kfac("kfac-alone")], "a")
+    run([sdi("sdi-alone")], "b")
+    run([sdi("sdi-both"), kfac("kfac-both")], "c")  # SDI first: its query pass runs inside K-FAC's batch
+    alone, both = (load_file(str(tmp_path / n / "factors.safetensors")) for n in ("kfac-alone", "kfac-both"))
+    for key in alone:
+        torch.testing.assert_close(both[key], alone[key], rtol=1e-12, atol=1e-14)
+    alone, both = (load_file(str(tmp_path / n / "sdi.safetensors")) for n in ("sdi-alone", "sdi-both"))
+    torch.testing.assert_close(both["tracin"], alone["tracin"], rtol=1e-12, atol=1e-14)
+
+
+def test_loaders_whose_order_is_not_known_are_refused(tmp_path):
+    module = TupleLM()
+    factors = _factors(tmp_path, module)
+    data = Chunks()
+
+    class Bucketing(torch.utils.data.BatchSampler):  # a user's batch sampler: it may reorder
+        pass
+
+    bucketed = DataLoader(data, batch_sampler=Bucketing(torch.utils.data.SequentialSampler(data), 4, False))
+    for loaders, message in ((bucketed, "shuffled and its batches carry no example ids"),
+                             ([DataLoader(data, batch_size=4), DataLoader(data, batch_size=4)], "one loader per pass")):
+        callback = InfluenceCallback(factors=factors, queries=torch.utils.data.Subset(data, [0]), loss_fn=summed_loss,
+                                     output_dir=str(tmp_path / "i"))
+        with pytest.raises(ConfigError, match=message):
+            _trainer(tmp_path, [callback]).predict(module, loaders)
+        assert "predict_step" not in module.__dict__  # given back after the error too
+
+
+def test_single_example_batches_re_run_training_step_once(tmp_path):
+    calls = []
+
+    class ExampleMean(TupleLM):
+        def training_step(self, batch, batch_idx):
+            calls.append(batch_idx)
+            return summed_loss(self, batch).mean()
+
+    module, data = ExampleMean(), Chunks(count=5)
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", dtype="float64", plots=False,
+                                     loss_fn=summed_loss, output_dir=str(tmp_path / "f"))
+    _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(data, batch_size=1))
+    assert len(calls) == len(data) + 1  # one check: sum and example mean agree on every batch of one example
+    saved = load_file(str(tmp_path / "f" / "factors.safetensors"))
+    torch.testing.assert_close(saved["head.gradient_covariance"],
+                               _reference_factors(module, data.rows)["gradient_covariance"], rtol=1e-10, atol=1e-12)
+
+
+def test_hf_batches_without_labels_take_no_loss_on_padding_or_the_first_real_token():
+    from lit_attrib.engine.task import HFCausalLMTask
+
+    task = HFCausalLMTask(model=None)
+    batch = {"input_ids": torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 0]]),
+             "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])}
+    assert task.token_mask(batch).tolist() == [[False, False, False, True, True], [False, True, True, True, False]]

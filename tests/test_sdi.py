@@ -337,6 +337,9 @@ def test_checksums_ignore_right_padding():
     assert not torch.equal(example_checksums(task, changed), example_checksums(task, shorter))
     relabelled = {**shorter, "labels": torch.tensor([[-100, 2, 5]])}
     assert not torch.equal(example_checksums(task, relabelled), example_checksums(task, shorter))
+    for first, second in (([5, 9, 9, 5, 7], [9, 5, 5, 9, 7]), ([5, 5, 5, 1, 1], [6, 3, 6, 1, 1])):  # equal sums
+        assert not torch.equal(example_checksums(Task(), (torch.tensor([first]),)),
+                               example_checksums(Task(), (torch.tensor([second]),)))
     tuples = (torch.tensor([[1, 2, 3]]), torch.tensor([[2, 3, 4]]))
     assert not torch.equal(example_checksums(Task(), tuples), example_checksums(Task(), (tuples[0], tuples[1] + 1)))
 

@@ -33,11 +33,13 @@ class ArtifactCallback(Callback, ABC):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "predict":  # the analysis is the callback's: a module without predict_step is lent one
-            ensure_predict_step(pl_module)
+            ensure_predict_step(pl_module, self)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "predict":
-            release_predict_step(pl_module)
+        release_predict_step(pl_module, self)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        release_predict_step(pl_module, self)
 
     @abstractmethod
     def arguments(self) -> dict:

@@ -32,6 +32,7 @@ from lit_attrib.engine.data import (
     DataSource,
     ExampleIds,
     iterate_batches,
+    loader_count,
     resolve_loader,
 )
 from lit_attrib.engine.gradient_pass import own_backward
@@ -105,6 +106,9 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         owner = f"{type(self).__name__}[{self.name}]"
         self._task = resolve_task(pl_module, self.task, self.loss_fn, self.token_loss_fn, owner=owner, needs=self.needs)
         self._ids = ExampleIds(self._task, owner)
+        if (count := loader_count(trainer)) > 1:
+            raise ConfigError(f"{owner} reads one loader per pass, but this pass has {count}: their rows would share "
+                              f"example ids; run one pass per set of examples")
         folder = self.folder(trainer)
         self.check_overwrite(trainer)
         self.factors = load_factors(self.factors_path, pl_module, device=pl_module.device)
@@ -219,7 +223,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         if self._seen == 0:
             loaders = trainer.predict_dataloaders
             loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-            self._ids.check(loader, batch, trainer, "the predict pass")
+            self._ids.check(loader, batch, trainer, "the predict pass", sharded=True)
         indices = self._ids(batch)
         self._seen += len(indices)
         self._store.see(indices)
@@ -266,6 +270,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         if self._tracker is not None:
             self._tracker.detach()
 

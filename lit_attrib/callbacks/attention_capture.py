@@ -43,9 +43,10 @@ from lit_attrib.artifacts.attention import FORMAT, METADATA_FILE, load_attention
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.callbacks.attention_kernels import attention_modules, capture_kernel_inputs
-from lit_attrib.engine.data import ExampleIds, current_loader, lent_predict_step
+from lit_attrib.engine.data import ExampleIds, current_loader, lent_predict_step, loader_count
 from lit_attrib.engine.task import Task, resolve_task
-from lit_attrib.errors import DataError, ModelError
+from lit_attrib.engine.tracking import exclusive, observed_by
+from lit_attrib.errors import ConfigError, DataError, ModelError
 from lit_attrib.io import atomic_path, write_json
 from lit_attrib.ops.attention import (
     attention_probabilities,
@@ -175,6 +176,9 @@ class AttentionCaptureCallback(ArtifactCallback):
         owner = f"{type(self).__name__}[{self.name}]"
         self._task = resolve_task(pl_module, self.task, owner=owner, needs=())
         self._ids = ExampleIds(self._task, owner)
+        if (count := loader_count(trainer)) > 1:
+            raise ConfigError(f"{owner} reads one loader per pass, but this pass has {count}: their rows would share "
+                              f"example ids; run one pass per set of examples")
         # every process asks for the folder (trainer.log_dir is a collective); refuse before the pass, not after
         self._folder = self.folder(trainer)
         self.check_overwrite(trainer)
@@ -209,7 +213,8 @@ class AttentionCaptureCallback(ArtifactCallback):
     def _batch_start(self, trainer: Trainer, batch: Any, batch_idx: int, dataloader_idx: int) -> None:
         task = self._task
         if batch_idx == 0:  # rows without ids are numbered in loader order: refuse where that would be wrong
-            self._ids.check(current_loader(trainer, dataloader_idx), batch, trainer, "the captured examples")
+            self._ids.check(current_loader(trainer, dataloader_idx), batch, trainer, "the captured examples",
+                            sharded=True)
         ids = task.input_ids(batch)
         if ids is None:
             raise DataError("AttentionCaptureCallback needs token ids in each batch (dict batches with input_ids, or a "
@@ -250,7 +255,8 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     def _record_kernel(self, module, query, key, attention_mask, kwargs, weights) -> None:
         # DiffLlama calls the kernel twice with the same queries and keys: the first call is enough
-        if self._batch is not None and module in self._batch["pending"] and module not in self._kernel_inputs:
+        if self._batch is not None and module in self._batch["pending"] and module not in self._kernel_inputs \
+                and observed_by(self):
             extra = [k for k in ("sliding_window", "softcap", "s_aux") if kwargs.get(k) is not None]
             if extra and weights is None:
                 raise ModelError(f"the '{self._implementation}' kernel of attention layer {self._modules[module]} uses "
@@ -260,7 +266,7 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     def _after_forward(self, module: nn.Module, args, kwargs, output) -> None:
         batch = self._batch
-        if batch is None or module not in batch["pending"]:
+        if batch is None or module not in batch["pending"] or not observed_by(self):
             return
         batch["pending"].discard(module)
         kernel = self._kernel_inputs.pop(module, None)
@@ -461,7 +467,7 @@ class AttentionCaptureCallback(ArtifactCallback):
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if lent_predict_step(pl_module):  # the lent predict_step runs no forward: run the one to watch
-            with torch.no_grad():
+            with torch.no_grad(), exclusive(self):
                 self._task.forward(pl_module, batch)
         self._batch_end()
 
@@ -471,6 +477,7 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         if self._handles:
             self._stop()  # hooks and the kernel registry back as they were; nothing half-written
 

@@ -13,7 +13,7 @@ from lit_attrib.artifacts.scores import save_tensors
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
 from lit_attrib.engine.data import DataSource
 from lit_attrib.engine.task import LossFn, Task
-from lit_attrib.errors import ConfigError, ModelError
+from lit_attrib.errors import ConfigError, DataError, ModelError
 from lit_attrib.io import write_json, write_jsonl
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.influence import LowRank, PairwiseScores, low_rank
@@ -115,11 +115,19 @@ class InfluenceCallback(FactorScoringCallback):
             trainer, pl_module, self.queries, "queries", per_example=self.precondition)
         self.preconditioned = {}
         self._scores = None
+        order = torch.argsort(self.query_indices)  # queries in dataset index order, like the training examples
+        if len(self.query_indices.unique()) != len(self.query_indices):
+            raise DataError(f"{type(self).__name__}[{self.name}]: the queries repeat example ids; each query needs "
+                            f"its own")
+        self.query_indices = self.query_indices[order]
+        self.query_texts = [self.query_texts[i] for i in order.tolist()] if self.query_texts else self.query_texts
         for name, batches in parts.items():
+            device_order = order.to(batches[0][0].device if isinstance(batches[0], tuple) else batches[0].device)
             if self.query_gradient_rank is None:
-                self.preconditioned[name] = torch.cat(batches)
+                self.preconditioned[name] = torch.cat(batches)[device_order]
             else:
-                self.preconditioned[name] = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+                self.preconditioned[name] = (torch.cat([b[0] for b in batches])[device_order],
+                                             torch.cat([b[1] for b in batches])[device_order])
         rank_zero_info(f"{type(self).__name__}[{self.name}]: {len(self.query_indices)} query gradient(s) "
                        f"preconditioned over {len(self.layers)} layer(s)"
                        + (f", rank {self.query_gradient_rank}" if self.query_gradient_rank else ""))

@@ -187,7 +187,7 @@ class KFACCollectorCallback(Callback):
         if stage not in self.stages:
             return
         if stage == "predict":
-            ensure_predict_step(pl_module)
+            ensure_predict_step(pl_module, self)
         folder = self._folder(trainer)
         if factors_exist(folder) and not self.overwrite:
             saved = json.loads((folder / METADATA_FILE).read_text()).get("arguments", {})
@@ -282,7 +282,7 @@ class KFACCollectorCallback(Callback):
         if self.fisher == "true":
             return
         scale = self._train_scale.for_batch(trainer, pl_module, batch, batch_idx)
-        if self._start_batch(trainer, batch, scale, own_pass=False):
+        if scale is not None and self._start_batch(trainer, batch, scale, own_pass=False):
             self._tracker.reset()
             self._tracker.active = True
 
@@ -294,7 +294,8 @@ class KFACCollectorCallback(Callback):
         if self.fisher == "true":
             self._own_pass(trainer, pl_module, batch)
         elif self._tracker.active:
-            if not self._checked_layers:  # the first batch shows whether every tracked layer is really used
+            if not self._checked_layers and self._tracker.reached:  # the first batch with a backward shows
+                # whether every tracked layer is really used (a step that returned None ran no backward)
                 self._tracker.check_seen("training_step")
                 self._tracker.check_reached()
                 self._checked_layers = True
@@ -521,8 +522,11 @@ class KFACCollectorCallback(Callback):
                 phase, group = self.passes[self._pass]
                 self._accumulator.clear(self._groups[group], _PHASE_KEYS[phase])
     @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        release_predict_step(pl_module, self)
+
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._tracker is not None:
             self._tracker.detach()
-        if stage == "predict" and stage in self.stages:
-            release_predict_step(pl_module)
+        release_predict_step(pl_module, self)

@@ -122,7 +122,7 @@ class _CheckpointReplay(_SketchedGradients):
         for position, batch in enumerate(tqdm(loader, desc=f"{self.name}: training set", leave=False,
                                               disable=not show_progress(trainer))):
             if position == 0:
-                ids.check(loader, batch, trainer, "the training examples", sharded=True)
+                ids.check(loader, batch, trainer, "the training examples")  # every process numbers them all
             indices = ids(batch)  # every batch is numbered, also those another process scores
             if position % trainer.world_size != trainer.global_rank:
                 continue

@@ -252,6 +252,7 @@ class _SketchedGradients(ArtifactCallback):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
         if self._tracker is not None:
             self._tracker.detach()
         self._online = False

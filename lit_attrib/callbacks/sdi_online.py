@@ -50,11 +50,13 @@ class _OnlineTracIn(_SketchedGradients):
             self._tracin.set_queries(queries)
             self._refreshed_at = step
         if batch_idx == 0:
-            self._ids.check(trainer.train_dataloader, batch, trainer, "the training set")
+            self._ids.check(trainer.train_dataloader, batch, trainer, "the training set", sharded=True)
         self._batch_ids = self._ids(batch)
         self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
         self._scale = self._train_scale.for_batch(trainer, pl_module, batch, batch_idx)
         self._train_features = {}
+        if self._scale is None:  # the reduction of this batch's loss is not known yet: leave it out
+            return
 
         def collect(layer: LayerInfo, step: int, a: torch.Tensor, g: torch.Tensor) -> None:
             uses = len(self._steps[layer.name])

@@ -11,6 +11,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from typing_extensions import override
 
+from lit_attrib.engine.task import Task
 from lit_attrib.errors import ConfigError
 
 __all__ = ["TrainingMonitor"]
@@ -25,12 +26,15 @@ class TrainingMonitor(Callback):
 
     Args:
         window: number of recent batches the throughput is averaged over.
+        task: how to read the batch size, token ids and padding from a batch
+            (:class:`lit_attrib.engine.Task`); the default reads dict batches and tuples.
     """
 
-    def __init__(self, window: int = 20) -> None:
+    def __init__(self, window: int = 20, task: Task | None = None) -> None:
         if window < 1:
             raise ConfigError(f"window must be at least 1; got {window}")
         self.window = window
+        self._task = task or Task()  # batch size and tokens: dict batches (input_ids, attention_mask) or tuples
         self._times: deque[float] = deque(maxlen=window)
         self._samples: deque[int] = deque(maxlen=window)
         self._tokens: deque[int] = deque(maxlen=window)
@@ -45,9 +49,10 @@ class TrainingMonitor(Callback):
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         self._times.append(time.perf_counter() - self._start)
-        self._samples.append(int(batch["input_ids"].shape[0]))
-        mask = batch.get("attention_mask")
-        self._tokens.append(int(mask.sum()) if mask is not None else batch["input_ids"].numel())
+        task = self._task
+        self._samples.append(task.batch_size(batch))
+        mask, ids = task.padding_mask(batch), task.input_ids(batch)
+        self._tokens.append(int(mask.sum()) if mask is not None else ids.numel() if ids is not None else 0)
         elapsed = max(sum(self._times), 1e-9)
         world = trainer.world_size
         metrics = {

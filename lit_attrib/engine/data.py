@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,13 +13,14 @@ from typing import Any, Union
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, IterableDataset, SequentialSampler
 from torch.utils.data.distributed import DistributedSampler
 
 from lit_attrib.engine.task import Task
 from lit_attrib.errors import ConfigError, DataError
 
 __all__ = ["DataSource", "ExampleIds", "current_loader", "example_checksums", "ensure_predict_step", "is_ordered",
+           "loader_count",
            "iterate_batches", "lent_predict_step", "release_predict_step",
            "resolve_loader"]
 
@@ -95,28 +97,28 @@ def _file_loader(path: Path, trainer: Trainer, pl_module: LightningModule, purpo
     return reader.query_dataloader()
 
 
+_WRAPPERS = ("BatchSampler", "_IndexBatchSamplerWrapper", "DistributedSamplerWrapper", "_DatasetSamplerWrapper")
+"""Samplers that keep the order of the sampler they wrap (torch's and Lightning's); any other batch
+sampler (bucketing by length, say) may reorder, so positions would not be dataset indices."""
+
+
 def is_ordered(loader: Any) -> bool:
     """Whether the loader yields its dataset in order (so that positions are dataset indices): its
-    sampler, unwrapped from batch samplers and Lightning's wrappers, is sequential (or an unshuffled
-    ``DistributedSampler``); an iterable dataset's order is its own."""
+    sampler is sequential (or an unshuffled ``DistributedSampler``), wrapped only in samplers known to
+    keep the order; an iterable dataset's order is its own."""
     if isinstance(getattr(loader, "dataset", None), IterableDataset):
         return True
     # With a batch sampler, the loader's own sampler is a placeholder: the batch sampler's decides.
-    first = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
-    seen, todo = set(), [first]
-    while todo:
-        item = todo.pop(0)
-        if item is None or id(item) in seen:
-            continue
-        seen.add(id(item))
+    item = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
+    for _ in range(8):
         if isinstance(item, SequentialSampler):
             return True
         if isinstance(item, DistributedSampler):
             return not item.shuffle
-        if isinstance(item, RandomSampler):
+        if type(item).__name__ not in _WRAPPERS:
             return False
-        inner = [getattr(item, key, None) for key in ("batch_sampler", "_batch_sampler", "sampler", "_sampler")]
-        todo.extend(value for value in inner if value is not None)
+        inner = [getattr(item, key, None) for key in ("_batch_sampler", "batch_sampler", "sampler", "_sampler")]
+        item = next((value for value in inner if value is not None and value is not item), None)
     return False
 
 
@@ -133,11 +135,12 @@ class ExampleIds:
         self._next = 0
 
     def check(self, loader: Any, batch: Any, trainer: Trainer, what: str, sharded: bool = False) -> None:
-        """Refuse positions as ids where they would be wrong: a shuffled loader, or several processes."""
+        """Refuse positions as ids where they would be wrong: a shuffled or reordering loader, or a loader
+        each process reads only a share of (``sharded``) under several processes."""
         if self.task.example_ids(batch) is not None:
             return
         fix = ("add an 'index' entry to each row (dict batches), or give a Task with example_ids=f(batch) -> (B,)")
-        if (sharded or trainer.world_size > 1) and trainer.world_size > 1:
+        if sharded and trainer.world_size > 1:
             raise ConfigError(f"{self.owner}: the batches of {what} carry no example ids, and with {trainer.world_size} "
                               f"processes their positions are not dataset indices; {fix}")
         if not is_ordered(loader):
@@ -178,6 +181,14 @@ def current_loader(trainer: Trainer, dataloader_idx: int = 0) -> Any:
     return loaders
 
 
+def loader_count(trainer: Trainer) -> int:
+    """How many loaders the running validate/test/predict loop reads."""
+    fn = str(getattr(trainer.state.fn, "value", trainer.state.fn))
+    loaders = {"validate": trainer.val_dataloaders, "fit": trainer.val_dataloaders, "test": trainer.test_dataloaders,
+               "predict": trainer.predict_dataloaders}.get(fn)
+    return len(loaders) if isinstance(loaders, (list, tuple, dict)) else int(loaders is not None)
+
+
 def lent_predict_step(pl_module: LightningModule) -> bool:
     """Whether ``pl_module`` runs the ``predict_step`` lit_attrib lent it (which runs no forward)."""
     return pl_module.__dict__.get("predict_step") is _no_predictions
@@ -188,50 +199,50 @@ def _no_predictions(batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> 
     return None
 
 
-def ensure_predict_step(pl_module: LightningModule) -> None:
+def ensure_predict_step(pl_module: LightningModule, owner: object) -> None:
     """Lend ``pl_module`` a ``predict_step`` that returns nothing, if its class never defined one
-    (Lightning's default calls ``forward(batch)``, which a module with another signature cannot take)."""
+    (Lightning's default calls ``forward(batch)``, which a module with another signature cannot take).
+    ``owner`` (the callback) gives it back with :func:`release_predict_step`; lending twice is harmless."""
     if type(pl_module).predict_step is LightningModule.predict_step:
-        holders = getattr(pl_module, "_lit_attrib_predict_holders", 0)
-        if holders == 0:
-            pl_module.predict_step = _no_predictions
-        pl_module._lit_attrib_predict_holders = holders + 1
+        owners = pl_module.__dict__.setdefault("_lit_attrib_predict_owners", set())
+        owners.add(id(owner))
+        pl_module.__dict__["predict_step"] = _no_predictions
 
 
-def release_predict_step(pl_module: LightningModule) -> None:
-    """Undo :func:`ensure_predict_step` (once the last callback that lent it is done)."""
-    holders = getattr(pl_module, "_lit_attrib_predict_holders", 0)
-    if holders <= 0:
+def release_predict_step(pl_module: LightningModule, owner: object) -> None:
+    """Undo :func:`ensure_predict_step` for ``owner``; the module's own state returns once every owner has
+    (after the pass, and after an exception: Lightning calls no ``teardown`` then)."""
+    owners = pl_module.__dict__.get("_lit_attrib_predict_owners")
+    if not owners:
         return
-    pl_module._lit_attrib_predict_holders = holders - 1
-    if holders == 1 and pl_module.__dict__.get("predict_step") is _no_predictions:
-        del pl_module.predict_step
+    owners.discard(id(owner))
+    if not owners:
+        del pl_module.__dict__["_lit_attrib_predict_owners"]
+        if pl_module.__dict__.get("predict_step") is _no_predictions:
+            del pl_module.__dict__["predict_step"]
 
 
 def example_checksums(task: Task, batch: Any) -> torch.Tensor:
-    """A hash of each example's content, ``(B,)``, so that cached per-example results are recognised
-    whatever batch they came in. Token ids count where the padding mask says (right padding does not
-    change the hash), the token mask's targets too; other batches (tuples) are hashed over every
-    tensor of each row."""
+    """A hash (BLAKE2b, 63 bits) of each example's content, ``(B,)``, so that cached per-example results
+    are recognised whatever batch they came in. Every tensor of the batch with one row per example
+    counts; where the task knows a padding mask, only the real tokens of the ``(B, T)`` tensors count
+    (so right padding does not change the hash)."""
     size = task.batch_size(batch)
-    ids = task.input_ids(batch) if isinstance(batch, dict) else None
-    if ids is None:  # tuple batches hold targets beside the inputs: every tensor counts
-        values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
-        total = torch.zeros(size, dtype=torch.long)
-        for value in values:
-            if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == size:
-                flat = value.detach().cpu().reshape(size, -1)
-                flat = flat.double().view(torch.long) if flat.is_floating_point() else flat.long()
-                weights = (torch.arange(1, flat.shape[1] + 1) * 1_000_003) % 2_147_483_647 + 1
-                total = total * 31 + ((flat + 3) * weights).sum(-1)
-        return total
-    ids = ids.detach().cpu().long()
-    weights = (torch.arange(1, ids.shape[1] + 1) * 1_000_003) % 2_147_483_647 + 1
-    mask = task.padding_mask(batch)
-    mask = torch.ones_like(ids) if mask is None else mask.detach().cpu().long()
-    total = ((ids + 3) * mask * weights).sum(-1)
-    taken = task.token_mask(batch)
-    if taken is not None and isinstance(batch, dict) and isinstance(batch.get("labels"), torch.Tensor):
-        labels = batch["labels"].detach().cpu().long()
-        total = total * 31 + ((labels + 5) * taken.cpu().long() * (weights * 7919 % 2_147_483_647)).sum(-1)
-    return total
+    padding = task.padding_mask(batch)
+    padding = None if padding is None else padding.detach().cpu().bool()
+    items = sorted(batch.items()) if isinstance(batch, dict) else \
+        list(enumerate(batch)) if isinstance(batch, (list, tuple)) else [(0, batch)]
+    columns = [(str(key), value.detach().cpu()) for key, value in items
+               if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == size]
+    hashes = []
+    for row in range(size):
+        digest = hashlib.blake2b(digest_size=8)
+        for key, value in columns:
+            part = value[row]
+            if padding is not None and part.shape == padding[row].shape:
+                part = part[padding[row]]
+            digest.update(key.encode())
+            digest.update(str(part.dtype).encode())
+            digest.update(part.contiguous().numpy().tobytes())
+        hashes.append(int.from_bytes(digest.digest(), "little") >> 1)
+    return torch.tensor(hashes, dtype=torch.long)

@@ -12,10 +12,10 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_attrib.engine.task import Task
-from lit_attrib.engine.tracking import LayerTracker
+from lit_attrib.engine.tracking import LayerTracker, exclusive
 from lit_attrib.errors import ConfigError, ModelError, TrainingError
 
 __all__ = ["TrainLossScale", "check_loss_shape", "clone_batch", "own_backward", "slice_batch"]
@@ -64,7 +64,8 @@ def own_backward(trainer: Trainer, pl_module: LightningModule, tracker: LayerTra
         ModelError: the loss is not one value per example.
         ConfigError: a tracked layer was never called through its ``forward`` (its hooks saw nothing).
     """
-    with torch.inference_mode(False), torch.enable_grad(), trainer.precision_plugin.forward_context():
+    with torch.inference_mode(False), torch.enable_grad(), trainer.precision_plugin.forward_context(), \
+            exclusive(tracker):
         batch = clone_batch(batch)
         tracker.reset()
         tracker.force_grad = tracker.active = True
@@ -124,6 +125,8 @@ class TrainLossScale:
         self.owner = owner
         self.reduction: str | None = None
         self.checked = False
+        self._given = False
+        self._tied: list[str] = []
 
     def setup(self, pl_module: LightningModule) -> None:
         """Resolve ``auto`` from the module's ``loss_reduction`` attribute and check the check can run."""
@@ -132,6 +135,7 @@ class TrainLossScale:
             raise ConfigError(f"{self.owner}: {type(pl_module).__name__}.loss_reduction is {self.reduction!r}; "
                               f"it must be one of {', '.join(REDUCTIONS)}")
         self.checked = False
+        self._tied = []
         self._given = self.reduction is not None
         if not self.task.has_loss and (self.reduction is None or self.reduction == "token_mean"):
             raise ConfigError(
@@ -140,11 +144,22 @@ class TrainLossScale:
                 f"against training_step's loss), or train_loss_reduction='sum' or 'example_mean'"
             )
 
-    def for_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> float:
-        """The factor for this training batch (on the first, the reduction is checked or found)."""
+    def for_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> float | None:
+        """The factor for this training batch, or ``None`` when it is not known yet (the first batch could
+        not decide the reduction: the caller leaves that batch out rather than guess)."""
+        normaliser = None
         if not self.checked and self.task.has_loss:
-            self._check(trainer, pl_module, batch, batch_idx)
-        normaliser = self._normaliser(batch, self.reduction)
+            tied = {self._normaliser(batch, name) for name in self._tied}
+            if len(tied) == 1:  # the reductions still in question agree on this batch: no need to re-run
+                normaliser = tied.pop()
+            else:
+                self._check(trainer, pl_module, batch, batch_idx)
+                tied = {self._normaliser(batch, name) for name in self._tied}
+                normaliser = tied.pop() if len(tied) == 1 else None
+        if self.reduction is not None:
+            normaliser = self._normaliser(batch, self.reduction)
+        if normaliser is None:
+            return None
         scale = normaliser * trainer.accumulate_grad_batches
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None:  # float16 AMP multiplies the loss by its scale
@@ -164,19 +179,21 @@ class TrainLossScale:
         return float(max(count, 1))
 
     def _check(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._tied = []
         if not getattr(pl_module, "automatic_optimization", True):
             self.checked = True  # manual optimisation: training_step steps the optimiser itself, it cannot be re-run
             if self.reduction is None:
                 raise ConfigError(f"{self.owner}: {type(pl_module).__name__} optimises manually; set train_loss_reduction")
             return
         trained, summed = _training_and_summed_loss(trainer, pl_module, self.task, batch, batch_idx)
-        if trained is None:
-            return  # the step skipped this batch: check the next one
-        if not (math.isfinite(trained) and math.isfinite(summed)) or trained == 0:
-            return
+        if trained is None or not (math.isfinite(trained) and math.isfinite(summed)) or trained == 0:
+            if not self._given:
+                rank_zero_warn(f"{self.owner}: training batch {batch_idx} cannot show how training_step reduces its "
+                               f"loss (it returned {trained}); that batch is left out and the next one is checked")
+            return  # a stated reduction is checked on the next batch; an unknown one leaves this batch out
         ratio = summed / trained
-        low_precision = any(key in str(trainer.precision) for key in ("16", "bf16"))
-        tolerance = 2e-2 if low_precision else 1e-4
+        # Both losses are recomputed here in the parameters' precision (no autocast): only the reduction differs.
+        tolerance = 1e-3 if any(p.dtype in (torch.float16, torch.bfloat16) for p in pl_module.parameters()) else 1e-5
         candidates = {name: self._normaliser(batch, name) for name in REDUCTIONS
                       if name != "token_mean" or self.task.token_mask(batch) is not None or _positions(self.task, batch)}
         matches = [name for name, value in candidates.items() if abs(ratio - value) <= tolerance * max(abs(value), 1.0)]
@@ -198,13 +215,17 @@ class TrainLossScale:
                 f"which fits none of {shown}. Make loss_fn compute the same loss as training_step (label shift, "
                 f"ignored tokens), give a Task with token_mask for a token mean, or set train_loss_reduction"
             )
-        if len(matches) == 1 or len({candidates[m] for m in matches}) > 1:
+        values = {candidates[name] for name in matches}
+        if len(matches) == 1:
             self.reduction = matches[0]
             self.checked = True
             rank_zero_info(f"{self.owner}: training_step's loss is a {self.reduction.replace('_', ' ')} of the "
                            f"per-example losses (checked on the first batch)")
-        else:
-            self.reduction = matches[0]  # several agree on this batch (e.g. one example): decide on the next
+        elif len(values) == 1:
+            # Reductions that agree on this batch (one example: sum = example mean): its factor is known, and
+            # so is every later batch's on which they agree too; the first on which they differ is checked.
+            self._tied = matches
+        # else: reductions with different factors both fit within the tolerance: undecided, batch left out
 
 
 def _training_and_summed_loss(trainer: Trainer, pl_module: LightningModule, task: Task, batch: Any,
@@ -212,7 +233,9 @@ def _training_and_summed_loss(trainer: Trainer, pl_module: LightningModule, task
     """``training_step``'s loss and the task's summed losses of one batch, from the same random state."""
     devices = [pl_module.device] if pl_module.device.type == "cuda" else []
     muted = {name: getattr(pl_module, name) for name in ("log", "log_dict")}
-    with torch.random.fork_rng(devices=devices), torch.no_grad(), trainer.precision_plugin.forward_context():
+    # No autocast: both losses in the parameters' own precision, so that only their reduction differs.
+    with torch.random.fork_rng(devices=devices), torch.no_grad(), \
+            torch.autocast(pl_module.device.type, enabled=False), exclusive(object()):
         cpu_state = torch.get_rng_state()
         cuda_state = torch.cuda.get_rng_state(pl_module.device) if devices else None
         for name in muted:

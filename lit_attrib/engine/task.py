@@ -240,7 +240,12 @@ class HFCausalLMTask(Task):
             return batch["labels"]
         mask = batch.get("attention_mask")
         ids = batch["input_ids"]
-        return ids if mask is None else ids.masked_fill(~mask.bool(), IGNORE_INDEX)
+        if mask is None:
+            return ids
+        # Padding carries no loss, nor does each row's first real token (nothing before it to predict it
+        # from; with left padding it is not at position 0).
+        keep = mask.bool() & (mask.long().cumsum(-1) > 1)
+        return ids.masked_fill(~keep, IGNORE_INDEX)
 
     def _hf_logits(self, batch: dict) -> torch.Tensor:
         batch = self._check(batch)

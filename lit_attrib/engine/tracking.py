@@ -9,7 +9,8 @@ blocks): use ``s`` of a layer is its ``s``-th call since :meth:`LayerTracker.res
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from torch import nn
 from lit_attrib.errors import ConfigError, ModelError
 from lit_attrib.layers import LayerInfo, is_supported, layer_info
 
-__all__ = ["LayerInfo", "LayerTracker", "find_layers", "find_parameter_modules", "layer_info"]
+__all__ = ["LayerInfo", "LayerTracker", "exclusive", "find_layers", "find_parameter_modules", "layer_info", "observed_by"]
 
 def find_layers(root: nn.Module, patterns: Iterable[str]) -> dict[str, LayerInfo]:
     """The modules of ``root`` whose names match any fnmatch ``patterns``, in model order.
@@ -91,6 +92,26 @@ def find_parameter_modules(root: nn.Module, patterns: Iterable[str] | None) -> d
     return {name: layer_info(name, modules[name]) for name in owners if name in chosen}
 
 
+_EXCLUSIVE: list[object] = []
+
+
+@contextmanager
+def exclusive(owner: object) -> Iterator[None]:
+    """While inside, only ``owner``'s hooks report (``owner`` a :class:`LayerTracker`, or any object to
+    silence every tracker): an analysis's own forward/backward must not be seen by the other analyses
+    watching the same layers (K-FAC in ``fit`` beside online SDI's query pass)."""
+    _EXCLUSIVE.append(owner)
+    try:
+        yield
+    finally:
+        _EXCLUSIVE.pop()
+
+
+def observed_by(owner: object) -> bool:
+    """Whether the forward running now may be recorded by ``owner`` (no other pass holds it exclusively)."""
+    return not _EXCLUSIVE or _EXCLUSIVE[-1] is owner
+
+
 ActivationFn = Callable[[LayerInfo, int, torch.Tensor], None]
 GradientFn = Callable[[LayerInfo, int, torch.Tensor, torch.Tensor], None]
 
@@ -151,7 +172,7 @@ class LayerTracker:
 
     def _hook(self, layer: LayerInfo):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-            if not self.active or layer.name not in self.enabled:
+            if not self.active or layer.name not in self.enabled or not observed_by(self):
                 return None
             use = self.uses.get(layer.name, 0)
             self.uses[layer.name] = use + 1
