@@ -336,3 +336,18 @@ def test_hf_batches_without_labels_take_no_loss_on_padding_or_the_first_real_tok
     batch = {"input_ids": torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 0]]),
              "attention_mask": torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 0]])}
     assert task.token_mask(batch).tolist() == [[False, False, False, True, True], [False, True, True, True, False]]
+
+
+def test_without_the_check_a_stated_reduction_is_trusted(tmp_path):
+    module, data = TupleLM(), Chunks()
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", dtype="float64", plots=False,
+                                     output_dir=str(tmp_path / "f"), train_loss_reduction="token_mean",
+                                     check_train_loss=False)  # no loss_fn needed: nothing is re-run
+    _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(data, batch_size=4))
+    saved = load_file(str(tmp_path / "f" / "factors.safetensors"))
+    torch.testing.assert_close(saved["head.gradient_covariance"],
+                               _reference_factors(module, data.rows)["gradient_covariance"], rtol=1e-10, atol=1e-12)
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", plots=False, loss_fn=summed_loss,
+                                     output_dir=str(tmp_path / "g"), check_train_loss=False)
+    with pytest.raises(ConfigError, match="check_train_loss is off, so train_loss_reduction must say"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(data, batch_size=4))

@@ -77,6 +77,10 @@ class KFACCollectorCallback(Callback):
             ``token_mean`` (over the task's token mask), or ``auto`` (``pl_module.loss_reduction``, else
             found by comparing ``training_step``'s loss with the summed losses on the first batch).
             A stated reduction is checked the same way.
+        check_train_loss: re-run ``training_step`` once without gradients, on the first training batch,
+            to check (or find) the reduction (its ``self.log`` calls are muted; anything else it does,
+            such as torchmetrics updates or BatchNorm statistics, happens once more); ``false`` trusts
+            ``train_loss_reduction`` as stated.
         start_epoch: in ``fit``, the first epoch that collects.
         inspect_modules: patterns of the layers to plot; default the last tracked ``down_proj``
             (or the last tracked layer).
@@ -100,6 +104,7 @@ class KFACCollectorCallback(Callback):
         loss_fn: LossFn | None = None,
         task: Task | None = None,
         train_loss_reduction: Literal["auto", "sum", "example_mean", "token_mean"] = "auto",
+        check_train_loss: bool = True,
         start_epoch: int = 0,
         inspect_modules: list[str] | None = None,
         plots: bool = True,
@@ -137,6 +142,7 @@ class KFACCollectorCallback(Callback):
         self.loss_fn = loss_fn
         self.task = task
         self.train_loss_reduction = train_loss_reduction
+        self.check_train_loss = check_train_loss
         self.start_epoch = start_epoch
         self.inspect_modules = inspect_modules
         self.plots = plots
@@ -214,7 +220,8 @@ class KFACCollectorCallback(Callback):
         self._task = resolve_task(pl_module, self.task, self.loss_fn, owner=f"{type(self).__name__}[{self.name}]",
                                   needs=needs)
         if stage == "fit" and self.fisher == "empirical":
-            self._train_scale = TrainLossScale(self.train_loss_reduction, self._task, f"{type(self).__name__}[{self.name}]")
+            self._train_scale = TrainLossScale(self.train_loss_reduction, self._task, f"{type(self).__name__}[{self.name}]",
+                                            check=self.check_train_loss)
             self._train_scale.setup(pl_module)
         if not self._layers:
             self._layers = find_layers(pl_module, self.target_modules)

@@ -32,7 +32,8 @@ class _OnlineTracIn(_SketchedGradients):
         self._setup(trainer, pl_module)
         self._tracin.load_state_dict(restored)
         self._refreshed_at = -1
-        self._train_scale = TrainLossScale(self.train_loss_reduction, self._task, f"{type(self).__name__}[{self.name}]")
+        self._train_scale = TrainLossScale(self.train_loss_reduction, self._task, f"{type(self).__name__}[{self.name}]",
+                                            check=self.check_train_loss)
         self._train_scale.setup(pl_module)
 
     @override

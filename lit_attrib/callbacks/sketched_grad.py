@@ -100,6 +100,10 @@ class SketchedGradCallback(_CheckpointReplay, _OnlineTracIn):
             ``example_mean``, ``token_mean`` or ``auto`` (``pl_module.loss_reduction``, else found by
             comparing ``training_step``'s loss with the summed losses on the first batch; a stated
             reduction is checked the same way).
+        check_train_loss: re-run ``training_step`` once without gradients, on the first training batch,
+            to check (or find) the reduction (its ``self.log`` calls are muted; anything else it does,
+            such as torchmetrics updates or BatchNorm statistics, happens once more); ``false`` trusts
+            ``train_loss_reduction`` as stated.
         dtype: precision of the sketches and scores.
         top_k: helpful and harmful training examples listed per query.
         output_dir: artifact folder; default ``<trainer.log_dir>/<name>``.
@@ -131,6 +135,7 @@ class SketchedGradCallback(_CheckpointReplay, _OnlineTracIn):
         loss_fn: LossFn | None = None,
         task: Task | None = None,
         train_loss_reduction: Literal["auto", "sum", "example_mean", "token_mean"] = "auto",
+        check_train_loss: bool = True,
         dtype: str = "float32",
         top_k: int = 10,
         output_dir: str | None = None,
@@ -180,6 +185,7 @@ class SketchedGradCallback(_CheckpointReplay, _OnlineTracIn):
         self._ids: ExampleIds | None = None
         self._train_scale: TrainLossScale | None = None
         self.train_loss_reduction = train_loss_reduction
+        self.check_train_loss = check_train_loss
         self.dtype = DTYPES[dtype]
         self.top_k = top_k
         self.output_dir = output_dir

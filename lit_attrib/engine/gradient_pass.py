@@ -16,7 +16,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from lit_attrib.engine.task import Task
 from lit_attrib.engine.tracking import LayerTracker, exclusive
-from lit_attrib.errors import ConfigError, ModelError, TrainingError
+from lit_attrib.errors import ConfigError, LitAttribError, ModelError, TrainingError
 
 __all__ = ["TrainLossScale", "check_loss_shape", "clone_batch", "own_backward", "slice_batch"]
 
@@ -115,12 +115,15 @@ class TrainLossScale:
         reduction: ``auto``, ``sum``, ``example_mean`` or ``token_mean``.
         task: the module's task (its ``loss`` is needed for the check).
         owner: the callback, for messages.
+        check: re-run ``training_step`` on the first batch to check (or find) the reduction. Without it a
+            stated reduction (or the module's ``loss_reduction``) is trusted as it is.
     """
 
-    def __init__(self, reduction: Reduction, task: Task, owner: str) -> None:
+    def __init__(self, reduction: Reduction, task: Task, owner: str, check: bool = True) -> None:
         if reduction not in ("auto", *REDUCTIONS):
             raise ConfigError(f"train_loss_reduction must be one of auto, {', '.join(REDUCTIONS)}; got {reduction!r}")
         self.requested = reduction
+        self.check = check
         self.task = task
         self.owner = owner
         self.reduction: str | None = None
@@ -134,10 +137,13 @@ class TrainLossScale:
         if self.reduction is not None and self.reduction not in REDUCTIONS:
             raise ConfigError(f"{self.owner}: {type(pl_module).__name__}.loss_reduction is {self.reduction!r}; "
                               f"it must be one of {', '.join(REDUCTIONS)}")
-        self.checked = False
+        self.checked = not self.check
         self._tied = []
         self._given = self.reduction is not None
-        if not self.task.has_loss and (self.reduction is None or self.reduction == "token_mean"):
+        if not self.check and self.reduction is None:
+            raise ConfigError(f"{self.owner}: check_train_loss is off, so train_loss_reduction must say how "
+                              f"{type(pl_module).__name__}'s training step reduces its loss (it has no loss_reduction)")
+        if self.check and not self.task.has_loss and (self.reduction is None or self.reduction == "token_mean"):
             raise ConfigError(
                 f"{self.owner} cannot tell how {type(pl_module).__name__}'s training step reduces its loss: give "
                 f"loss_fn=f(module, batch) -> (B,) (each example's summed loss; the first batch is then checked "
@@ -242,6 +248,13 @@ def _training_and_summed_loss(trainer: Trainer, pl_module: LightningModule, task
             setattr(pl_module, name, lambda *args, **kwargs: None)
         try:
             output = pl_module.training_step(batch, batch_idx)
+        except LitAttribError:
+            raise
+        except Exception as exc:
+            raise ConfigError(
+                f"re-running {type(pl_module).__name__}.training_step without gradients, to check how it reduces its "
+                f"loss, failed ({type(exc).__name__}: {exc}); set train_loss_reduction and check_train_loss: false"
+            ) from exc
         finally:
             for name in muted:
                 delattr(pl_module, name)
