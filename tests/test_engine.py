@@ -351,3 +351,57 @@ def test_without_the_check_a_stated_reduction_is_trusted(tmp_path):
                                      output_dir=str(tmp_path / "g"), check_train_loss=False)
     with pytest.raises(ConfigError, match="check_train_loss is off, so train_loss_reduction must say"):
         _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(data, batch_size=4))
+
+
+class ShiftedLabelsLM(LightningModule):
+    """A user's module around a Hugging Face Llama whose collate already shifted the labels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                                  num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                                  max_position_embeddings=32)).double()
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids).logits
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch["input_ids"]).reshape(-1, VOCAB), batch["labels"].reshape(-1))
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+
+def _shifted_rows() -> list[dict]:
+    return [{"input_ids": x, "labels": y} for x, y in Chunks(count=8).rows]
+
+
+def test_already_shifted_labels_are_caught_and_a_task_fixes_them(tmp_path):
+    loader = DataLoader(_shifted_rows(), batch_size=4)
+    callback = KFACCollectorCallback(target_modules=["*.mlp.down_proj"], strategy="kfac", plots=False,
+                                     output_dir=str(tmp_path / "f"))
+    with pytest.raises(ConfigError, match="fits none of"):  # the default reads labels as unshifted
+        _trainer(tmp_path, [callback], max_epochs=1).fit(ShiftedLabelsLM(), loader)
+
+    def shifted_loss(module, batch):
+        return F.cross_entropy(module(batch["input_ids"]).transpose(1, 2), batch["labels"], reduction="none").sum(-1)
+
+    task = Task(loss_fn=shifted_loss, token_mask=lambda batch: batch["labels"] != -100)
+    callback = KFACCollectorCallback(target_modules=["*.mlp.down_proj"], strategy="kfac", plots=False, task=task,
+                                     dtype="float64", output_dir=str(tmp_path / "g"))
+    _trainer(tmp_path, [callback], max_epochs=1).fit(ShiftedLabelsLM(), loader)
+    factors = load_file(str(tmp_path / "g" / "factors.safetensors"))
+    module, seen = ShiftedLabelsLM(), {}
+    down = module.model.model.layers[0].mlp.down_proj
+    down.register_forward_hook(lambda m, i, o: seen.update(out=o))
+    total, tokens = 0, 0
+    for batch in loader:
+        (g,) = torch.autograd.grad(shifted_loss(module, batch).sum(), seen["out"])
+        total = total + g.reshape(-1, g.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+        tokens += batch["labels"].numel()
+    # (Hugging Face's RMSNorm computes in float32 even in a float64 model: float32 round-off)
+    torch.testing.assert_close(factors["model.model.layers.0.mlp.down_proj.gradient_covariance"], total / tokens,
+                               rtol=2e-5, atol=1e-7)
