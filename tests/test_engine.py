@@ -405,3 +405,14 @@ def test_already_shifted_labels_are_caught_and_a_task_fixes_them(tmp_path):
     # (Hugging Face's RMSNorm computes in float32 even in a float64 model: float32 round-off)
     torch.testing.assert_close(factors["model.model.layers.0.mlp.down_proj.gradient_covariance"], total / tokens,
                                rtol=2e-5, atol=1e-7)
+
+
+def test_a_module_returning_a_tuple_is_named(tmp_path):
+    from lit_attrib.callbacks import SketchedGradCallback
+
+    data = Chunks()
+    callback = SketchedGradCallback(target_modules=None, checkpoints=None, exact=True, plots=False,
+                                    queries=torch.utils.data.Subset(data, [0]), loss_fn=summed_loss,
+                                    output_dir=str(tmp_path / "sdi"))
+    with pytest.raises(ConfigError, match=r"'attention' \(MultiheadAttention\) returns a tuple"):
+        _trainer(tmp_path, [callback], max_epochs=1).fit(TupleLM(mha=True), DataLoader(data, batch_size=4))

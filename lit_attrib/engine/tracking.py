@@ -174,6 +174,13 @@ class LayerTracker:
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
             if not self.active or layer.name not in self.enabled or not observed_by(self):
                 return None
+            if not isinstance(output, torch.Tensor):
+                raise ConfigError(
+                    f"tracked module '{layer.name}' ({type(module).__name__}) returns a {type(output).__name__}, not "
+                    f"one tensor, so its output gradient cannot be hooked; leave it out of target_modules and track "
+                    f"the linear layers inside or around it (e.g. nn.MultiheadAttention's own in_proj weight cannot "
+                    f"be tracked)"
+                )
             use = self.uses.get(layer.name, 0)
             self.uses[layer.name] = use + 1
             self.calls.append(layer.name)
