@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, get_scheduler
 from lit_attrib.errors import ConfigError, ModelError, TrainingError
 from lit_attrib.lightning_compat import restore_train_loader_state
 from lit_attrib.modules.loading import build_causal_lm, module_tokenizer, record_datamodule_tokenizer
+from lit_attrib.modules.lora import apply_lora, check_lora, load_adapter, trainable_names
 from lit_attrib.ops.loss import loss_mask, token_nll
 
 __all__ = ["CausalLMModule", "SCHEDULERS"]
@@ -58,6 +59,13 @@ class CausalLMModule(LightningModule):
         top_k: top-k sampling cut-off.
         compare_with: also generate with a second model in ``predict`` for a side-by-side table:
             ``base`` (the same ``pretrained``/``config`` before fine-tuning) or a hub id / path.
+        lora: fine-tune LoRA adapters instead of every weight (needs ``peft``): ``{r: 8, alpha: 16,
+            dropout: 0.0, target_modules: [q_proj, v_proj]}`` (missing keys take these defaults). Only
+            the adapters are trained and only they are saved in checkpoints; the base weights come from
+            ``pretrained``/``config`` again when a checkpoint is loaded. Analyses track the adapter
+            layers by patterns such as ``"*.q_proj.lora_A.*"`` and ``"*.q_proj.lora_B.*"``.
+        adapter: a folder of LoRA adapters written by :meth:`save_adapter`, loaded onto the base model
+            (trainable, so fine-tuning continues from them).
     """
 
     loss_reduction = "token_mean"
@@ -84,6 +92,8 @@ class CausalLMModule(LightningModule):
         top_p: float = 1.0,
         top_k: int = 50,
         compare_with: str | None = None,
+        lora: dict[str, Any] | None = None,
+        adapter: str | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -97,10 +107,13 @@ class CausalLMModule(LightningModule):
             problems.append(f"warmup_steps as a fraction must be in [0, 1); got {warmup_steps}")
         if max_new_tokens < 1:
             problems.append(f"max_new_tokens must be at least 1; got {max_new_tokens}")
+        problems += check_lora(lora)
         if problems:
             raise ConfigError("invalid CausalLMModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
         self.model: PreTrainedModel | None = None
+        # Checkpoints of an adapted model hold only the adapters (checked in on_load_checkpoint).
+        self.strict_loading = not self.uses_lora
         self.val_loss = torchmetrics.MeanMetric()
         self.val_perplexity = torchmetrics.text.Perplexity(ignore_index=-100)
 
@@ -118,7 +131,51 @@ class CausalLMModule(LightningModule):
         """Build the network once (Lightning calls this before restoring checkpoints and under FSDP)."""
         if self.model is not None:
             return
-        self.model = self._build(self.hparams.pretrained, self.hparams.config)
+        model = self._build(self.hparams.pretrained, self.hparams.config)
+        if self.hparams.get("adapter"):
+            model = load_adapter(model, self.hparams.adapter)
+        elif self.hparams.get("lora") is not None:
+            model = apply_lora(model, self.hparams.lora)
+        self.model = model
+
+    @property
+    def uses_lora(self) -> bool:
+        """Whether the model carries LoRA adapters (and only they are trained)."""
+        return self.hparams.get("lora") is not None or bool(self.hparams.get("adapter"))
+
+    def save_adapter(self, path: str) -> None:
+        """Write the LoRA adapters (PEFT's ``save_pretrained``: adapter weights and config only) to ``path``."""
+        if not self.uses_lora:
+            raise ModelError("save_adapter: this CausalLMModule has no LoRA adapters (set lora)")
+        self.model.save_pretrained(path)
+
+    def merge_adapter(self) -> None:
+        """Fold the adapters into the base weights (``W + (alpha / r) B A``); the model is a plain model again."""
+        if not self.uses_lora:
+            raise ModelError("merge_adapter: this CausalLMModule has no LoRA adapters (set lora)")
+        self.model = self.model.merge_and_unload()
+        self.hparams.lora = self.hparams.adapter = None
+        self.strict_loading = True
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.uses_lora:  # only what is trained: the base weights are rebuilt from pretrained/config
+            keep = trainable_names(self)
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.uses_lora and self.model is not None:
+            expected, saved = trainable_names(self), set(checkpoint.get("state_dict", {}))
+            if saved != expected:
+                raise ModelError(
+                    f"the checkpoint's adapter weights do not match this model's LoRA adapters: missing "
+                    f"{sorted(expected - saved)[:4]}, unexpected {sorted(saved - expected)[:4]}; load it with the "
+                    f"lora settings it was trained with"
+                )
+
+    def on_fit_start(self) -> None:
+        # from_pretrained returns a model in eval mode: fine-tuning must run in train mode (dropout on);
+        # Lightning puts it in eval mode for validation and the analysis passes, and back afterwards.
+        self.train()
 
     def _build(self, pretrained: str | None, config: dict | None) -> PreTrainedModel:
         hp = self.hparams
