@@ -146,6 +146,10 @@ def load_state_checked(module: Any, checkpoint: dict, source: str) -> None:
     state = checkpoint.get("state_dict", checkpoint.get("model_state_dict", checkpoint))
     own = module.state_dict()
     missing = [k for k in own if k not in state]
+    partial = getattr(module, "strict_loading", True) is False  # e.g. LoRA: checkpoints hold only what is trained
+    if partial:
+        trained = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
+        missing = [k for k in missing if k in trained]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
@@ -157,4 +161,4 @@ def load_state_checked(module: Any, checkpoint: dict, source: str) -> None:
                                           f"shapes differ: {shapes[:4]}" if shapes else "") if part)
             + ". Use checkpoints of the model this run builds"
         )
-    module.load_state_dict(state)
+    module.load_state_dict(state, strict=not partial)

@@ -164,3 +164,31 @@ def test_a_pretrained_model_fine_tunes_in_train_mode_and_is_analysed_in_eval_mod
     collect = KFACCollectorCallback(target_modules=["*.mlp.down_proj"], plots=False, output_dir=str(tmp_path / "f"))
     _trainer(tmp_path, [modes, collect]).predict(module, RowsDataModule(rows, batch_size=4), return_predictions=False)
     assert modes.modes == {"fit": {True}, "validate": {False}, "predict": {False}}
+
+
+def test_tracincp_over_adapter_checkpoints_equals_autograd(tmp_path):
+    """Checkpoints of a LoRA run hold only the adapters; TracInCP replays them on the adapter layers."""
+    from foreign_references import reference_tracin
+
+    from lit_attrib.callbacks import SketchedGradCallback
+
+    rows = make_rows(count=8)
+    module = _adapted()
+    layers = [name for name, _ in module.named_modules() if name.endswith((".lora_A.default", ".lora_B.default"))]
+    trained = {k for k, p in module.named_parameters() if p.requires_grad}
+    singles = list(RowsDataModule(rows, batch_size=1).predict_dataloader())
+    loss = lambda m, b: m.per_example_loss(b)  # noqa: E731
+    paths, grads = [], []
+    for seed in (1, 2):
+        checkpoint = _adapted(seed)
+        torch.save({"state_dict": {k: v for k, v in checkpoint.state_dict().items() if k in trained}},
+                   tmp_path / f"c{seed}.ckpt")
+        paths.append(str(tmp_path / f"c{seed}.ckpt"))
+        grads.append(per_example_gradients(checkpoint, singles, loss, layers))
+    callback = SketchedGradCallback(target_modules=adapter_patterns(LORA), exact=True, mode="tracin", dtype="float64",
+                                    checkpoints=paths, eta=[0.5, 0.25], plots=False, output_dir=str(tmp_path / "sdi"))
+    _trainer(tmp_path, [callback]).predict(module, RowsDataModule(rows, batch_size=3, queries=rows[:2]),
+                                           return_predictions=False)
+    tracin = load_file(str(tmp_path / "sdi" / "sdi.safetensors"))["tracin"]
+    expected = reference_tracin([{n: g[:2] for n, g in c.items()} for c in grads], grads, [0.5, 0.25])
+    torch.testing.assert_close(tracin, expected, rtol=2e-5, atol=2e-5 * float(expected.abs().max()))
