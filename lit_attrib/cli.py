@@ -24,6 +24,7 @@ import lit_attrib.data  # noqa: F401
 import lit_attrib.modules  # noqa: F401
 from lit_attrib.callbacks import TrainingMonitor
 from lit_attrib.errors import LitAttribError
+from lit_attrib.quiet import quiet_known_noise
 
 __all__ = ["LitAttribCLI", "main"]
 
@@ -118,6 +119,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of ``lit-attrib``; lit_attrib's own errors print as one message and exit with code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if args is None else list(args)
+    quiet_known_noise(argv[0] if argv else None)
     try:
         if argv and argv[0] in TOOLS:
             from jsonargparse import CLI

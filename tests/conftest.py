@@ -51,13 +51,16 @@ def _deterministic():
     torch.manual_seed(0)
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, warnings: bool = False) -> subprocess.CompletedProcess:
     """Run ``lit-attrib ARGS`` in a subprocess (as a user would) and return the finished process.
 
-    ``tests/`` is on the subprocess's path, so configs may name test helpers by class_path.
+    ``tests/`` is on the subprocess's path, so configs may name test helpers by class_path. Warnings are
+    off unless ``warnings`` (then as a user sees them: Python's own filters, no PYTHONWARNINGS).
     """
     path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
+    if warnings:
+        del env["PYTHONWARNINGS"]
     return subprocess.run(
         [sys.executable, "-m", "lit_attrib", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Union
@@ -204,6 +205,8 @@ def ensure_predict_step(pl_module: LightningModule, owner: object) -> None:
     (Lightning's default calls ``forward(batch)``, which a module with another signature cannot take).
     ``owner`` (the callback) gives it back with :func:`release_predict_step`; lending twice is harmless."""
     if type(pl_module).predict_step is LightningModule.predict_step:
+        # Lightning would warn on every pass that this predict_step returns None: it does so on purpose.
+        warnings.filterwarnings("ignore", message=r"predict returned None if it was on purpose")
         owners = pl_module.__dict__.setdefault("_lit_attrib_predict_owners", set())
         owners.add(id(owner))
         pl_module.__dict__["predict_step"] = _no_predictions
