@@ -17,12 +17,14 @@ from pathlib import Path
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 import lit_attrib.callbacks  # noqa: F401  (registers the callbacks for class_path short names)
 import lit_attrib.data  # noqa: F401
 import lit_attrib.modules  # noqa: F401
-from lit_attrib.callbacks import TrainingMonitor
+from lit_attrib.callbacks import KFACCollectorCallback, TrainingMonitor
+from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.errors import LitAttribError
 from lit_attrib.quiet import quiet_known_noise
 
@@ -34,6 +36,42 @@ class LitAttribCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(TrainingMonitor, "monitor")
+
+    def _name_run(self) -> None:
+        """Name the TensorBoard run after what it does (``fit``, ``compare``, ``factors``, ``influence``,
+        ``validate``...) instead of ``version_N``; a repeated run gets ``_1``, ``_2``... A version given in
+        the config is kept."""
+        logger = self.trainer.logger
+        if not isinstance(logger, TensorBoardLogger) or logger._version is not None or logger._experiment is not None:
+            return
+        subcommand = self.config.subcommand
+        analyses = [callback.name for callback in self.trainer.callbacks
+                    if isinstance(callback, (ArtifactCallback, KFACCollectorCallback))]
+        if subcommand == "fit":
+            base = "fit"
+        elif analyses:
+            base = "+".join(dict.fromkeys(analyses))
+        elif subcommand == "predict" and getattr(self.model, "hparams", {}).get("compare_with"):
+            base = "compare"
+        else:
+            base = subcommand
+        root, version, count = Path(logger.root_dir), base, 0
+        while (root / version).exists():
+            count += 1
+            version = f"{base}_{count}"
+        logger._version = version
+
+    def before_fit(self) -> None:
+        self._name_run()
+
+    def before_validate(self) -> None:
+        self._name_run()
+
+    def before_test(self) -> None:
+        self._name_run()
+
+    def before_predict(self) -> None:
+        self._name_run()
 
     def _parse_ckpt_path(self) -> None:
         """Keep the given config authoritative when ``--ckpt_path`` is set, and say what differs.

@@ -13,7 +13,7 @@ ckpt=runs/quickstart/checkpoints/last.ckpt
 
 lit-attrib fit -c configs/quickstart.yaml
 lit-attrib predict -c configs/quickstart.yaml -c configs/compare_generation.yaml --ckpt_path $ckpt
-run=$(ls -td runs/quickstart/tensorboard/version_* | head -1)
+run=$(ls -td runs/quickstart/tensorboard/compare* | head -1)  # runs are named after what they did
 lit-attrib predict -c configs/quickstart.yaml -c configs/factors_quickstart.yaml --ckpt_path $ckpt
 lit-attrib predict -c configs/quickstart.yaml -c configs/influence_quickstart.yaml --ckpt_path $ckpt
 lit-attrib predict -c configs/quickstart.yaml -c configs/token_influence_quickstart.yaml --ckpt_path $ckpt

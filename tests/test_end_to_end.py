@@ -33,11 +33,11 @@ def test_quickstart_fit_lowers_perplexity_and_logs_everything(tmp_path):
     # The starting point: the same config-built model (fixed init_seed) before any training.
     before = run_cli("validate", *layers)
     assert before.returncode == 0, before.stderr[-3000:]
-    start = _events(tmp_path / "tb" / "version_0").Scalars("val/perplexity")[-1].value
+    start = _events(tmp_path / "tb" / "validate").Scalars("val/perplexity")[-1].value
 
     fit = run_cli("fit", *layers)
     assert fit.returncode == 0, fit.stderr[-3000:]
-    events = _events(tmp_path / "tb" / "version_1")
+    events = _events(tmp_path / "tb" / "fit")
     tags = set(events.Tags()["scalars"])
     assert TRAIN_TAGS | VAL_TAGS <= tags, tags
     assert events.PluginTagToContent("hparams"), "hyperparameters were not logged"
@@ -82,7 +82,10 @@ def test_quickstart_fit_lowers_perplexity_and_logs_everything(tmp_path):
     print(f"top-1 is the query's own training example: {self_rate:.1%} of 48 training questions; "
           f"a paraphrase of the same fact: {paraphrase_rate:.1%} of {len(top)} held-out questions")
     assert paraphrase_rate >= 0.5, paraphrase_rate
-    assert "influence/top_5/text_summary" in _events(tmp_path / "tb" / "version_4").Tags()["tensors"]
+    assert "influence/top_5/text_summary" in _events(tmp_path / "tb" / "influence").Tags()["tensors"]
+    # TensorBoard runs are named after what they did; a repeated analysis gets a suffix.
+    assert {"validate", "fit", "compare", "factors", "influence", "influence_1"} <= {
+        p.name for p in (tmp_path / "tb").iterdir()}
     # Token scores of the forget set (the facts data in TOFU's layout), with the HTML page.
     step("token_influence_quickstart.yaml", factors=str(tmp_path / "factors"), output_dir=str(tmp_path / "tokens"))
     tokens = load_file(str(tmp_path / "tokens" / "token_scores.safetensors"))
