@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_info
 import lit_attrib.callbacks  # noqa: F401  (registers the callbacks for class_path short names)
 import lit_attrib.data  # noqa: F401
 import lit_attrib.modules  # noqa: F401
-from lit_attrib.callbacks import KFACCollectorCallback, TrainingMonitor
+from lit_attrib.callbacks import GenerationWriter, KFACCollectorCallback, TrainingMonitor
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.errors import LitAttribError
 from lit_attrib.quiet import quiet_known_noise
@@ -60,6 +60,39 @@ class LitAttribCLI(LightningCLI):
             count += 1
             version = f"{base}_{count}"
         logger._version = version
+
+    def _summary(self) -> None:
+        """One short block at the end of a run: what was written where."""
+        trainer = self.trainer
+        written = []
+        if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+            written.append(f"TensorBoard run: {trainer.logger.log_dir}")
+        checkpoint = trainer.checkpoint_callback
+        if self.config.subcommand == "fit" and checkpoint is not None and checkpoint.dirpath:
+            best = f" (best: {Path(checkpoint.best_model_path).name})" if checkpoint.best_model_path else ""
+            written.append(f"checkpoints: {checkpoint.dirpath}{best}")
+        for callback in trainer.callbacks:
+            if isinstance(callback, KFACCollectorCallback) and callback._written is not None:
+                written.append(f"{callback.name}: {callback._written}")
+            elif isinstance(callback, ArtifactCallback) and (callback.folder(trainer) / callback.metadata_file).is_file():
+                written.append(f"{callback.name}: {callback.folder(trainer)}")
+            elif isinstance(callback, GenerationWriter) and (callback._dir(trainer) / "generated.jsonl").is_file() \
+                    and self.config.subcommand == "predict":
+                written.append(f"generations: {callback._dir(trainer) / 'generated.jsonl'}")
+        if written:
+            rank_zero_info("lit-attrib " + self.config.subcommand + " wrote:\n  " + "\n  ".join(written))
+
+    def after_fit(self) -> None:
+        self._summary()
+
+    def after_validate(self) -> None:
+        self._summary()
+
+    def after_test(self) -> None:
+        self._summary()
+
+    def after_predict(self) -> None:
+        self._summary()
 
     def before_fit(self) -> None:
         self._name_run()
