@@ -416,3 +416,16 @@ def test_a_module_returning_a_tuple_is_named(tmp_path):
                                     output_dir=str(tmp_path / "sdi"))
     with pytest.raises(ConfigError, match=r"'attention' \(MultiheadAttention\) returns a tuple"):
         _trainer(tmp_path, [callback], max_epochs=1).fit(TupleLM(mha=True), DataLoader(data, batch_size=4))
+
+
+def test_collecting_every_nth_batch_takes_exactly_those_batches(tmp_path):
+    module, data = TupleLM(), Chunks()
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", dtype="float64", plots=False,
+                                     loss_fn=summed_loss, output_dir=str(tmp_path / "f"), every_n_batches=2)
+    _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(data, batch_size=4))
+    saved = load_file(str(tmp_path / "f" / "factors.safetensors"))
+    expected = _reference_factors(module, data.rows[0:4] + data.rows[8:12])  # batches 0 and 2 of 4
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[f"head.{key}"], value, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ConfigError, match="every_n_batches must be at least 1"):
+        KFACCollectorCallback(every_n_batches=0)

@@ -82,6 +82,10 @@ class KFACCollectorCallback(Callback):
             such as torchmetrics updates or BatchNorm statistics, happens once more); ``false`` trusts
             ``train_loss_reduction`` as stated.
         start_epoch: in ``fit``, the first epoch that collects.
+        every_n_batches: in ``fit``, collect on every n-th training batch only (1: every batch). The
+            factors are then expectations over a 1/n sample of the batches; the time spent on the
+            training steps that are not collected is the training's alone
+            (``benchmarks/kfac_fit_overhead.py`` measures overhead and factor error per rate).
         inspect_modules: patterns of the layers to plot; default the last tracked ``down_proj``
             (or the last tracked layer).
         plots: write the inspection plots.
@@ -106,6 +110,7 @@ class KFACCollectorCallback(Callback):
         train_loss_reduction: Literal["auto", "sum", "example_mean", "token_mean"] = "auto",
         check_train_loss: bool = True,
         start_epoch: int = 0,
+        every_n_batches: int = 1,
         inspect_modules: list[str] | None = None,
         plots: bool = True,
         overwrite: bool = False,
@@ -114,6 +119,8 @@ class KFACCollectorCallback(Callback):
         problems = []
         if max_examples is not None and max_examples < 1:
             problems.append(f"max_examples must be at least 1 (or null for all examples); got {max_examples}")
+        if every_n_batches < 1:
+            problems.append(f"every_n_batches must be at least 1; got {every_n_batches}")
         if layers_per_pass is not None and layers_per_pass < 1:
             problems.append(f"layers_per_pass must be at least 1; got {layers_per_pass}")
         if layers_per_pass is not None and module_groups is not None:
@@ -144,6 +151,7 @@ class KFACCollectorCallback(Callback):
         self.train_loss_reduction = train_loss_reduction
         self.check_train_loss = check_train_loss
         self.start_epoch = start_epoch
+        self.every_n_batches = every_n_batches
         self.inspect_modules = inspect_modules
         self.plots = plots
         self.overwrite = overwrite
@@ -179,6 +187,7 @@ class KFACCollectorCallback(Callback):
             "max_examples": self.max_examples, "layers_per_pass": self.layers_per_pass,
             "module_groups": self.module_groups, "dtype": str(self.dtype).replace("torch.", ""),
             "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)) if self.loss_fn else None,
+            **({"every_n_batches": self.every_n_batches} if self.every_n_batches != 1 else {}),
         }
 
     @property
@@ -283,7 +292,7 @@ class KFACCollectorCallback(Callback):
 
     @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
-        if self._stage != "fit" or not self._fit_epoch_collects(trainer):
+        if self._stage != "fit" or not self._fit_epoch_collects(trainer) or batch_idx % self.every_n_batches:
             return
         self._where = f"training step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
         if self.fisher == "true":
@@ -296,7 +305,7 @@ class KFACCollectorCallback(Callback):
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self._stage != "fit" or not self._fit_epoch_collects(trainer):
+        if self._stage != "fit" or not self._fit_epoch_collects(trainer) or batch_idx % self.every_n_batches:
             return
         if self.fisher == "true":
             self._own_pass(trainer, pl_module, batch)
