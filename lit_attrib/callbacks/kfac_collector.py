@@ -286,6 +286,8 @@ class KFACCollectorCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._begin(trainer, pl_module, "fit")
+        if self._tracker is not None:  # hooked only on the batches it collects: the others run at full speed
+            self._tracker.detach()
 
     def _fit_epoch_collects(self, trainer: Trainer) -> bool:
         return trainer.current_epoch >= self.start_epoch and self._pass < len(self.passes)
@@ -299,6 +301,7 @@ class KFACCollectorCallback(Callback):
             return
         scale = self._train_scale.for_batch(trainer, pl_module, batch, batch_idx)
         if scale is not None and self._start_batch(trainer, batch, scale, own_pass=False):
+            self._tracker.attach()
             self._tracker.reset()
             self._tracker.active = True
 
@@ -316,6 +319,7 @@ class KFACCollectorCallback(Callback):
                 self._tracker.check_reached()
                 self._checked_layers = True
             self._tracker.active = False
+            self._tracker.detach()
             self._end_batch(trainer)
 
     @override
@@ -424,7 +428,10 @@ class KFACCollectorCallback(Callback):
         if batch is None:
             return
         loss = "sampled_loss" if self.fisher == "true" else "loss"
+        self._tracker.attach()  # in fit the hooks come and go with the batches that collect
         own_backward(trainer, pl_module, self._tracker, self._task, batch, loss=loss, generator=self._generator)
+        if self._stage == "fit":
+            self._tracker.detach()
         self._end_batch(trainer)
 
     def _finish_pass(self, trainer: Trainer) -> None:
