@@ -2,6 +2,7 @@
 
 from lit_attrib.callbacks.attention_capture import AttentionCaptureCallback
 from lit_attrib.callbacks.generation_writer import GenerationWriter
+from lit_attrib.callbacks.gradient_index import GradientIndexCallback
 from lit_attrib.callbacks.influence import InfluenceCallback
 from lit_attrib.callbacks.kfac_collector import KFACCollectorCallback
 from lit_attrib.callbacks.memorized_set import MemorizedSetCallback
@@ -9,4 +10,4 @@ from lit_attrib.callbacks.sketched_grad import SketchedGradCallback
 from lit_attrib.callbacks.token_influence import TokenInfluenceCallback
 from lit_attrib.callbacks.training_monitor import TrainingMonitor
 
-__all__ = ["AttentionCaptureCallback", "GenerationWriter", "InfluenceCallback", "KFACCollectorCallback", "MemorizedSetCallback", "SketchedGradCallback", "TokenInfluenceCallback", "TrainingMonitor"]
+__all__ = ["AttentionCaptureCallback", "GenerationWriter", "GradientIndexCallback", "InfluenceCallback", "KFACCollectorCallback", "MemorizedSetCallback", "SketchedGradCallback", "TokenInfluenceCallback", "TrainingMonitor"]

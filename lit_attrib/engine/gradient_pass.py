@@ -7,6 +7,7 @@ callbacks; what the analysis does with ``a`` and ``g`` lives in ``ops``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Literal
 
@@ -52,20 +53,21 @@ def check_loss_shape(losses: Any, expected: tuple[int, ...], what: str) -> None:
         raise ModelError(f"{what} must return a tensor of shape {expected} for this batch; got {got}")
 
 
-def own_backward(trainer: Trainer, pl_module: LightningModule, tracker: LayerTracker, task: Task,
+def own_backward(trainer: Trainer | None, pl_module: LightningModule, tracker: LayerTracker, task: Task,
                  batch: Any, loss: str = "loss", generator: torch.Generator | None = None) -> torch.Tensor:
     """Forward and backward of the task's per-example losses, for ``tracker``'s hooks only.
 
     The parameters' ``.grad`` are left untouched (gradients are taken with respect to the tracked
-    outputs), and it works inside Lightning's inference-mode loops. ``loss`` is ``"loss"`` or
+    outputs), and it works inside Lightning's inference-mode loops. ``trainer`` gives the precision
+    context; ``None`` runs outside Lightning. ``loss`` is ``"loss"`` or
     ``"sampled_loss"`` (the true Fisher's targets drawn from the model). Returns the losses ``(B,)``.
 
     Raises:
         ModelError: the loss is not one value per example.
         ConfigError: a tracked layer was never called through its ``forward`` (its hooks saw nothing).
     """
-    with torch.inference_mode(False), torch.enable_grad(), trainer.precision_plugin.forward_context(), \
-            exclusive(tracker):
+    precision = trainer.precision_plugin.forward_context() if trainer is not None else contextlib.nullcontext()
+    with torch.inference_mode(False), torch.enable_grad(), precision, exclusive(tracker):
         batch = clone_batch(batch)
         tracker.reset()
         tracker.force_grad = tracker.active = True

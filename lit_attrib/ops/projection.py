@@ -1,0 +1,137 @@
+"""Kronecker-structured random projections of per-example gradients of linear layers (LoGra-style).
+
+For a layer ``y = W a (+ b)`` with seeded ``P_in (k_in × in)`` and ``P_out (k_out × out)``, an example's
+projected gradient is ``Σ_t (P_out g_t)(P_in a_t)ᵀ = P_out DW P_inᵀ`` (``k_out × k_in``), computed from
+the projected activations and output gradients: the ``out × in`` gradient is never formed. The rows of
+each ``P`` are orthonormal, scaled by ``sqrt(d / k)``, so ``E[Pᵀ P] = I`` (inner products of projected
+gradients are unbiased) and at full size (``k = d``) ``P`` is orthogonal (inner products, and K-FAC in
+the projected space, are exact).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+
+import torch
+
+from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.gradients import layer_inputs
+
+__all__ = ["ProjectedGradients", "projection_matrix"]
+
+
+def projection_matrix(seed: int, name: str, side: str, rows: int, columns: int,
+                      dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """``P (rows × columns)``, orthonormal rows scaled by ``sqrt(columns / rows)``, from ``seed``, the layer's
+    ``name`` and the ``side`` (``in``/``out``) alone: the same on every process and every run."""
+    if not 1 <= rows <= columns:
+        raise ValueError(f"a projection of {name} ({side}) must keep between 1 and {columns} dimensions; got {rows}")
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}:{side}".encode()))
+    gaussian = torch.randn(columns, rows, generator=generator, dtype=torch.float64)
+    orthonormal, upper = torch.linalg.qr(gaussian)  # (columns, rows), orthonormal columns
+    orthonormal = orthonormal * torch.sign(torch.diagonal(upper))  # a unique QR: the distribution is Haar
+    return (orthonormal.T * (columns / rows) ** 0.5).to(dtype=dtype, device=device).contiguous()
+
+
+class ProjectedGradients:
+    """Each example's projected gradient ``P_out DW P_inᵀ`` of every tracked layer, flattened into one row,
+    and (optionally) the K-FAC sums of the projected activations and gradients.
+
+    Interface of every accumulator: :meth:`begin_batch`; :meth:`add` one use of one layer; :meth:`end_batch`
+    (the batch's rows); :meth:`reduce` the curvature sums across processes; :meth:`state_dict`.
+
+    Args:
+        layers: the tracked layers, by name (the row's blocks follow this order).
+        sizes: each layer's ``(k_out, k_in)``; ``k_in`` counts the bias column of a layer with a bias.
+        seed: the projections' seed.
+        dtype: dtype of the projections and rows.
+        device: where they live.
+        curvature: also accumulate ``Σ (P a)(P a)ᵀ`` and ``Σ (P g)(P g)ᵀ`` over the real tokens.
+    """
+
+    def __init__(self, layers: dict[str, LayerInfo], sizes: dict[str, tuple[int, int]], seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", curvature: bool = True) -> None:
+        self.layers, self.sizes, self.seed, self.dtype = layers, sizes, seed, dtype
+        self.device = torch.device(device)
+        self.curvature = curvature
+        self.projections = {
+            name: (projection_matrix(seed, name, "out", sizes[name][0], layer.gradient_shape[0], dtype, device),
+                   projection_matrix(seed, name, "in", sizes[name][1], layer.gradient_shape[1], dtype, device))
+            for name, layer in layers.items()
+        }
+        self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
+        self.tokens = 0
+        self._batch: dict[str, torch.Tensor] = {}
+        self._size = 0
+        self._mask: torch.Tensor | None = None
+        self._scale = 1.0
+
+    @property
+    def width(self) -> int:
+        """The length of a row: ``Σ k_out · k_in`` over the layers."""
+        return sum(k_out * k_in for k_out, k_in in self.sizes.values())
+
+    def begin_batch(self, size: int, mask: torch.Tensor | None = None, gradient_scale: float = 1.0) -> None:
+        """Start a batch of ``size`` examples; ``mask (B, T)`` marks the real tokens (curvature sums only);
+        ``gradient_scale`` turns the observed output gradients into those of each example's summed loss."""
+        self._batch, self._size, self._scale = {}, size, gradient_scale
+        self._mask = None if mask is None else mask.reshape(-1).to(self.device, torch.bool)
+        if self._mask is not None:
+            self.tokens += int(self._mask.sum())
+
+    def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+        """Add one use of ``layer``: ``a (B, T, in)`` as it entered the layer, ``g (B, T, out)``."""
+        a, g = layer_inputs(layer, activations, gradients, self.dtype)
+        if a.shape[0] != self._size:
+            raise ValueError(f"{layer.name}: a use with {a.shape[0]} rows in a batch of {self._size} examples; "
+                             f"per-example gradients need the batch on the first axis")
+        p_out, p_in = self.projections[layer.name]
+        projected_a = a @ p_in.T  # (B, T, k_in)
+        projected_g = (g * self._scale) @ p_out.T  # (B, T, k_out)
+        block = projected_g.mT @ projected_a  # (B, k_out, k_in)
+        held = self._batch.get(layer.name)
+        self._batch[layer.name] = block if held is None else held.add_(block)
+        if self.curvature:
+            rows_a, rows_g = projected_a.flatten(0, 1), projected_g.flatten(0, 1)
+            if self._mask is not None and self._mask.shape[0] == rows_a.shape[0]:
+                rows_a, rows_g = rows_a[self._mask], rows_g[self._mask]
+            sums = self.sums[layer.name]
+            sums["activation"] = sums.get("activation", 0) + rows_a.T @ rows_a
+            sums["gradient"] = sums.get("gradient", 0) + rows_g.T @ rows_g
+            sums["tokens"] = sums.get("tokens", 0) + rows_a.shape[0]
+
+    def end_batch(self) -> torch.Tensor:
+        """The batch's rows ``(B, width)``: each layer's block flattened, in layer order (zeros for a layer
+        the loss did not reach)."""
+        blocks = [self._batch.get(name, torch.zeros(self._size, *self.sizes[name], dtype=self.dtype,
+                                                    device=self.device)).flatten(1) for name in self.layers]
+        self._batch = {}
+        return torch.cat(blocks, dim=1)
+
+    def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum the curvature sums over processes (every process calls this)."""
+        for name in self.layers:
+            k_out, k_in = self.sizes[name]
+            sums = self.sums[name]
+            for key, shape in (("activation", (k_in, k_in)), ("gradient", (k_out, k_out))):
+                value = sums.get(key)
+                sums[key] = reduce_fn(torch.zeros(shape, dtype=self.dtype, device=self.device) if value is None
+                                      else value)
+            sums["tokens"] = int(reduce_fn(torch.tensor(float(sums.get("tokens", 0)), dtype=torch.float64,
+                                                        device=self.device)))
+
+    def covariances(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Each layer's projected K-FAC factors ``A_p = E[(P a)(P a)ᵀ]``, ``G_p = E[(P g)(P g)ᵀ]`` (float64)."""
+        return {name: {"activation_covariance": sums["activation"].double() / max(sums["tokens"], 1),
+                       "gradient_covariance": sums["gradient"].double() / max(sums["tokens"], 1)}
+                for name, sums in self.sums.items() if "activation" in sums}
+
+    def state_dict(self) -> dict:
+        return {"sums": {n: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                         for n, s in self.sums.items()}, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sums = {n: {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
+                     for n, s in state.get("sums", {}).items()}
+        self.tokens = state.get("tokens", 0)
