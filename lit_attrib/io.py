@@ -150,6 +150,13 @@ def load_state_checked(module: Any, checkpoint: dict, source: str) -> None:
     if partial:
         trained = {name for name, parameter in module.named_parameters() if parameter.requires_grad}
         missing = [k for k in missing if k in trained]
+        fingerprint = getattr(module, "base_fingerprint", None)
+        if fingerprint is None or checkpoint.get("lit_attrib_base") != fingerprint():
+            raise ArtifactError(
+                f"checkpoint '{source}' holds only trained weights (e.g. LoRA adapters), and nothing shows they were "
+                f"trained on this base model with these settings (saved {checkpoint.get('lit_attrib_base')}); build the "
+                f"model as it was built for training"
+            )
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
               if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

@@ -429,3 +429,50 @@ def test_collecting_every_nth_batch_takes_exactly_those_batches(tmp_path):
         torch.testing.assert_close(saved[f"head.{key}"], value, rtol=1e-10, atol=1e-12)
     with pytest.raises(ConfigError, match="every_n_batches must be at least 1"):
         KFACCollectorCallback(every_n_batches=0)
+
+
+def test_token_scores_of_a_tied_weight_count_only_the_tracked_use(tmp_path):
+    """nanoGPT/GPT-2 style: ``head`` shares its weight with ``embed``; token scores along v move the head's
+    use only, as the factors and the direction see it."""
+    from lit_attrib.callbacks import TokenInfluenceCallback
+    from lit_attrib.ops.kfac import factors_inverse_hvp
+
+    class Tied(TupleLM):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(WIDTH, VOCAB, bias=False).double()
+            self.head.weight = self.embed.weight  # (VOCAB, WIDTH): tied
+
+    def token_losses(module, batch):
+        x, y = batch
+        return F.cross_entropy(module(x).transpose(1, 2), y, reduction="none")  # (B, T)
+
+    module, data = Tied(), Chunks(count=8)
+    factors = KFACCollectorCallback(target_modules=["head"], dtype="float64", plots=False, loss_fn=summed_loss,
+                                    output_dir=str(tmp_path / "factors"))
+    _trainer(tmp_path, [factors]).predict(module, DataLoader(data, batch_size=4), return_predictions=False)
+    forget, retain = torch.utils.data.Subset(data, [0, 1]), torch.utils.data.Subset(data, [2, 3, 4])
+    callback = TokenInfluenceCallback(factors=str(tmp_path / "factors"), positive=forget, negative=retain,
+                                      loss_fn=summed_loss, token_loss_fn=token_losses, dtype="float64",
+                                      output_dir=str(tmp_path / "tokens"))
+    _trainer(tmp_path, [callback]).predict(module, DataLoader(forget, batch_size=2), return_predictions=False)
+    scores = load_file(str(tmp_path / "tokens" / "token_scores.safetensors"))["scores"]
+
+    seen = {}
+    module.head.register_forward_hook(lambda m, i, o: seen.update(a=i[0], out=o))
+
+    def head_gradient(rows, token=None):  # the head's own use: Σ_t g_t a_tᵀ (never the embedding's use)
+        total = 0
+        for x, y in rows:
+            losses = token_losses(module, (x[None], y[None]))[0]
+            (g,) = torch.autograd.grad(losses.sum() if token is None else losses[token], seen["out"])
+            total = total + g[0].T @ seen["a"][0]
+        return total
+
+    direction = head_gradient([data[0], data[1]]) / 2 - head_gradient([data[i] for i in (2, 3, 4)]) / 3
+    from lit_attrib.artifacts import load_factors
+
+    v = factors_inverse_hvp(load_factors(tmp_path / "factors")["head"], direction)
+    expected = torch.tensor([[float((v * head_gradient([data[q]], t)).sum()) for t in range(LENGTH)] for q in (0, 1)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))

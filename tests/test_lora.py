@@ -21,7 +21,7 @@ from reference_models import RowsDataModule, make_rows
 from safetensors.torch import load_file
 
 from lit_attrib.callbacks import InfluenceCallback, KFACCollectorCallback, TokenInfluenceCallback
-from lit_attrib.errors import ConfigError
+from lit_attrib.errors import ConfigError, ModelError
 from lit_attrib.modules import CausalLMModule
 from lit_attrib.modules.lora import adapter_patterns
 
@@ -72,6 +72,10 @@ def test_only_the_adapters_train_and_checkpoints_hold_only_them(tmp_path):
     assert all("lora_" in k for k in saved)
     reloaded = CausalLMModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     torch.testing.assert_close(_logits(reloaded, rows), _logits(module, rows))
+    # Adapters on another base model (another init_seed) or with other settings are refused, not mixed.
+    for other in ({"init_seed": 1}, {"lora": {**LORA, "alpha": 16}}):
+        with pytest.raises(ModelError, match="another base model or with other LoRA settings"):
+            CausalLMModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True, **other)
 
 
 def test_saved_adapters_reload_and_merge_into_the_same_model(tmp_path):
@@ -181,8 +185,8 @@ def test_tracincp_over_adapter_checkpoints_equals_autograd(tmp_path):
     paths, grads = [], []
     for seed in (1, 2):
         checkpoint = _adapted(seed)
-        torch.save({"state_dict": {k: v for k, v in checkpoint.state_dict().items() if k in trained}},
-                   tmp_path / f"c{seed}.ckpt")
+        torch.save({"state_dict": {k: v for k, v in checkpoint.state_dict().items() if k in trained},
+                    "lit_attrib_base": checkpoint.base_fingerprint()}, tmp_path / f"c{seed}.ckpt")
         paths.append(str(tmp_path / f"c{seed}.ckpt"))
         grads.append(per_example_gradients(checkpoint, singles, loss, layers))
     callback = SketchedGradCallback(target_modules=adapter_patterns(LORA), exact=True, mode="tracin", dtype="float64",

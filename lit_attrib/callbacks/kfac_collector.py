@@ -445,6 +445,14 @@ class KFACCollectorCallback(Callback):
 
     def _run_remaining_passes(self, trainer: Trainer, pl_module: LightningModule, loaders: Any) -> None:
         loaders = self._as_list(loaders)
+        was_training = pl_module.training
+        pl_module.eval()  # after training: dropout off, as for every analysis pass
+        try:
+            self._remaining_passes(trainer, pl_module, loaders)
+        finally:
+            pl_module.train(was_training)
+
+    def _remaining_passes(self, trainer: Trainer, pl_module: LightningModule, loaders: list) -> None:
         while self._pass < len(self.passes):
             self._announce("an extra loop over the data")
             for loader in loaders:

@@ -26,6 +26,7 @@ from lit_attrib.callbacks.sdi_features import _SketchedGradients
 from lit_attrib.engine.data import (
     ExampleIds,
     example_checksums,
+    is_sharded,
     resolve_loader,
 )
 from lit_attrib.errors import ArtifactError, ConfigError
@@ -119,12 +120,13 @@ class _CheckpointReplay(_SketchedGradients):
         loader = resolve_loader(self.train_data, trainer, pl_module, "the training examples")
         ids = ExampleIds(self._task, f"{type(self).__name__}[{self.name}]")
         count = reused = 0
+        presharded = is_sharded(loader)  # a DistributedSampler already gives each process its share
         for position, batch in enumerate(tqdm(loader, desc=f"{self.name}: training set", leave=False,
                                               disable=not show_progress(trainer))):
             if position == 0:
-                ids.check(loader, batch, trainer, "the training examples")  # every process numbers them all
-            indices = ids(batch)  # every batch is numbered, also those another process scores
-            if position % trainer.world_size != trainer.global_rank:
+                ids.check(loader, batch, trainer, "the training examples", sharded=presharded)
+            indices = ids(batch)  # unsharded: every batch is numbered, also those another process scores
+            if not presharded and position % trainer.world_size != trainer.global_rank:
                 continue
             batch = trainer.strategy.batch_to_device(batch, pl_module.device)
             count += len(indices)

@@ -46,7 +46,8 @@ class _OnlineTracIn(_SketchedGradients):
         if not self._online:
             return
         step = trainer.global_step
-        if step % self.every_n_steps == 0 and self._refreshed_at != step:
+        stale = self._tracin.queries is None  # e.g. resumed from a checkpoint between two refreshes
+        if (step % self.every_n_steps == 0 or stale) and self._refreshed_at != step:
             queries, self._query_indices = self._query_features(trainer, pl_module)
             self._tracin.set_queries(queries)
             self._refreshed_at = step

@@ -171,7 +171,9 @@ class TokenInfluenceCallback(FactorScoringCallback):
         primals = {key: module.get_parameter(key).detach() for key in self.tangents}
 
         def losses(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
-            return torch.func.functional_call(module, parameters, (batch,), strict=False)
+            # tie_weights=False: a tracked weight shared with another layer (GPT-2's lm_head and wte) moves
+            # only in the tracked layer's use, as the factors, the direction and the influence see it.
+            return torch.func.functional_call(module, parameters, (batch,), strict=False, tie_weights=False)
 
         # Forward-mode AD has no fused attention kernel: the math one computes the same attention.
         with torch.inference_mode(False), torch.no_grad(), sdpa_kernel([SDPBackend.MATH]), \

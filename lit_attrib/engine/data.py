@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Union
 
@@ -21,7 +21,7 @@ from lit_attrib.engine.task import Task
 from lit_attrib.errors import ConfigError, DataError
 
 __all__ = ["DataSource", "ExampleIds", "current_loader", "example_checksums", "ensure_predict_step", "is_ordered",
-           "loader_count",
+           "is_sharded", "loader_count",
            "iterate_batches", "lent_predict_step", "release_predict_step",
            "resolve_loader"]
 
@@ -123,6 +123,19 @@ def is_ordered(loader: Any) -> bool:
     return False
 
 
+def is_sharded(loader: Any) -> bool:
+    """Whether each process reads only its share of the loader (a ``DistributedSampler`` inside)."""
+    item = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
+    for _ in range(8):
+        if isinstance(item, DistributedSampler):
+            return True
+        inner = [getattr(item, key, None) for key in ("_batch_sampler", "batch_sampler", "sampler", "_sampler")]
+        item = next((value for value in inner if value is not None and value is not item), None)
+        if item is None:
+            return False
+    return False
+
+
 class ExampleIds:
     """Each row's dataset index: the task's ``example_ids``, or positions in loader order.
 
@@ -163,7 +176,9 @@ class ExampleIds:
 
 
 def iterate_batches(trainer: Trainer, pl_module: LightningModule, loader, shard: bool = False) -> Iterator[Any]:
-    """The loader's batches on the module's device; with ``shard``, only every ``world_size``-th from this rank."""
+    """The loader's batches on the module's device; with ``shard``, only every ``world_size``-th from this rank
+    (unless a ``DistributedSampler`` already gives each process its share)."""
+    shard = shard and not is_sharded(loader)
     for position, batch in enumerate(loader):
         if shard and position % trainer.world_size != trainer.global_rank:
             continue
@@ -233,7 +248,7 @@ def example_checksums(task: Task, batch: Any) -> torch.Tensor:
     size = task.batch_size(batch)
     padding = task.padding_mask(batch)
     padding = None if padding is None else padding.detach().cpu().bool()
-    items = sorted(batch.items()) if isinstance(batch, dict) else \
+    items = sorted(batch.items()) if isinstance(batch, Mapping) else \
         list(enumerate(batch)) if isinstance(batch, (list, tuple)) else [(0, batch)]
     columns = [(str(key), value.detach().cpu()) for key, value in items
                if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == size]

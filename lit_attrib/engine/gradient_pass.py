@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import torch
@@ -29,7 +30,7 @@ def clone_batch(batch: Any) -> Any:
     """A copy of the batch's tensors that autograd may use (batches made under inference mode may not)."""
     if isinstance(batch, torch.Tensor):
         return batch.clone()
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         return {key: clone_batch(value) for key, value in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(clone_batch(value) for value in batch)
@@ -38,9 +39,13 @@ def clone_batch(batch: Any) -> Any:
 
 def slice_batch(batch: Any, size: int) -> Any:
     """The first ``size`` examples of a batch (tensors and lists are cut along their first axis)."""
-    if isinstance(batch, (torch.Tensor, list)):
+    if isinstance(batch, torch.Tensor):
         return batch[:size]
-    if isinstance(batch, dict):
+    if isinstance(batch, list) and any(isinstance(value, torch.Tensor) for value in batch):
+        return [slice_batch(value, size) for value in batch]  # default collate of (x, y) samples: fields
+    if isinstance(batch, list):
+        return batch[:size]  # a list of per-example values (texts)
+    if isinstance(batch, Mapping):
         return {key: slice_batch(value, size) for key, value in batch.items()}
     if isinstance(batch, tuple):
         return tuple(slice_batch(value, size) for value in batch)
@@ -93,7 +98,7 @@ def _positions(task: Task, batch: Any) -> int | None:
         return int(padding.sum())
     ids = task.input_ids(batch)
     if ids is None:
-        values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+        values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
         ids = next((v for v in values if isinstance(v, torch.Tensor) and v.ndim == 2 and not v.is_floating_point()), None)
     return None if ids is None else int(ids.numel())
 
@@ -207,6 +212,10 @@ class TrainLossScale:
         matches = [name for name, value in candidates.items() if abs(ratio - value) <= tolerance * max(abs(value), 1.0)]
         shown = ", ".join(f"{name} {value:g}" for name, value in candidates.items())
         if self._given:
+            tied = [name for name in matches if name != self.reduction]
+            if self.reduction in matches and tied:  # it agrees, but so do others: check again where they differ
+                self._tied = [self.reduction, *tied]
+                return
             if self.reduction not in matches:
                 raise ConfigError(
                     f"{self.owner}: train_loss_reduction is '{self.reduction}', but on the first training batch the "

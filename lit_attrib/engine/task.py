@@ -29,7 +29,7 @@ need::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -48,9 +48,9 @@ BatchFn = Callable[[Any], Any]
 
 def batch_size(batch: Any) -> int:
     """The number of examples in a batch: the first axis of its first tensor (``input_ids`` if a dict has it)."""
-    if isinstance(batch, dict) and isinstance(batch.get("input_ids"), torch.Tensor):
+    if isinstance(batch, Mapping) and isinstance(batch.get("input_ids"), torch.Tensor):
         return int(batch["input_ids"].shape[0])
-    values = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, (list, tuple)) else [batch]
+    values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
     for value in values:
         if isinstance(value, torch.Tensor) and value.ndim > 0:
             return int(value.shape[0])
@@ -148,7 +148,7 @@ class Task:
         if self._example_ids is not None:
             ids = self._example_ids(batch)
             return None if ids is None else torch.as_tensor(ids).detach().cpu().long().reshape(-1)
-        if isinstance(batch, dict) and "index" in batch:
+        if isinstance(batch, Mapping) and "index" in batch:
             return torch.as_tensor(batch["index"]).detach().cpu().long().reshape(-1)
         return None
 
@@ -167,13 +167,13 @@ class Task:
 
     def column(self, batch: Any, name: str) -> Any:
         """A named per-example column of a dict batch (e.g. ``token_class``), or ``None``."""
-        return batch.get(name) if isinstance(batch, dict) else None
+        return batch.get(name) if isinstance(batch, Mapping) else None
 
     def padding_mask(self, batch: Any) -> torch.Tensor | None:
         """``(B, T)`` bool: the real input tokens, or ``None`` when every token is real."""
         if self._padding_mask is not None:
             return self._padding_mask(batch).bool()
-        if isinstance(batch, dict) and isinstance(batch.get("attention_mask"), torch.Tensor):
+        if isinstance(batch, Mapping) and isinstance(batch.get("attention_mask"), torch.Tensor):
             return batch["attention_mask"].bool()
         return None
 
@@ -181,7 +181,7 @@ class Task:
         """``(B, T)`` token ids, to decode texts and check lengths; ``None`` when the batch does not say."""
         if self._input_ids is not None:
             return self._input_ids(batch)
-        if isinstance(batch, dict):
+        if isinstance(batch, Mapping):
             ids = batch.get("input_ids")
             return ids if isinstance(ids, torch.Tensor) else None
         if isinstance(batch, (list, tuple)):  # (x, y) tuple batches: the first 2-D integer tensor
@@ -224,8 +224,8 @@ class HFCausalLMTask(Task):
         return f"{type(self).__name__}({self.name})"
 
     def _check(self, batch: Any) -> dict:
-        if not isinstance(batch, dict) or not isinstance(batch.get("input_ids"), torch.Tensor):
-            shown = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, dict) else "")
+        if not isinstance(batch, Mapping) or not isinstance(batch.get("input_ids"), torch.Tensor):
+            shown = type(batch).__name__ + (f" with keys {sorted(batch)}" if isinstance(batch, Mapping) else "")
             raise ConfigError(
                 f"the module wraps a Hugging Face model ('{self.name}'), but its batches are a {shown}, not dicts with "
                 f"'input_ids' (and 'attention_mask', 'labels'); give the callback loss_fn=f(module, batch) -> (B,), "
@@ -268,7 +268,7 @@ class HFCausalLMTask(Task):
         return loss_mask(self.labels(batch))
 
     def answer_mask(self, batch: Any) -> torch.Tensor | None:
-        if self._token_mask is None and isinstance(batch, dict) and "labels" not in batch:
+        if self._token_mask is None and isinstance(batch, Mapping) and "labels" not in batch:
             return None  # prompts only: the data marks no targets
         return self.token_mask(batch)
 

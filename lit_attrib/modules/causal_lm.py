@@ -157,13 +157,31 @@ class CausalLMModule(LightningModule):
         self.hparams.lora = self.hparams.adapter = None
         self.strict_loading = True
 
+    def base_fingerprint(self) -> dict[str, Any]:
+        """What an adapters-only checkpoint needs to match: a checksum of the frozen weights and the LoRA
+        settings (a checkpoint of adapters trained on another base model must not load silently)."""
+        from lit_attrib.callbacks._common import tensors_checksum  # callbacks import modules' neighbours
+
+        trained = trainable_names(self)
+        frozen = [p for name, p in sorted(self.named_parameters()) if name not in trained]
+        return {"frozen_weights": tensors_checksum(frozen), "lora": self.hparams.get("lora"),
+                "adapter": self.hparams.get("adapter")}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.uses_lora:  # only what is trained: the base weights are rebuilt from pretrained/config
             keep = trainable_names(self)
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+            checkpoint["lit_attrib_base"] = self.base_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.uses_lora and self.model is not None:
+            saved, own = checkpoint.get("lit_attrib_base"), self.base_fingerprint()
+            if saved != own:
+                raise ModelError(
+                    f"the checkpoint holds LoRA adapters trained on another base model or with other LoRA settings "
+                    f"(saved {saved}, this model {own}); build the model as it was built for training (same "
+                    f"pretrained/config, init_seed and lora)"
+                )
             expected, saved = trainable_names(self), set(checkpoint.get("state_dict", {}))
             if saved != expected:
                 raise ModelError(
