@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +42,7 @@ class LitAttribCLI(LightningCLI):
         """Name the TensorBoard run after what it does (``fit``, ``compare``, ``factors``, ``influence``,
         ``validate``...) instead of ``version_N``; a repeated run gets ``_1``, ``_2``... A version given in
         the config is kept."""
+        self._started = time.time() - 1.0  # files written from here on are this run's (coarse mtimes)
         logger = self.trainer.logger
         if not isinstance(logger, TensorBoardLogger) or logger._version is not None or logger._experiment is not None:
             return
@@ -74,13 +76,16 @@ class LitAttribCLI(LightningCLI):
         for callback in trainer.callbacks:
             if isinstance(callback, KFACCollectorCallback) and callback._written is not None:
                 written.append(f"{callback.name}: {callback._written}")
-            elif isinstance(callback, ArtifactCallback) and (callback.folder(trainer) / callback.metadata_file).is_file():
+            elif isinstance(callback, ArtifactCallback) and self._new(callback.folder(trainer) / callback.metadata_file):
                 written.append(f"{callback.name}: {callback.folder(trainer)}")
-            elif isinstance(callback, GenerationWriter) and (callback._dir(trainer) / "generated.jsonl").is_file() \
-                    and self.config.subcommand == "predict":
+            elif isinstance(callback, GenerationWriter) and self._new(callback._dir(trainer) / "generated.jsonl"):
                 written.append(f"generations: {callback._dir(trainer) / 'generated.jsonl'}")
         if written:
             rank_zero_info("lit-attrib " + self.config.subcommand + " wrote:\n  " + "\n  ".join(written))
+
+    def _new(self, path: Path) -> bool:
+        """Whether ``path`` was written by this run (not left by an earlier one)."""
+        return path.is_file() and path.stat().st_mtime >= getattr(self, "_started", 0.0)
 
     def after_fit(self) -> None:
         self._summary()
