@@ -127,9 +127,11 @@ def test_a_loss_that_is_not_the_training_loss_is_refused(tmp_path):
 
 
 def test_without_a_loss_the_callback_says_what_to_give(tmp_path):
-    callback = KFACCollectorCallback(target_modules=["head"], plots=False, output_dir=str(tmp_path / "f"))
-    with pytest.raises(ConfigError, match=r"TupleLM.*loss_fn=f\(module, batch\)"):
-        _trainer(tmp_path, [callback], max_epochs=1).fit(TupleLM(), DataLoader(Chunks(), batch_size=4))
+    for reduction in ("auto", "example_mean"):  # a stated reduction cannot be checked without a loss either
+        callback = KFACCollectorCallback(target_modules=["head"], plots=False, output_dir=str(tmp_path / "f"),
+                                         strategy="kfac", train_loss_reduction=reduction)
+        with pytest.raises(ConfigError, match=r"TupleLM.*loss_fn=f\(module, batch\).*check_train_loss: false"):
+            _trainer(tmp_path, [callback], max_epochs=1).fit(TupleLM(), DataLoader(Chunks(), batch_size=4))
 
 
 def test_a_layer_never_called_through_forward_is_named(tmp_path):
@@ -476,3 +478,18 @@ def test_token_scores_of_a_tied_weight_count_only_the_tracked_use(tmp_path):
     expected = torch.tensor([[float((v * head_gradient([data[q]], t)).sum()) for t in range(LENGTH)] for q in (0, 1)],
                             dtype=torch.float64)
     torch.testing.assert_close(scores, expected, rtol=1e-8, atol=1e-10 * float(expected.abs().max()))
+
+
+def test_a_training_step_that_skips_a_batch_adds_nothing_for_it(tmp_path):
+    class Skipping(TupleLM):
+        def training_step(self, batch, batch_idx):
+            return None if batch_idx == 1 else super().training_step(batch, batch_idx)
+
+    module, data = Skipping(), Chunks(count=12)
+    callback = KFACCollectorCallback(target_modules=["head"], strategy="kfac", dtype="float64", plots=False,
+                                     loss_fn=summed_loss, output_dir=str(tmp_path / "f"))
+    _trainer(tmp_path, [callback], max_epochs=1).fit(module, DataLoader(data, batch_size=4))
+    saved = load_file(str(tmp_path / "f" / "factors.safetensors"))
+    expected = _reference_factors(module, data.rows[0:4] + data.rows[8:12])  # batch 1 ran no backward
+    for key, value in expected.items():
+        torch.testing.assert_close(saved[f"head.{key}"], value, rtol=1e-10, atol=1e-12)

@@ -273,11 +273,12 @@ class KFACCollectorCallback(Callback):
     # ------------------------------------------------------------------------------ hooks
     def _on_activation(self, layer: LayerInfo, use: int, activations: torch.Tensor) -> None:
         self._max_uses[layer.name] = max(self._max_uses.get(layer.name, 0), use + 1)
-        if self.passes[self._pass][0] == "covariance":
-            self._accumulator.add_activations(layer, activations)
 
     def _on_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:
         if self.passes[self._pass][0] == "covariance":
+            # A is added with G, when the backward reaches the use: a forward without a backward (a training
+            # step that returns None) adds to neither, so A and G always cover the same tokens.
+            self._accumulator.add_activations(layer, activations)
             self._accumulator.add_gradients(layer, gradients)
         else:
             self._accumulator.add_rotated_gradient(layer, activations, gradients)
@@ -415,6 +416,8 @@ class KFACCollectorCallback(Callback):
 
     def _end_batch(self, trainer: Trainer) -> None:
         if bad := self._accumulator.end_batch():
+            order = {name: i for i, name in enumerate(self._layers)}  # model order: the first bad layer first
+            bad = sorted(bad, key=lambda label: (order.get(label.split(": ")[0], len(order)), label))
             raise TrainingError(
                 f"{type(self).__name__}[{self.name}]: non-finite values in {bad[:4]} in {self._where}; the "
                 f"activations or gradients of that layer hold NaN/Inf. "

@@ -106,6 +106,13 @@ class TokenInfluenceCallback(FactorScoringCallback):
         self.tangents: dict[str, torch.Tensor] = {}
         self._loss_module: _TokenLoss | None = None
 
+    def _labels(self) -> tuple[str, str | None]:
+        """How the two sets are named in logs and metadata: their loader names or paths, else by role."""
+        def label(source, role):
+            return None if source is None else source if isinstance(source, str) else f"{role} ({_source_name(source)})"
+
+        return label(self.positive, "positive"), label(self.negative, "negative")
+
     def arguments(self) -> dict:
         return {**super().arguments(), "positive": _source_name(self.positive),
                 "negative": None if self.negative is None else _source_name(self.negative),
@@ -114,11 +121,11 @@ class TokenInfluenceCallback(FactorScoringCallback):
 
     # ---------------------------------------------------------------------- direction
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
-        sets = [(self.positive, 1.0)] + ([(self.negative, -1.0)] if self.negative else [])
+        positive, negative = self._labels()
+        sets = [(self.positive, 1.0, positive)] + ([(self.negative, -1.0, negative)] if self.negative is not None else [])
         direction: dict[str, torch.Tensor] = {}
         counts = {}
-        for source, sign in sets:
-            label = _source_name(source)
+        for source, sign, label in sets:
             sums, _, _, count = self.example_gradients(trainer, pl_module, source, f"{label} examples", shard=True)
             counts[label] = count
             for name, total in sums.items():
@@ -197,14 +204,15 @@ class TokenInfluenceCallback(FactorScoringCallback):
                                                   "attention_mask": attention, "query_indices": indices}, FORMAT)
         tokenizer = getattr(trainer.datamodule, "tokenizer", None) or getattr(trainer.lightning_module, "tokenizer", None)
         tokens = _token_strings(tokenizer, input_ids, attention)
-        title = f"{self.name}: d = mean ∇L({self.positive})" + (f" − mean ∇L({self.negative})" if self.negative else "")
+        positive, negative = self._labels()
+        title = f"{self.name}: d = mean ∇L({positive})" + (f" − mean ∇L({negative})" if negative else "")
         html = token_scores_html(tokens, scores, mask, indices.tolist(), title=title)
         with atomic_open(folder / "token_scores.html") as handle:
             handle.write(html)
         top = self._top_tokens(tokens, scores, mask, indices)
         write_json(folder / self.metadata_file, {
             "format": FORMAT, **metadata, "num_queries": scores.shape[0], "max_length": scores.shape[1],
-            "positive": self.positive, "negative": self.negative, "top_tokens": top,
+            "positive": positive, "negative": negative, "top_tokens": top,
             "sign": "S_ij = vᵀ∇L(x_ij): positive = moving along v = H⁻¹d raises the token's loss",
         })
         lines = ["| rank | query | position | token | score |", "|---|---|---|---|---|"]

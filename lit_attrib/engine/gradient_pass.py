@@ -150,11 +150,12 @@ class TrainLossScale:
         if not self.check and self.reduction is None:
             raise ConfigError(f"{self.owner}: check_train_loss is off, so train_loss_reduction must say how "
                               f"{type(pl_module).__name__}'s training step reduces its loss (it has no loss_reduction)")
-        if self.check and not self.task.has_loss and (self.reduction is None or self.reduction == "token_mean"):
+        if self.check and not self.task.has_loss:
             raise ConfigError(
-                f"{self.owner} cannot tell how {type(pl_module).__name__}'s training step reduces its loss: give "
+                f"{self.owner} cannot check how {type(pl_module).__name__}'s training step reduces its loss: give "
                 f"loss_fn=f(module, batch) -> (B,) (each example's summed loss; the first batch is then checked "
-                f"against training_step's loss), or train_loss_reduction='sum' or 'example_mean'"
+                f"against training_step's loss), or state train_loss_reduction and set check_train_loss: false to "
+                f"trust it unchecked"
             )
 
     def for_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> float | None:
