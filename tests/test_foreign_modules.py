@@ -85,7 +85,7 @@ def glue(spec: Foreign) -> dict:
     return {} if spec.hf else {"task": foreign_task(spec)}
 
 
-def close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
+def assert_close_scaled(actual: torch.Tensor, expected: torch.Tensor, rtol: float, what: str = "") -> None:
     """``actual == expected`` up to ``rtol`` of the largest entry of ``expected`` (float64 references)."""
     expected = expected.to(torch.float64)
     scale = float(expected.abs().max()) if expected.numel() else 1.0
@@ -190,21 +190,21 @@ def check_factors(folder: Path, expected: dict, strategy: str, spec: Foreign, mo
     assert sorted(saved) == sorted(spec.layers), f"tracked layers: {sorted(saved)}"
     for name in spec.layers:
         f = saved[name]
-        close(f["activation_covariance"], expected[name]["A"], rtol, f"{name} A")
-        close(f["gradient_covariance"], expected[name]["G"], rtol, f"{name} G")
+        assert_close_scaled(f["activation_covariance"], expected[name]["A"], rtol, f"{name} A")
+        assert_close_scaled(f["gradient_covariance"], expected[name]["G"], rtol, f"{name} G")
         # the saved eigenbases diagonalise the reference A and G with the saved eigenvalues
         for key, matrix in (("activation", expected[name]["A"]), ("gradient", expected[name]["G"])):
             q, values = f[f"{key}_eigenvectors"].double(), f[f"{key}_eigenvalues"].double()
-            close(q @ torch.diag(values) @ q.T, matrix, rtol, f"{name} {key} eigendecomposition")
+            assert_close_scaled(q @ torch.diag(values) @ q.T, matrix, rtol, f"{name} {key} eigendecomposition")
         if strategy == "kfac":
-            close(f["lambda"], torch.outer(f["gradient_eigenvalues"], f["activation_eigenvalues"]), rtol,
+            assert_close_scaled(f["lambda"], torch.outer(f["gradient_eigenvalues"], f["activation_eigenvalues"]), rtol,
                   f"{name} K-FAC lambda")
     if strategy == "ekfac":
         eigen = {n: (saved[n]["activation_eigenvectors"].double(), saved[n]["gradient_eigenvectors"].double())
                  for n in spec.layers}
         lambdas = reference_lambda(module, examples, spec.layers, spec.loss_fn, eigen)
         for name in spec.layers:
-            close(saved[name]["lambda"], lambdas[name], rtol, f"{name} EKFAC lambda")
+            assert_close_scaled(saved[name]["lambda"], lambdas[name], rtol, f"{name} EKFAC lambda")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -224,7 +224,7 @@ def test_kfac_in_fit_observes_the_real_training_backward(tmp_path, name):
     expected = reference_kfac_training(replay, recorder.batches, spec.layers, spec.loss_fn, spec.padding_mask,
                                        training_loss, LR)
     for (key, value), other in zip(trained.state_dict().items(), replay.state_dict().values()):
-        close(value, other, tol(spec), f"the replay's weights {key}")
+        assert_close_scaled(value, other, tol(spec), f"the replay's weights {key}")
     check_factors(tmp_path / "factors", expected, "kfac", spec, replay, [], tol(spec))
 
 
@@ -280,7 +280,7 @@ def test_kfac_does_not_depend_on_batching_or_shuffling(tmp_path, world):
         other = read_factors(folders[label])
         for name in spec.layers:
             for key in ("activation_covariance", "gradient_covariance", "lambda"):
-                close(other[name][key], first[name][key], tol(spec), f"{label}: {name}.{key}")
+                assert_close_scaled(other[name][key], first[name][key], tol(spec), f"{label}: {name}.{key}")
 
 
 def test_kfac_with_explicit_glue_on_hf_modules(tmp_path, worlds):
@@ -323,7 +323,7 @@ def test_influence(tmp_path, world):
     scores = influence(tmp_path, world, spec.loader(world.train, batch_size=7))
     expected = reference_influence(world.query_grads, world.train_grads, world.factors)
     assert scores["scores"].shape == (N_QUERY, N_TRAIN)
-    close(scores["scores"], expected, tol(spec), "influence scores")
+    assert_close_scaled(scores["scores"], expected, tol(spec), "influence scores")
     assert scores["train_indices"].tolist() == list(range(N_TRAIN))
     assert scores["query_indices"].tolist() == list(range(N_QUERY))
 
@@ -333,7 +333,7 @@ def test_influence_with_explicit_damping_and_queries_as_a_dataset(tmp_path, worl
     if spec.hf:
         pytest.skip("rows of different lengths need the user's collate_fn: a bare dataset cannot be batched")
     scores = influence(tmp_path, world, spec.loader(world.train), queries=world.queries, damping=0.05)
-    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors, damping=0.05),
+    assert_close_scaled(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors, damping=0.05),
           tol(spec), "influence scores (damping 0.05)")
 
 
@@ -342,7 +342,7 @@ def test_influence_does_not_depend_on_batching_or_shuffling(tmp_path, world):
     expected = reference_influence(world.query_grads, world.train_grads, world.factors)
     shuffled = influence(tmp_path, world, spec.loader(world.train_ids, batch_size=1, shuffle=True), name="bs1",
                          queries=spec.loader(world.queries, batch_size=2))
-    close(shuffled["scores"], expected, tol(spec), "shuffled, batch size 1, with ids")
+    assert_close_scaled(shuffled["scores"], expected, tol(spec), "shuffled, batch size 1, with ids")
     assert shuffled["train_indices"].tolist() == list(range(N_TRAIN))
 
 
@@ -379,7 +379,7 @@ def test_token_influence(tmp_path, world):
     tensors = token_influence(tmp_path, world, spec.loader(world.queries, batch_size=2))
     scores, mask = expected_token_scores(world)
     assert tensors["scores"].shape == scores.shape
-    close(tensors["scores"], scores, tol(spec), "token scores")
+    assert_close_scaled(tensors["scores"], scores, tol(spec), "token scores")
     assert torch.equal(tensors["mask"].bool(), mask), f"mask {tensors['mask'].int().tolist()} != {mask.int().tolist()}"
     assert tensors["query_indices"].tolist() == list(range(N_QUERY))
 
@@ -389,7 +389,7 @@ def test_token_influence_does_not_depend_on_batching_or_shuffling(tmp_path, worl
     queries = spec.dataset(N_QUERY, seed=2, with_ids=True)
     tensors = token_influence(tmp_path, world, spec.loader(queries, batch_size=1, shuffle=True, seed=3))
     scores, mask = expected_token_scores(world)
-    close(tensors["scores"], scores, tol(spec), "token scores, shuffled, batch size 1")
+    assert_close_scaled(tensors["scores"], scores, tol(spec), "token scores, shuffled, batch size 1")
     assert torch.equal(tensors["mask"].bool(), mask)
     assert tensors["query_indices"].tolist() == list(range(N_QUERY))
 
@@ -441,8 +441,8 @@ def test_sdi_checkpoint_mode(tmp_path, world, checkpoints, source):
     tensors = sdi(tmp_path, world, loader=loader, checkpoints=checkpoints, **extra)
     expected = reference_checkpoint_tracin(world, checkpoints, [0.5, 0.25])  # the checkpoints' learning rates
     assert tensors["tracin"].shape == (N_TRAIN, N_QUERY)
-    close(tensors["tracin"], expected, tol(spec), "TracInCP")
-    close(tensors["sdi"].sum(-1), expected, tol(spec), "SDI summed over steps")
+    assert_close_scaled(tensors["tracin"], expected, tol(spec), "TracInCP")
+    assert_close_scaled(tensors["sdi"].sum(-1), expected, tol(spec), "SDI summed over steps")
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
     assert tensors["query_indices"].tolist() == list(range(N_QUERY))
 
@@ -451,7 +451,7 @@ def test_sdi_checkpoint_mode_does_not_depend_on_batching_or_shuffling(tmp_path, 
     spec = world.spec
     loader = spec.loader(world.train_ids, batch_size=1, shuffle=True)
     tensors = sdi(tmp_path, world, loader=loader, train_data=loader, checkpoints=checkpoints, eta=[1.0, 2.0])
-    close(tensors["tracin"], reference_checkpoint_tracin(world, checkpoints, [1.0, 2.0]), tol(spec),
+    assert_close_scaled(tensors["tracin"], reference_checkpoint_tracin(world, checkpoints, [1.0, 2.0]), tol(spec),
           "TracInCP, shuffled, batch size 1")
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
 
@@ -487,7 +487,7 @@ def test_sdi_online_in_fit(tmp_path, world, shuffled):
     fit(tmp_path, spec.make(lr=LR), spec.loader(data, batch_size=4, shuffle=shuffled), recorder, callback)
     tensors = load_file(str(tmp_path / "sdi" / "sdi.safetensors"))
     expected = reference_online_tracin(world, recorder.batches, LR)
-    close(tensors["tracin"], expected, tol(spec), "online TracIn")
+    assert_close_scaled(tensors["tracin"], expected, tol(spec), "online TracIn")
     assert tensors["train_indices"].tolist() == list(range(N_TRAIN))
 
 
@@ -514,7 +514,7 @@ def test_sdi_tracks_a_tied_weight_once(tmp_path, worlds):
 
     assert module.gpt.lm_head.weight is module.gpt.transformer.wte.weight
     expected = weight_grads(world.train) @ weight_grads(world.queries).T
-    close(tensors["tracin"], expected, tol(spec), "TracIn of the tied weight")
+    assert_close_scaled(tensors["tracin"], expected, tol(spec), "TracIn of the tied weight")
 
 
 # =============================================================================== attention
@@ -600,7 +600,7 @@ def test_unshuffled_loaders_without_ids_number_rows_in_order(tmp_path, worlds):
     world = worlds("nanogpt")
     spec = world.spec
     scores = influence(tmp_path, world, DataLoader(world.train, batch_size=4), queries=world.queries)
-    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), tol(spec),
+    assert_close_scaled(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), tol(spec),
           "influence from a plain DataLoader and a dataset of queries")
 
 
@@ -628,5 +628,5 @@ def test_task_built_from_functions_whose_example_ids_say_none(tmp_path, worlds):
                                  queries=spec.loader(world.queries), task=foreign_task(spec, style="functions"))
     predict(tmp_path, spec.make(), spec.loader(world.train), callback)
     scores = load_file(str(tmp_path / "out" / "scores.safetensors"))
-    close(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), tol(spec),
+    assert_close_scaled(scores["scores"], reference_influence(world.query_grads, world.train_grads, world.factors), tol(spec),
           "influence with a functions-built task")

@@ -31,12 +31,14 @@ from lit_attrib.callbacks._common import (
 from lit_attrib.engine.data import (
     DataSource,
     ExampleIds,
+    current_loader,
     iterate_batches,
-    loader_count,
+    require_one_loader,
     resolve_loader,
+    source_name,
 )
 from lit_attrib.engine.gradient_pass import own_backward
-from lit_attrib.engine.task import LossFn, Task, resolve_task
+from lit_attrib.engine.task import LossFn, Task, function_name, resolve_task
 from lit_attrib.engine.tracking import LayerTracker, find_layers
 from lit_attrib.errors import ArtifactError, ConfigError, DataError, TrainingError
 from lit_attrib.layers import LayerInfo
@@ -96,7 +98,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
     def arguments(self) -> dict:
         return {"factors": str(self.factors_path), "target_modules": self.target_modules, "damping": self.damping,
                 "dtype": str(self.dtype).replace("torch.", ""),
-                "loss_fn": _function_name(self.loss_fn)}
+                "loss_fn": function_name(self.loss_fn)}
 
     # --------------------------------------------------------------------------- set-up
     @override
@@ -106,9 +108,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         owner = f"{type(self).__name__}[{self.name}]"
         self._task = resolve_task(pl_module, self.task, self.loss_fn, self.token_loss_fn, owner=owner, needs=self.needs)
         self._ids = ExampleIds(self._task, owner)
-        if (count := loader_count(trainer)) > 1:
-            raise ConfigError(f"{owner} reads one loader per pass, but this pass has {count}: their rows would share "
-                              f"example ids; run one pass per set of examples")
+        require_one_loader(trainer, owner)
         folder = self.folder(trainer)
         self.check_overwrite(trainer)
         self.factors = load_factors(self.factors_path, pl_module, device=pl_module.device)
@@ -186,7 +186,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         parts: dict[str, list[Any]] = {name: [] for name in self.layers}
         indices, texts = [], []
         loader = resolve_loader(source, trainer, pl_module, f"the {what}")
-        label = source if isinstance(source, str) else type(source).__name__
+        label = source_name(source)
         ids = ExampleIds(self._task, f"{type(self).__name__}[{self.name}]")
         batches = iterate_batches(trainer, pl_module, loader, shard=shard)
         for batch in tqdm(batches, desc=f"{self.name}: {label} gradients", leave=False,
@@ -221,9 +221,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         if self._store is None:
             return
         if self._seen == 0:
-            loaders = trainer.predict_dataloaders
-            loader = loaders[dataloader_idx] if isinstance(loaders, (list, tuple)) else loaders
-            self._ids.check(loader, batch, trainer, "the predict pass", sharded=True)
+            self._ids.check(current_loader(trainer, dataloader_idx), batch, trainer, "the predict pass", sharded=True)
         indices = self._ids(batch)
         self._seen += len(indices)
         self._store.see(indices)
@@ -315,7 +313,3 @@ def markdown_cell(text: str, limit: int = 160) -> str:
     text = " ".join(str(text).split())
     text = text if len(text) <= limit else text[: limit - 1] + "…"
     return text.replace("|", "\\|")
-
-
-def _function_name(function) -> str | None:
-    return None if function is None else getattr(function, "__qualname__", repr(function))

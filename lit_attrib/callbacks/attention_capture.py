@@ -43,10 +43,10 @@ from lit_attrib.artifacts.attention import FORMAT, METADATA_FILE, load_attention
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.callbacks.attention_kernels import attention_modules, capture_kernel_inputs
-from lit_attrib.engine.data import ExampleIds, current_loader, lent_predict_step, loader_count
+from lit_attrib.engine.data import ExampleIds, current_loader, lent_predict_step, require_one_loader
 from lit_attrib.engine.task import Task, resolve_task
 from lit_attrib.engine.tracking import exclusive, observed_by
-from lit_attrib.errors import ConfigError, DataError, ModelError
+from lit_attrib.errors import DataError, ModelError
 from lit_attrib.io import atomic_path, write_json
 from lit_attrib.ops.attention import (
     attention_probabilities,
@@ -176,9 +176,7 @@ class AttentionCaptureCallback(ArtifactCallback):
         owner = f"{type(self).__name__}[{self.name}]"
         self._task = resolve_task(pl_module, self.task, owner=owner, needs=())
         self._ids = ExampleIds(self._task, owner)
-        if (count := loader_count(trainer)) > 1:
-            raise ConfigError(f"{owner} reads one loader per pass, but this pass has {count}: their rows would share "
-                              f"example ids; run one pass per set of examples")
+        require_one_loader(trainer, owner)
         # every process asks for the folder (trainer.log_dir is a collective); refuse before the pass, not after
         self._folder = self.folder(trainer)
         self.check_overwrite(trainer)
@@ -265,10 +263,10 @@ class AttentionCaptureCallback(ArtifactCallback):
             self._kernel_inputs[module] = (query, key, attention_mask, kwargs.get("scaling", module.scaling), weights)
 
     def _after_forward(self, module: nn.Module, args, kwargs, output) -> None:
-        batch = self._batch
-        if batch is None or module not in batch["pending"] or not observed_by(self):
+        captured = self._batch  # this batch's capture state (not the data batch)
+        if captured is None or module not in captured["pending"] or not observed_by(self):
             return
-        batch["pending"].discard(module)
+        captured["pending"].discard(module)
         kernel = self._kernel_inputs.pop(module, None)
         weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
         if weights is None and kernel is not None:
@@ -276,8 +274,8 @@ class AttentionCaptureCallback(ArtifactCallback):
         layer = self._modules[module]
         position = self._layers.index(layer)
         with torch.no_grad():
-            for row, index in enumerate(batch["index"]):
-                queries = batch["positions"][row]
+            for row, index in enumerate(captured["index"]):
+                queries = captured["positions"][row]
                 if queries.numel() == 0:
                     continue
                 if weights is not None:
@@ -294,21 +292,21 @@ class AttentionCaptureCallback(ArtifactCallback):
                     raise ModelError(f"attention layer {layer} ({type(module).__name__}) returned no weights and its "
                                      f"kernel '{self._implementation}' was not seen; set attn_implementation to "
                                      f"eager or sdpa")
-                if keys != batch["mask"].shape[1]:
+                if keys != captured["mask"].shape[1]:
                     raise DataError("AttentionCaptureCallback captures a batch's first forward, which must be the "
-                                    f"batch itself ({batch['mask'].shape[1]} tokens) but saw {keys} keys: the module "
+                                    f"batch itself ({captured['mask'].shape[1]} tokens) but saw {keys} keys: the module "
                                     "rebuilt its inputs (e.g. EvalModule re-pads prompts for generation) or reused a "
                                     "KV cache. Capture with CausalLMModule (validate: whole examples; predict: "
                                     "prompts, generation included)")
                 # the needed heads are the differential heads, then their partners: D = A_i − λ·A_{i+H/2}
                 maps = differential_map(probabilities, self._lambdas[layer]) if self._differential else probabilities
-                key_class = batch["token_class"][row].to(maps.device)
+                key_class = captured["token_class"][row].to(maps.device)
                 self._allocation.add(position, maps, key_class)
                 if self._keep(index):
-                    real = batch["mask"][row].bool()
+                    real = captured["mask"][row].bool()
                     first = int(real.nonzero()[0])
                     example = self._examples.setdefault(index, {
-                        "input_ids": batch["ids"][row][real].cpu(), "queries": (queries - first).cpu(),
+                        "input_ids": captured["ids"][row][real].cpu(), "queries": (queries - first).cpu(),
                         "token_class": key_class[real].cpu(), "maps": {}})
                     example["maps"][layer] = maps[..., real].cpu().contiguous()
 

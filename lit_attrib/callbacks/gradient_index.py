@@ -20,9 +20,9 @@ from typing_extensions import override
 
 from lit_attrib.artifacts.index import METADATA_FILE, write_curvature, write_metadata, write_shard
 from lit_attrib.callbacks._common import ArtifactCallback, check_context, context_length, tensors_checksum
-from lit_attrib.engine.data import ExampleIds, current_loader, loader_count
+from lit_attrib.engine.data import ExampleIds, current_loader, require_one_loader
 from lit_attrib.engine.gradient_pass import own_backward
-from lit_attrib.engine.task import LossFn, Task, resolve_task
+from lit_attrib.engine.task import LossFn, Task, function_name, resolve_task
 from lit_attrib.engine.tracking import LayerTracker, find_layers
 from lit_attrib.errors import ConfigError, TrainingError
 from lit_attrib.ops.kfac import eigendecompose
@@ -102,7 +102,7 @@ class GradientIndexCallback(ArtifactCallback):
         return {"target_modules": self.target_modules, "projection_dim": self.projection_dim, "seed": self.seed,
                 "storage_dtype": self.storage_dtype, "curvature": self.curvature,
                 "dtype": str(self.dtype).replace("torch.", ""),
-                "loss_fn": None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
+                "loss_fn": function_name(self.loss_fn)}
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -110,8 +110,7 @@ class GradientIndexCallback(ArtifactCallback):
         self.check_overwrite(trainer)
         self._task = resolve_task(pl_module, self.task, self.loss_fn, owner=owner)
         self._example_ids = ExampleIds(self._task, owner)
-        if (count := loader_count(trainer)) > 1:
-            raise ConfigError(f"{owner} reads one loader per pass, but this pass has {count}")
+        require_one_loader(trainer, owner)
         self._layers = find_layers(pl_module, self.target_modules)
         k = self.projection_dim
         sizes = {name: (layer.gradient_shape[0] if k is None else min(k, layer.gradient_shape[0]),

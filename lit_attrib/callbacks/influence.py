@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lit_attrib.artifacts.scores import save_tensors
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
-from lit_attrib.engine.data import DataSource
+from lit_attrib.engine.data import DataSource, source_name
 from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.errors import ConfigError, DataError, ModelError
 from lit_attrib.io import write_json, write_jsonl
@@ -105,7 +105,7 @@ class InfluenceCallback(FactorScoringCallback):
         self._batch: dict[str, torch.Tensor] = {}
 
     def arguments(self) -> dict:
-        return {**super().arguments(), "queries": _source_name(self.queries), "query_gradient_rank": self.query_gradient_rank,
+        return {**super().arguments(), "queries": source_name(self.queries), "query_gradient_rank": self.query_gradient_rank,
                 "token_scores": self.token_scores}  # expand_low_rank_gb changes the speed, not the scores
 
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
@@ -197,8 +197,3 @@ class InfluenceCallback(FactorScoringCallback):
                 lines.append(f"| {query} | {rank} | #{good['index']} {markdown_cell(good['text'], 80)} ({good['score']:.3g}) "
                              f"| #{bad['index']} {markdown_cell(bad['text'], 80)} ({bad['score']:.3g}) |")
         return "\n".join(lines)
-
-
-def _source_name(source) -> str:
-    """How a data source is recorded in the arguments: its name or path, else its type."""
-    return str(source) if isinstance(source, (str, Path)) else type(source).__name__

@@ -24,7 +24,7 @@ from lit_attrib.artifacts.factors import METADATA_FILE, factors_exist, load_fact
 from lit_attrib.callbacks._common import DTYPES, show_progress
 from lit_attrib.engine.data import ensure_predict_step, release_predict_step
 from lit_attrib.engine.gradient_pass import TrainLossScale, clone_batch, own_backward, slice_batch
-from lit_attrib.engine.task import LossFn, Task, resolve_task
+from lit_attrib.engine.task import LossFn, Task, function_name, resolve_task
 from lit_attrib.engine.tracking import LayerTracker, find_layers
 from lit_attrib.errors import ArtifactError, ConfigError, ModelError, TrainingError
 from lit_attrib.layers import LayerInfo
@@ -186,7 +186,7 @@ class KFACCollectorCallback(Callback):
             "target_modules": self.target_modules, "strategy": self.strategy, "fisher": self.fisher,
             "max_examples": self.max_examples, "layers_per_pass": self.layers_per_pass,
             "module_groups": self.module_groups, "dtype": str(self.dtype).replace("torch.", ""),
-            "loss_fn": getattr(self.loss_fn, "__qualname__", repr(self.loss_fn)) if self.loss_fn else None,
+            "loss_fn": function_name(self.loss_fn),
             **({"every_n_batches": self.every_n_batches} if self.every_n_batches != 1 else {}),
         }
 

@@ -68,6 +68,7 @@ class MemorizedSetCallback(ArtifactCallback):
 
     @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._task = Task()  # window batches: input_ids, attention_mask, index and the window columns
         self._found, self._scanned, self._window = [], set(), None
         self._context = context_length(pl_module)
         data = getattr(trainer.datamodule, "hparams", {})
@@ -83,25 +84,28 @@ class MemorizedSetCallback(ArtifactCallback):
     @override
     def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
-        if not isinstance(batch, dict) or "prefix_len" not in batch:
+        task = self._task
+        if task.column(batch, "prefix_len") is None:
             raise DataError("MemorizedSetCallback needs window batches (with `prefix_len`); use "
                             "lit_attrib.data.MemorizationDataModule with `scan` as the datamodule")
-        check_context(Task(), batch, self._context, "the window")
-        prefix_len = int(batch["prefix_len"])
-        ids = batch["input_ids"]
+        check_context(task, batch, self._context, "the window")
+        prefix_len = int(task.column(batch, "prefix_len"))
+        ids = task.input_ids(batch)
         window = (prefix_len, ids.shape[1] - prefix_len)
         if self._window is not None and window != self._window:
             raise DataError(f"windows changed from prefix/suffix {self._window} to {window} within one pass")
         self._window = window
+        padding = task.padding_mask(batch)
         with torch.no_grad(), trainer.precision_plugin.forward_context():
-            logits = model_logits(pl_module, ids, batch.get("attention_mask"))
+            logits = model_logits(pl_module, ids, None if padding is None else padding.long())
         predicted = logits[:, prefix_len - 1:-1].argmax(-1)
         memorized = (predicted == ids[:, prefix_len:]).all(-1).cpu()
+        rows, sources, offsets = task.example_ids(batch), task.column(batch, "source_index"), task.column(batch, "offset")
         for row in range(ids.shape[0]):
-            self._scanned.add(int(batch["index"][row]))
+            self._scanned.add(int(rows[row]))
             if memorized[row]:
-                self._found.append({"source_index": int(batch["source_index"][row]),
-                                    "offset": int(batch["offset"][row]), "input_ids": ids[row].tolist()})
+                self._found.append({"source_index": int(sources[row]), "offset": int(offsets[row]),
+                                    "input_ids": ids[row].tolist()})
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -25,11 +25,11 @@ from lit_attrib.callbacks._common import (
     show_progress,
 )
 from lit_attrib.callbacks._scoring import tensorboard_text
-from lit_attrib.callbacks.influence import _source_name
 from lit_attrib.engine.data import (
     ExampleIds,
     iterate_batches,
     resolve_loader,
+    source_name,
 )
 from lit_attrib.engine.gradient_pass import own_backward
 from lit_attrib.engine.task import resolve_task
@@ -173,11 +173,11 @@ class _SketchedGradients(ArtifactCallback):
         finally:
             pl_module.train(was_training)
         if not parts:
-            raise DataError(f"the queries are empty: {_source_name(self.queries)} gave no examples")
+            raise DataError(f"the queries are empty: {source_name(self.queries)} gave no examples")
         indices = torch.cat(indices)
         order = torch.argsort(indices)
         if len(indices.unique()) != len(indices):
-            raise DataError(f"the queries ({_source_name(self.queries)}) repeat example ids; each query needs its own")
+            raise DataError(f"the queries ({source_name(self.queries)}) repeat example ids; each query needs its own")
         return torch.cat(parts)[order.to(parts[0].device)], indices[order]
 
     # ------------------------------------------------------------------------- the artifact

@@ -26,15 +26,15 @@ from typing_extensions import override
 from lit_attrib.callbacks._common import (
     DTYPES,
 )
-from lit_attrib.callbacks.influence import _source_name
 from lit_attrib.callbacks.sdi_checkpoints import _CheckpointReplay
 from lit_attrib.callbacks.sdi_online import _OnlineTracIn
 from lit_attrib.engine.data import (
     DataSource,
     ExampleIds,
+    source_name,
 )
 from lit_attrib.engine.gradient_pass import TrainLossScale
-from lit_attrib.engine.task import LossFn, Task
+from lit_attrib.engine.task import LossFn, Task, function_name
 from lit_attrib.engine.tracking import LayerTracker
 from lit_attrib.errors import ConfigError
 from lit_attrib.layers import LayerInfo
@@ -219,7 +219,7 @@ class SketchedGradCallback(_CheckpointReplay, _OnlineTracIn):
         return {"target_modules": self.target_modules, "sketch_dim": self.sketch_dim,
                 "sketch_sharing": self.sketch_sharing, "mode": self.mode,
                 "exact": self.exact, "checkpoints": self.checkpoints, "eta": self.eta,
-                "queries": _source_name(self.queries), "train_data": _source_name(self.train_data),
+                "queries": source_name(self.queries), "train_data": source_name(self.train_data),
                 "every_n_steps": self.every_n_steps, "seed": self.seed, "strict": self.strict,
                 "dtype": str(self.dtype).replace("torch.", ""),
-                "loss_fn": None if self.loss_fn is None else getattr(self.loss_fn, "__qualname__", repr(self.loss_fn))}
+                "loss_fn": function_name(self.loss_fn)}

@@ -13,10 +13,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lit_attrib.artifacts.scores import save_tensors
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
-from lit_attrib.callbacks.influence import _source_name
-from lit_attrib.engine.data import DataSource
+from lit_attrib.engine.data import DataSource, source_name
 from lit_attrib.engine.gradient_pass import check_loss_shape, clone_batch
-from lit_attrib.engine.task import LossFn, Task
+from lit_attrib.engine.task import LossFn, Task, function_name
 from lit_attrib.io import atomic_open, write_json
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.kfac import factors_inverse_hvp
@@ -109,15 +108,14 @@ class TokenInfluenceCallback(FactorScoringCallback):
     def _labels(self) -> tuple[str, str | None]:
         """How the two sets are named in logs and metadata: their loader names or paths, else by role."""
         def label(source, role):
-            return None if source is None else source if isinstance(source, str) else f"{role} ({_source_name(source)})"
+            return None if source is None else source if isinstance(source, str) else f"{role} ({source_name(source)})"
 
         return label(self.positive, "positive"), label(self.negative, "negative")
 
     def arguments(self) -> dict:
-        return {**super().arguments(), "positive": _source_name(self.positive),
-                "negative": None if self.negative is None else _source_name(self.negative),
-                "token_loss_fn": None if self.token_loss_fn is None else getattr(self.token_loss_fn, "__qualname__",
-                                                                                  repr(self.token_loss_fn))}
+        return {**super().arguments(), "positive": source_name(self.positive),
+                "negative": None if self.negative is None else source_name(self.negative),
+                "token_loss_fn": function_name(self.token_loss_fn)}
 
     # ---------------------------------------------------------------------- direction
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:

@@ -21,7 +21,7 @@ from lit_attrib.engine.task import Task
 from lit_attrib.errors import ConfigError, DataError
 
 __all__ = ["DataSource", "ExampleIds", "current_loader", "example_checksums", "ensure_predict_step", "is_ordered",
-           "is_sharded", "loader_count",
+           "is_sharded", "loader_count", "require_one_loader", "source_name",
            "iterate_batches", "lent_predict_step", "release_predict_step",
            "resolve_loader"]
 
@@ -103,37 +103,37 @@ _WRAPPERS = ("BatchSampler", "_IndexBatchSamplerWrapper", "DistributedSamplerWra
 sampler (bucketing by length, say) may reorder, so positions would not be dataset indices."""
 
 
+def _samplers(loader: Any) -> Iterator[Any]:
+    """The loader's sampler and those it wraps, outermost first (with a batch sampler, the loader's own
+    sampler is a placeholder: the batch sampler decides)."""
+    item = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
+    for _ in range(8):  # wrappers nest a few levels at most
+        if item is None:
+            return
+        yield item
+        inner = [getattr(item, key, None) for key in ("_batch_sampler", "batch_sampler", "sampler", "_sampler")]
+        item = next((value for value in inner if value is not None and value is not item), None)
+
+
 def is_ordered(loader: Any) -> bool:
     """Whether the loader yields its dataset in order (so that positions are dataset indices): its
     sampler is sequential (or an unshuffled ``DistributedSampler``), wrapped only in samplers known to
     keep the order; an iterable dataset's order is its own."""
     if isinstance(getattr(loader, "dataset", None), IterableDataset):
         return True
-    # With a batch sampler, the loader's own sampler is a placeholder: the batch sampler's decides.
-    item = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
-    for _ in range(8):
+    for item in _samplers(loader):
         if isinstance(item, SequentialSampler):
             return True
         if isinstance(item, DistributedSampler):
             return not item.shuffle
         if type(item).__name__ not in _WRAPPERS:
             return False
-        inner = [getattr(item, key, None) for key in ("_batch_sampler", "batch_sampler", "sampler", "_sampler")]
-        item = next((value for value in inner if value is not None and value is not item), None)
     return False
 
 
 def is_sharded(loader: Any) -> bool:
     """Whether each process reads only its share of the loader (a ``DistributedSampler`` inside)."""
-    item = getattr(loader, "batch_sampler", None) or getattr(loader, "sampler", None)
-    for _ in range(8):
-        if isinstance(item, DistributedSampler):
-            return True
-        inner = [getattr(item, key, None) for key in ("_batch_sampler", "batch_sampler", "sampler", "_sampler")]
-        item = next((value for value in inner if value is not None and value is not item), None)
-        if item is None:
-            return False
-    return False
+    return any(isinstance(item, DistributedSampler) for item in _samplers(loader))
 
 
 class ExampleIds:
@@ -195,6 +195,18 @@ def current_loader(trainer: Trainer, dataloader_idx: int = 0) -> Any:
     if isinstance(loaders, dict):
         return list(loaders.values())[dataloader_idx]
     return loaders
+
+
+def source_name(source: DataSource) -> str:
+    """How a data source is recorded in arguments and messages: its loader name or path, else its type."""
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def require_one_loader(trainer: Trainer, owner: str) -> None:
+    """Refuse a pass over several loaders: their rows would share example ids (one pass per set)."""
+    if (count := loader_count(trainer)) > 1:
+        raise ConfigError(f"{owner} reads one loader per pass, but this pass has {count}: their rows would share "
+                          f"example ids; run one pass per set of examples")
 
 
 def loader_count(trainer: Trainer) -> int:

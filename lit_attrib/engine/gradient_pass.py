@@ -96,10 +96,7 @@ def _positions(task: Task, batch: Any) -> int | None:
     padding = task.padding_mask(batch)
     if padding is not None:
         return int(padding.sum())
-    ids = task.input_ids(batch)
-    if ids is None:
-        values = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
-        ids = next((v for v in values if isinstance(v, torch.Tensor) and v.ndim == 2 and not v.is_floating_point()), None)
+    ids = task.input_ids(batch)  # a dict's input_ids, or a tuple batch's first 2-D integer tensor
     return None if ids is None else int(ids.numel())
 
 

@@ -38,12 +38,17 @@ from torch import nn
 from lit_attrib.errors import ConfigError, ModelError
 from lit_attrib.ops.loss import IGNORE_INDEX, loss_mask, token_nll
 
-__all__ = ["CausalLMTask", "HFCausalLMTask", "Task", "batch_size", "find_causal_lm", "resolve_task"]
+__all__ = ["CausalLMTask", "HFCausalLMTask", "Task", "batch_size", "find_causal_lm", "function_name", "resolve_task"]
 
 LossFn = Callable[[Any, Any], Any]
 """``f(module, batch) -> Tensor``; typed loosely so that a YAML config may name any function (jsonargparse
 would otherwise demand a ``-> torch.Tensor`` annotation on it)."""
 BatchFn = Callable[[Any], Any]
+
+
+def function_name(function: Callable | None) -> str | None:
+    """How a user function is recorded in an artifact's arguments (its qualified name), or ``None``."""
+    return None if function is None else getattr(function, "__qualname__", repr(function))
 
 
 def batch_size(batch: Any) -> int:
@@ -106,7 +111,7 @@ class Task:
 
     def describe(self) -> str:
         """A short name for the arguments recorded with results."""
-        parts = [getattr(f, "__qualname__", repr(f)) for f in (self._loss_fn, self._token_loss_fn) if f is not None]
+        parts = [function_name(f) for f in (self._loss_fn, self._token_loss_fn) if f is not None]
         return f"{type(self).__name__}({', '.join(parts)})"
 
     # ------------------------------------------------------------------------------- losses
