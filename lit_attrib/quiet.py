@@ -10,15 +10,17 @@ import logging
 import re
 import warnings
 
-__all__ = ["KNOWN_NOISE", "quiet_known_noise"]
+__all__ = ["KNOWN_NOISE", "PREDICT_RETURNED_NONE", "quiet_known_noise"]
+
+PREDICT_RETURNED_NONE = r"predict returned None if it was on purpose"
+"""Lightning's notice on every predict batch whose ``predict_step`` returns nothing."""
 
 KNOWN_NOISE: tuple[tuple[str, str], ...] = (
     (r"'set_vital' is deprecated",
      "torchdata's StatefulDataLoader calls a torch API that torch deprecated; nothing to change on our side"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated",
      "Lightning's pytree helper uses an API that newer torch deprecates; fixed upstream in Lightning"),
-    (r"predict returned None if it was on purpose",
-     "analysis passes predict nothing on purpose: the callbacks do the work"),
+    (PREDICT_RETURNED_NONE, "analysis passes predict nothing on purpose: the callbacks do the work"),
 )
 """``(message regex, why)`` of warnings that are always noise for lit_attrib's runs."""
 

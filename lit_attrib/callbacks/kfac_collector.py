@@ -416,8 +416,6 @@ class KFACCollectorCallback(Callback):
 
     def _end_batch(self, trainer: Trainer) -> None:
         if bad := self._accumulator.end_batch():
-            order = {name: i for i, name in enumerate(self._layers)}  # model order: the first bad layer first
-            bad = sorted(bad, key=lambda label: (order.get(label.split(": ")[0], len(order)), label))
             raise TrainingError(
                 f"{type(self).__name__}[{self.name}]: non-finite values in {bad[:4]} in {self._where}; the "
                 f"activations or gradients of that layer hold NaN/Inf. "

@@ -19,6 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 
 from lit_attrib.engine.task import Task
 from lit_attrib.errors import ConfigError, DataError
+from lit_attrib.quiet import PREDICT_RETURNED_NONE
 
 __all__ = ["DataSource", "ExampleIds", "current_loader", "example_checksums", "ensure_predict_step", "is_ordered",
            "is_sharded", "loader_count", "require_one_loader", "source_name",
@@ -233,7 +234,7 @@ def ensure_predict_step(pl_module: LightningModule, owner: object) -> None:
     ``owner`` (the callback) gives it back with :func:`release_predict_step`; lending twice is harmless."""
     if type(pl_module).predict_step is LightningModule.predict_step:
         # Lightning would warn on every pass that this predict_step returns None: it does so on purpose.
-        warnings.filterwarnings("ignore", message=r"predict returned None if it was on purpose")
+        warnings.filterwarnings("ignore", message=PREDICT_RETURNED_NONE)
         owners = pl_module.__dict__.setdefault("_lit_attrib_predict_owners", set())
         owners.add(id(owner))
         pl_module.__dict__["predict_step"] = _no_predictions

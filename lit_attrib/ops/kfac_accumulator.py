@@ -140,7 +140,7 @@ class KFACAccumulator:
         """Square the batch's per-example rotated gradients into ``Σ (Q_Gᵀ DW Q_A)²``; return what went non-finite.
 
         Returns:
-            ``layer: quantity`` of every sum that holds a NaN or Inf after this batch (one sync).
+            ``layer: quantity`` of every sum that holds a NaN or Inf after this batch (one sync), in model order.
         """
         for name, rotated in self._batch_rotated.items():
             total = self._buffer(name, "lambda", tuple(rotated.shape[1:]))
@@ -153,7 +153,9 @@ class KFACAccumulator:
         if not checks:
             return []
         finite = torch.stack([value for _, value in checks]).isfinite().tolist()
-        return list(dict.fromkeys(label for (label, _), ok in zip(checks, finite) if not ok))
+        bad = dict.fromkeys(label for (label, _), ok in zip(checks, finite) if not ok)
+        order = {name: i for i, name in enumerate(self.layers)}  # model order, whatever order the hooks ran in
+        return sorted(bad, key=lambda label: (order.get(label.split(": ")[0], len(order)), label))
 
     # ------------------------------------------------------------------------------ reading
     def reduce(self, names: list[str], keys: tuple[str, ...], reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
