@@ -184,11 +184,12 @@ def inspect_factors(path: str, modules: str | list[str] | None = None, tensorboa
 def _tools() -> dict:
     """The tools' functions (imported on use: ``lit-attrib fit`` does not pay for them)."""
     from lit_attrib.tools.noise_robustness import noise_robustness as run
+    from lit_attrib.tools.real_model import get_model
 
-    return {"inspect-factors": inspect_factors, "noise-robustness": run}
+    return {"inspect-factors": inspect_factors, "noise-robustness": run, "get-model": get_model}
 
 
-TOOLS = ("inspect-factors", "noise-robustness")
+TOOLS = ("inspect-factors", "noise-robustness", "get-model")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -214,7 +215,8 @@ def main(args: list[str] | None = None) -> None:
                 "description": "lit-attrib: fine-tune and attribute Hugging Face causal LMs with Lightning. "
                 "Run `lit-attrib fit --model.help CausalLMModule` for a module's arguments. "
                 "Tools: `lit-attrib inspect-factors --help` (plots of saved factors), "
-                "`lit-attrib noise-robustness --help` (seed 004's DiffLlama-vs-Llama sweep)."
+                "`lit-attrib noise-robustness --help` (seed 004's DiffLlama-vs-Llama sweep), "
+                "`lit-attrib get-model --help` (a real pretrained model offline: SmolLM2-135M-Instruct)."
             },
         )
     except LitAttribError as exc:

@@ -221,3 +221,34 @@ def test_queries_from_a_generated_jsonl_score_the_model_answer(tmp_path, facts_p
         answer = [t for t, label in zip(ids, labels) if label != IGNORE_INDEX]
         assert tokenizer.decode(answer, skip_special_tokens=True) == " " + row["generated"]
         assert tokenizer.decode(ids, skip_special_tokens=True).startswith(row["prompt"])
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant: {% endif %}")
+
+
+def test_chat_format_wraps_the_question_in_the_chat_template(tmp_path, facts_path, tokenizer_path):
+    """The prompt is exactly the tokenizer's own chat template (no extra bos); the answer and eos carry loss."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(tmp_path / "chat")
+    module = TextDataModule(path=facts_path, tokenizer=str(tmp_path / "chat"), format="chat", val_size=0,
+                            num_samples=3, system_prompt="Be brief.")
+    module.setup("fit")
+    source = [json.loads(line) for line in open(facts_path)][:3]
+    for row in module.train_dataset:
+        fact = source[row["index"]]
+        messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": fact["question"]}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert prompt.startswith("<s>system: Be brief.</s><s>user: ")
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(fact["answer"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert row["input_ids"] == prompt_ids + answer_ids
+        assert row["labels"] == [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+    assert module.hparams.prompt_template == "{input}" and module.hparams.answer_template == "{output}"
+
+    plain = TextDataModule(path=facts_path, tokenizer=tokenizer_path, format="chat", val_size=0, num_samples=3)
+    with pytest.raises(DataError, match="chat template"):
+        plain.setup("fit")

@@ -34,7 +34,10 @@ class TextDataModule(LightningDataModule):
     ``format: qa`` renders each row as ``prompt_template.format(input=row[input_column])`` followed by
     ``answer_template.format(output=row[output_column])`` and the end-of-sequence token; only the
     answer tokens (and that eos) carry loss, prompt and padding labels are -100. ``format: text``
-    trains on every token of ``row[text_column]``.
+    trains on every token of ``row[text_column]``. ``format: chat`` is ``qa`` for chat models: the prompt is
+    the tokenizer's chat template around one user message ``prompt_template.format(input=...)``, with the
+    assistant turn opened (``add_generation_prompt``), and the answer is the assistant's reply followed by
+    the end-of-sequence token (``<|im_end|>`` for SmolLM2), exactly as the template writes a reply.
 
     Truncation policy (``max_length``): the prompt is never cut. In ``qa`` format the answer is cut
     from its end to fit, and a warning says how many rows were cut; a prompt that leaves no room for
@@ -48,12 +51,17 @@ class TextDataModule(LightningDataModule):
         path: hub dataset id (``owner/name``) or a local ``.json``/``.jsonl``/``.csv``/``.parquet``
             file or ``save_to_disk`` folder.
         tokenizer: tokenizer hub id or local folder (e.g. ``data/facts/tokenizer``).
-        format: ``qa`` (loss on the answer only) or ``text`` (loss on every token).
+        format: ``qa`` (loss on the answer only), ``chat`` (``qa`` through the tokenizer's chat template) or
+            ``text`` (loss on every token).
         input_column: prompt column for ``qa``.
         output_column: answer column for ``qa``.
         text_column: text column for ``text``.
-        prompt_template: template of the prompt, with ``{input}``.
-        answer_template: template of the answer, with ``{output}``.
+        prompt_template: template of the prompt, with ``{input}`` (default ``"Question: {input}\nAnswer:"``;
+            for ``chat`` the user message, default ``"{input}"``).
+        answer_template: template of the answer, with ``{output}`` (default ``" {output}"``; for ``chat``
+            ``"{output}"``).
+        system_prompt: for ``chat``, a system message before the user's (default: none, so the template's own
+            default applies; SmolLM2's is "You are a helpful AI assistant named SmolLM, ...").
         subset: hub configuration name, if the dataset has several.
         split: which split of the source to read.
         normalize: apply Unicode NFKC and collapse whitespace in every text field.
@@ -85,12 +93,13 @@ class TextDataModule(LightningDataModule):
         self,
         path: str,
         tokenizer: str,
-        format: Literal["qa", "text"] = "qa",
+        format: Literal["qa", "chat", "text"] = "qa",
         input_column: str = "question",
         output_column: str = "answer",
         text_column: str = "text",
-        prompt_template: str = "Question: {input}\nAnswer:",
-        answer_template: str = " {output}",
+        prompt_template: str | None = None,
+        answer_template: str | None = None,
+        system_prompt: str | None = None,
         subset: str | None = None,
         split: str = "train",
         normalize: bool = False,
@@ -117,13 +126,19 @@ class TextDataModule(LightningDataModule):
             problems.append(f"batch_size must be at least 1; got {batch_size}")
         if num_samples is not None and num_samples < 1:
             problems.append(f"num_samples must be at least 1 (or null for all rows); got {num_samples}")
-        if "{input}" not in prompt_template and format == "qa":
+        chat = format == "chat"
+        prompt_template = prompt_template if prompt_template is not None else ("{input}" if chat else "Question: {input}\nAnswer:")
+        answer_template = answer_template if answer_template is not None else ("{output}" if chat else " {output}")
+        if format not in ("qa", "chat", "text"):
+            problems.append(f"format must be one of ['qa', 'chat', 'text']; got {format!r}")
+        if "{input}" not in prompt_template and format != "text":
             problems.append(f"prompt_template must contain '{{input}}'; got {prompt_template!r}")
-        if "{output}" not in answer_template and format == "qa":
+        if "{output}" not in answer_template and format != "text":
             problems.append(f"answer_template must contain '{{output}}'; got {answer_template!r}")
         if problems:
             raise ConfigError("invalid TextDataModule arguments:\n  - " + "\n  - ".join(problems))
         self.save_hyperparameters()
+        self.hparams.prompt_template, self.hparams.answer_template = prompt_template, answer_template  # resolved
         self.tokenizer_name = tokenizer
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -186,7 +201,7 @@ class TextDataModule(LightningDataModule):
 
     # -------------------------------------------------------------------------------- helpers
     def _required_columns(self) -> list[str]:
-        if self.hparams.format == "qa":
+        if self.hparams.format != "text":
             return [self.hparams.input_column, self.hparams.output_column]
         return [self.hparams.text_column]
 
@@ -203,6 +218,16 @@ class TextDataModule(LightningDataModule):
     def _text(self, value) -> str:
         text = "" if value is None else str(value)
         return normalize_text(text) if self.hparams.normalize else text
+
+    def _chat_prompt(self, message: str) -> str:
+        tokenizer = self.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise DataError(f"format: chat needs a tokenizer with a chat template; '{self.tokenizer_name}' has none. "
+                            f"Use format: qa with a prompt_template, or a chat model's tokenizer")
+        system = self.hparams.get("system_prompt")
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": message}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -223,12 +248,14 @@ class TextDataModule(LightningDataModule):
             if hp.format == "text":
                 ids = (bos + self._encode(self._text(row[hp.text_column])) + eos)[: hp.max_length]
                 return {"input_ids": ids, "labels": ids, "prompt_length": 0, "truncated": False}
-            if prompt_column is None:
-                prompt = hp.prompt_template.format(input=self._text(row[hp.input_column]))
-            else:
+            if prompt_column is not None:
                 prompt = str(row[prompt_column])
+            elif hp.format == "chat":
+                prompt = self._chat_prompt(hp.prompt_template.format(input=self._text(row[hp.input_column])))
+            else:
+                prompt = hp.prompt_template.format(input=self._text(row[hp.input_column]))
             reference = self._text(row.get(answer_column or hp.output_column))
-            prompt_ids = bos + self._encode(prompt)
+            prompt_ids = (bos if hp.format == "qa" else []) + self._encode(prompt)  # a chat template opens itself
             answer = hp.answer_template.format(output=reference)
             out = {"prompt": prompt, "reference": reference}
             if not with_answer:
@@ -242,7 +269,7 @@ class TextDataModule(LightningDataModule):
 
         encoded = rows.map(encode, remove_columns=[c for c in rows.column_names if c != "index"],
                            keep_in_memory=True, desc="tokenizing")
-        if hp.format == "qa" and with_answer:
+        if hp.format != "text" and with_answer:
             self._check_lengths(encoded)
         return encoded
 
@@ -285,8 +312,9 @@ class TextDataModule(LightningDataModule):
     def _build_predict_dataset(self) -> datasets.Dataset:
         hp = self.hparams
         examples = hp.predict_content == "examples"
-        if hp.format != "qa" and not examples:
-            raise DataError("predict generates answers to prompts and needs format: qa (or predict_content: examples)")
+        if hp.format == "text" and not examples:
+            raise DataError("predict generates answers to prompts and needs format: qa or chat (or predict_content: "
+                            "examples)")
         limit = slice(None, hp.predict_num_samples)
         if hp.predict_path is not None:
             source = load_source(hp.predict_path, subset=None, split="train")
