@@ -136,7 +136,9 @@ class CausalLMModule(LightningModule):
             model = load_adapter(model, self.hparams.adapter)
         elif self.hparams.get("lora") is not None:
             model = apply_lora(model, self.hparams.lora)
-        self.model = model
+        # from_pretrained returns eval mode; a module is built in train mode (as nn.Module is) so that Lightning's
+        # model summary and fit see it as it trains. Lightning's evaluation and predict loops set eval mode.
+        self.model = model.train()
 
     @property
     def uses_lora(self) -> bool:
