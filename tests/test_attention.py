@@ -406,3 +406,32 @@ def test_attention_allocation_split_over_processes_and_resumed_equals_one_pass()
     torch.testing.assert_close(resumed.mass, whole.mass, atol=1e-12, rtol=0)
     with pytest.raises(ValueError, match="same layers, heads and classes"):
         AttentionAllocation(1, 3, 3).load_state_dict(whole.state_dict())
+
+
+def test_an_analysis_pass_over_whole_examples_is_captured(tmp_path, facts_path, tokenizer_path):
+    """CausalLMModule's predict_step generates nothing for whole examples (labels): the callback runs the
+    forward it watches itself, and the maps equal eager ``output_attentions`` of the same weights."""
+    from conftest import TINY_CONFIGS
+
+    from lit_attrib.data import TextDataModule
+    from lit_attrib.modules import CausalLMModule
+
+    module = CausalLMModule(config=TINY_CONFIGS["llama"], tokenizer=tokenizer_path)
+    data = TextDataModule(path=facts_path, tokenizer=tokenizer_path, num_samples=12, val_size=4, batch_size=4,
+                          predict_split="val", predict_content="examples")
+    capture = AttentionCaptureCallback(queries="answer", max_examples=2, output_dir=str(tmp_path))
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[capture])
+    trainer.predict(module, data, return_predictions=False)
+    meta, tensors = load_attention(tmp_path)
+    assert len(meta["examples"]) == 2 and meta["queries_per_layer"]["0"] > 0
+    eager = CausalLMModule(config=TINY_CONFIGS["llama"], tokenizer=tokenizer_path, attn_implementation="eager")
+    eager.configure_model()
+    eager.model.load_state_dict(module.model.state_dict())
+    for index in meta["examples"]:
+        ids = tensors[f"{index}/input_ids"]
+        with torch.no_grad():
+            plain = eager.model.eval()(input_ids=ids[None], output_attentions=True).attentions
+        queries = tensors[f"{index}/queries"]
+        for layer in (0, 1):
+            torch.testing.assert_close(tensors[f"{index}/layer{layer}"], plain[layer][0][:, queries], atol=1e-6, rtol=0)

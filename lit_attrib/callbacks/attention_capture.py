@@ -464,7 +464,10 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if lent_predict_step(pl_module):  # the lent predict_step runs no forward: run the one to watch
+        # A lent predict_step, or one that skips whole examples (CausalLMModule in an analysis pass), runs no
+        # forward: run the one to watch.
+        nothing_ran = self._batch is not None and len(self._batch["pending"]) == len(self._modules)
+        if lent_predict_step(pl_module) or nothing_ran:
             with torch.no_grad(), exclusive(self):
                 self._task.forward(pl_module, batch)
         self._batch_end()
