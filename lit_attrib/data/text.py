@@ -56,7 +56,7 @@ class TextDataModule(LightningDataModule):
         input_column: prompt column for ``qa``.
         output_column: answer column for ``qa``.
         text_column: text column for ``text``.
-        prompt_template: template of the prompt, with ``{input}`` (default ``"Question: {input}\nAnswer:"``;
+        prompt_template: template of the prompt, with ``{input}`` (default: ``Question: {input}``, a new line, ``Answer:``;
             for ``chat`` the user message, default ``"{input}"``).
         answer_template: template of the answer, with ``{output}`` (default ``" {output}"``; for ``chat``
             ``"{output}"``).
