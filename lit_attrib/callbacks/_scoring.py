@@ -172,39 +172,60 @@ class FactorScoringCallback(ArtifactCallback, ABC):
 
     def example_gradients(self, trainer: Trainer, pl_module: LightningModule, source: DataSource, what: str,
                           per_example: Callable[[LayerInfo, torch.Tensor], Any] | None = None,
-                          shard: bool = False) -> tuple[dict[str, Any], torch.Tensor, list[str], int]:
-        """Gradients ``DW`` of each tracked layer over a set of examples (see :data:`DataSource`).
+                          shard: bool = False, layers: dict[str, LayerInfo] | None = None,
+                          label: str | None = None) -> tuple[dict[str, Any], torch.Tensor, list[str], int]:
+        """Gradients ``DW`` of each tracked layer (or of ``layers`` only) over a set of examples (see
+        :data:`DataSource`); ``label`` names the set in messages (default: the source's name).
 
         Returns ``(gradients, indices, texts, count)``, ``count`` over every process. With ``per_example``,
         each layer's list of ``per_example(layer, DW)`` over the batches, ``DW (B, out, in)`` being the
-        batch's per-example gradients (so that only one batch of them is held at a time); otherwise each
+        batch's per-example gradients. ``per_example`` runs as soon as a layer's last use of the batch is
+        through the backward, and the gradients are dropped, so that only the layers whose uses are still
+        arriving (one, in a network without weight sharing) hold per-example gradients. Otherwise each
         layer's sum over the examples ``(out, in)`` (summed across processes when ``shard`` splits the
         batches).
         """
-        accumulator = ExampleGradients(self.layers, self.dtype, per_example=per_example is not None,
+        layers = self.layers if layers is None else layers
+        accumulator = ExampleGradients(layers, self.dtype, per_example=per_example is not None,
                                        device=pl_module.device)
-        parts: dict[str, list[Any]] = {name: [] for name in self.layers}
+        parts: dict[str, list[Any]] = {name: [] for name in layers}
+        received: dict[str, int] = {}
+
+        def on_gradient(layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
+            accumulator.add(layer, activations, gradients)
+            if per_example is None:
+                return
+            received[layer.name] = received.get(layer.name, 0) + 1
+            if received[layer.name] == self._tracker.uses.get(layer.name):  # the forward's last use is in
+                parts[layer.name].append(per_example(layer, accumulator.take(layer.name)))
+
         indices, texts = [], []
         loader = resolve_loader(source, trainer, pl_module, f"the {what}")
-        label = source_name(source)
+        label = source_name(source) if label is None else label
         ids = ExampleIds(self._task, f"{type(self).__name__}[{self.name}]")
         batches = iterate_batches(trainer, pl_module, loader, shard=shard)
-        for batch in tqdm(batches, desc=f"{self.name}: {label} gradients", leave=False,
-                          disable=not show_progress(trainer)):
-            if not indices and per_example is not None:  # rows are told apart only where they are kept apart
-                ids.check(loader, batch, trainer, f"the {what}")
-            check_context(self._task, batch, self._context, f"an example of the {what}")
-            rows = ids(batch)
-            accumulator.begin_batch(len(rows))
-            losses = self.backward(trainer, pl_module, batch, accumulator.add)
-            if not bool(torch.isfinite(losses).all()):
-                raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {what} "
-                                    f"(rows {rows.tolist()[:8]})")
-            for name, gradients in accumulator.end_batch().items():
-                parts[name].append(per_example(self.layers[name], gradients))
-            indices.append(rows)
-            if self.needs_texts:
-                texts.extend(decode_texts(trainer, pl_module, self._task, batch))
+        self._tracker.enabled = set(layers)
+        try:
+            for batch in tqdm(batches, desc=f"{self.name}: {label} gradients", leave=False,
+                              disable=not show_progress(trainer)):
+                if not indices and per_example is not None:  # rows are told apart only where they are kept apart
+                    ids.check(loader, batch, trainer, f"the {what}")
+                check_context(self._task, batch, self._context, f"an example of the {what}")
+                rows = ids(batch)
+                accumulator.begin_batch(len(rows))
+                received.clear()
+                losses = self.backward(trainer, pl_module, batch, on_gradient)
+                if not bool(torch.isfinite(losses).all()):
+                    raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {what} "
+                                        f"(rows {rows.tolist()[:8]})")
+                # Layers with a use the loss did not reach (zeros where no use did), in model order.
+                for name, gradients in accumulator.end_batch().items():
+                    parts[name].append(per_example(layers[name], gradients))
+                indices.append(rows)
+                if self.needs_texts:
+                    texts.extend(decode_texts(trainer, pl_module, self._task, batch))
+        finally:
+            self._tracker.enabled = set(self.layers)
         # A layer the loss never reached, or a rank without batches, adds zeros; several processes add up.
         accumulator.reduce((lambda t: trainer.strategy.reduce(t, reduce_op="sum")) if shard and trainer.world_size > 1
                            else (lambda t: t))
@@ -229,12 +250,19 @@ class FactorScoringCallback(ArtifactCallback, ABC):
             self._skipped += len(indices)
             return
         check_context(self._task, batch, self._context, "the example")
-        tensors = self.score_batch(trainer, pl_module, batch)
+        tensors = self.score_batch(trainer, pl_module, batch, indices)
         for key, value in tensors.items():
             if value.is_floating_point() and not bool(torch.isfinite(value).all()):
                 raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite {key} for dataset indices "
                                     f"{indices.tolist()[:8]}; check the model and the factors' damping")
-        self._store.add(indices, tensors, decode_texts(trainer, pl_module, self._task, batch) if self.needs_texts else None)
+        texts = decode_texts(trainer, pl_module, self._task, batch) if self.needs_texts else None
+        if self._covered:  # rows an earlier run scored keep their chunk; only the new rows are added
+            keep = torch.tensor([index not in self._covered for index in indices.tolist()])
+            if not bool(keep.all()):
+                indices = indices[keep]
+                tensors = {key: value[keep.to(value.device)] for key, value in tensors.items()}
+                texts = None if texts is None else [text for text, kept in zip(texts, keep.tolist()) if kept]
+        self._store.add(indices, tensors, texts)
 
     @override
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -292,8 +320,10 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         """Drop what :meth:`prepare` computed once the pass is written (it may be large)."""
 
     @abstractmethod
-    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
-        """The batch's scores, each tensor with the example on its first axis."""
+    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                    indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The batch's scores, each tensor with the example on its first axis (``indices``: the rows'
+        dataset indices)."""
 
     @abstractmethod
     def write(self, trainer: Trainer, folder: Path, indices: torch.Tensor, tensors: dict[str, torch.Tensor],

@@ -2,26 +2,43 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
 
 from lit_attrib.artifacts.scores import save_tensors
+from lit_attrib.callbacks._common import check_context, show_progress
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
-from lit_attrib.engine.data import DataSource, source_name
+from lit_attrib.engine.data import DataSource, ExampleIds, current_loader, iterate_batches, resolve_loader, source_name
 from lit_attrib.engine.task import LossFn, Task
-from lit_attrib.errors import ConfigError, DataError, ModelError
+from lit_attrib.errors import ConfigError, DataError, ModelError, TrainingError
 from lit_attrib.io import write_json, write_jsonl
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.influence import LowRank, PairwiseScores, low_rank
+from lit_attrib.ops.influence import (
+    LowRank,
+    PairwiseScores,
+    check_rank,
+    layer_memory,
+    low_rank,
+    partition_layers,
+    partition_need,
+)
 from lit_attrib.ops.kfac import factors_inverse_hvp
 
 __all__ = ["InfluenceCallback"]
 
 FORMAT = "lit_attrib.scores/1"
+
+QUERY_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                "float16": torch.float16}
+MAX_STORAGE_ERROR = 0.01
+"""The largest relative rounding error a layer's stored query gradients may take (see ``query_dtype``)."""
 
 
 class InfluenceCallback(FactorScoringCallback):
@@ -35,6 +52,15 @@ class InfluenceCallback(FactorScoringCallback):
     ``P_q = (H + λI)⁻¹ ∇L(z_q)``, optionally cut to rank r. Each training batch is then scored from
     its layers' activations and output gradients (``Σ_t g_tᵀ P_q a_t``) in one backward pass.
     **Positive = the training example lowers the query's loss (helpful).**
+
+    Memory: per-example gradients are held one layer at a time (each layer's are preconditioned as
+    soon as its last use is through the backward); the stored query gradients ``P`` (``Q × params``
+    of the tracked layers, or ``Q·r·(out + in)`` per layer at rank r) are what grows. ``query_dtype``
+    stores them narrower; ``memory_budget`` splits the tracked layers into consecutive groups whose
+    query gradients and per-batch working memory fit the budget, and runs the pass once per group
+    (scores are a sum over layers, so the groups' scores add up to those of one pass; the queries'
+    gradients and the training data are computed once per group, the predict loop's batches serving
+    the last group). It logs what it chose and records it in ``scores.json`` (``memory``).
 
     Writes ``scores.safetensors`` (``scores (N_query, N_train)`` in dataset index order, the
     indices, optionally ``token_scores (N_query, N_train, T)`` that sum over T to ``scores``),
@@ -52,11 +78,27 @@ class InfluenceCallback(FactorScoringCallback):
         expand_low_rank_gb: a rank-r query gradient is contracted through the tokens
             (``T·Q·r·(out + in)`` per example); where multiplying it back out to ``(Q, out, in)`` makes
             the contraction cheaper (``(T + Q)·out·in``), it is expanded, layer by layer, as long as the
-            expanded layers take at most this many GB together. 0 never expands (least memory).
+            expanded layers take at most this many GB together (and, with ``memory_budget``, fit in
+            what the budget leaves). 0 never expands (least memory).
         damping: ``λ``; default ``0.1 · mean(Λ)`` per layer.
         top_k: helpful and harmful examples listed per query.
         token_scores: also keep each training token's share of the score.
-        dtype: precision of the gradients and scores.
+        dtype: precision of the gradients, the contraction and the scores.
+        query_dtype: precision the preconditioned query gradients are stored in (``float64``,
+            ``float32``, ``bfloat16``, ``float16``); default ``dtype``. Narrower storage halves (or
+            quarters) their memory; each is cast back to ``dtype`` for its layer's contraction, so the
+            only error is the storage rounding: a relative error of up to 2⁻¹¹ ≈ 4.9e-4 per entry in
+            float16 (range ±65504) and 2⁻⁸ ≈ 3.9e-3 in bfloat16 (float32's range), which the scores
+            inherit at about that relative size. The largest relative (Frobenius) rounding error seen is
+            logged and recorded in ``scores.json``; a value that overflows, or a layer that loses more
+            than 1 % (float16 flushing tiny gradients to zero), is an error rather than a wrong score.
+        memory_budget: bytes (an int) or a string such as ``"4GB"`` / ``"512MB"`` (KB, MB, GB, TB are
+            powers of 1024, like ``expand_low_rank_gb``) for what the pass holds beyond the model's own
+            forward and backward: the stored query gradients plus the largest per-layer working memory
+            of a batch (per-example gradients, inverse-HVP intermediates, casts), estimated from the
+            layer shapes, the number of queries and the batch sizes before any work. If the tracked
+            layers need more, they are split into groups that fit (see above); a budget too small for
+            one layer is an error before any forward. ``null``: no limit, one pass.
         loss_fn: ``loss_fn(pl_module, batch) -> Tensor[B]``, each example's summed loss (shortcut for
             ``task=Task(loss_fn=...)``); not needed for lit_attrib's modules and wrapped Hugging Face models.
         task: what lit_attrib needs to know about the module's batches and loss
@@ -65,6 +107,15 @@ class InfluenceCallback(FactorScoringCallback):
         name: the artifact's name (folder and TensorBoard tag).
         chunk_size: training examples per partial-results file.
         overwrite: replace scores in ``output_dir`` that were made with other arguments.
+
+    Raises:
+        ConfigError: invalid arguments; a ``memory_budget`` that cannot hold one layer (before any
+            forward; the message gives the need and the knobs that lower it).
+
+    Example::
+
+        InfluenceCallback(factors="runs/factors", queries="query", memory_budget="4GB",
+                          query_dtype="bfloat16")
     """
 
     def __init__(
@@ -84,6 +135,8 @@ class InfluenceCallback(FactorScoringCallback):
         chunk_size: int = 256,
         overwrite: bool = False,
         task: Task | None = None,
+        query_dtype: str | None = None,
+        memory_budget: str | int | float | None = None,
     ) -> None:
         if query_gradient_rank is not None and query_gradient_rank < 1:
             raise ConfigError(f"query_gradient_rank must be at least 1 (or null for full rank); got {query_gradient_rank}")
@@ -91,6 +144,9 @@ class InfluenceCallback(FactorScoringCallback):
             raise ConfigError(f"expand_low_rank_gb must be non-negative; got {expand_low_rank_gb}")
         if top_k < 1:
             raise ConfigError(f"top_k must be at least 1; got {top_k}")
+        if query_dtype is not None and query_dtype not in QUERY_DTYPES:
+            raise ConfigError(f"query_dtype must be one of {list(QUERY_DTYPES)} (or null for dtype); "
+                              f"got '{query_dtype}'")
         super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite,
                          task=task)
         self.queries = queries
@@ -98,71 +154,249 @@ class InfluenceCallback(FactorScoringCallback):
         self.top_k = top_k
         self.token_scores = token_scores
         self.expand_low_rank_gb = expand_low_rank_gb
+        self.query_dtype = self.dtype if query_dtype is None else QUERY_DTYPES[query_dtype]
+        self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget, "memory_budget")
+        self.memory: dict = {}
+        self.storage_error = 0.0
         self.preconditioned: dict[str, torch.Tensor | LowRank] = {}
         self._scores: PairwiseScores | None = None
+        self._partitions: list[list[str]] = []
+        self._partial: dict[int, dict[str, torch.Tensor]] = {}
+        self._expanded: list[str] = []
+        self._query_loader = None
         self.query_indices = torch.empty(0, dtype=torch.long)
         self.query_texts: list[str] = []
-        self._batch: dict[str, torch.Tensor] = {}
 
     def arguments(self) -> dict:
+        # expand_low_rank_gb and memory_budget change the speed and the memory, not the scores
         return {**super().arguments(), "queries": source_name(self.queries), "query_gradient_rank": self.query_gradient_rank,
-                "token_scores": self.token_scores}  # expand_low_rank_gb changes the speed, not the scores
+                "token_scores": self.token_scores, "query_dtype": str(self.query_dtype).replace("torch.", "")}
 
+    # ------------------------------------------------------------------------ the queries
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
-        # Each batch of query gradients is preconditioned (and cut to rank r) as soon as it is known,
-        # so that only one batch of full per-example gradients is ever held.
-        parts, self.query_indices, self.query_texts, _ = self.example_gradients(
-            trainer, pl_module, self.queries, "queries", per_example=self.precondition)
-        self.preconditioned = {}
-        self._scores = None
-        order = torch.argsort(self.query_indices)  # queries in dataset index order, like the training examples
-        if len(self.query_indices.unique()) != len(self.query_indices):
-            raise DataError(f"{type(self).__name__}[{self.name}]: the queries repeat example ids; each query needs "
-                            f"its own")
-        self.query_indices = self.query_indices[order]
-        self.query_texts = [self.query_texts[i] for i in order.tolist()] if self.query_texts else self.query_texts
-        for name, batches in parts.items():
-            device_order = order.to(batches[0][0].device if isinstance(batches[0], tuple) else batches[0].device)
-            if self.query_gradient_rank is None:
-                self.preconditioned[name] = torch.cat(batches)[device_order]
-            else:
-                self.preconditioned[name] = (torch.cat([b[0] for b in batches])[device_order],
-                                             torch.cat([b[1] for b in batches])[device_order])
+        if self.query_gradient_rank is not None:  # known from the shapes: refused before any forward
+            for layer in self.layers.values():
+                try:
+                    check_rank(layer.gradient_shape, self.query_gradient_rank)
+                except ValueError as exc:
+                    raise ModelError(f"layer '{layer.name}': {exc}") from None
+        self._query_loader = resolve_loader(self.queries, trainer, pl_module, "the queries")
+        self._partitions = self._plan(trainer, pl_module)  # before any forward: a budget that cannot work stops here
+        self._partial = {}
+        self._expanded = []
+        self.storage_error = 0.0
+        self._compute_queries(trainer, pl_module, self._partitions[0])
         rank_zero_info(f"{type(self).__name__}[{self.name}]: {len(self.query_indices)} query gradient(s) "
                        f"preconditioned over {len(self.layers)} layer(s)"
-                       + (f", rank {self.query_gradient_rank}" if self.query_gradient_rank else ""))
+                       + (f", rank {self.query_gradient_rank}" if self.query_gradient_rank else "")
+                       + (f", stored in {self.memory['query_dtype']}" if self.query_dtype != self.dtype else ""))
         return {"queries": self.query_indices.tolist()}
+
+    def _compute_queries(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
+        """The preconditioned query gradients of the layers ``names``, in dataset index order."""
+        self.preconditioned = {}
+        self._scores = None
+        # Each layer's batch of query gradients is preconditioned (and cut to rank r, and cast to query_dtype)
+        # as soon as its backward is done, so that only one layer's per-example gradients are ever held.
+        parts, indices, texts, _ = self.example_gradients(
+            trainer, pl_module, self._query_loader, "queries", per_example=self.precondition,
+            layers={name: self.layers[name] for name in names}, label=source_name(self.queries))
+        if len(indices.unique()) != len(indices):
+            raise DataError(f"{type(self).__name__}[{self.name}]: the queries repeat example ids; each query needs "
+                            f"its own")
+        order = torch.argsort(indices)  # queries in dataset index order, like the training examples
+        if len(self.query_indices) and not torch.equal(indices[order], self.query_indices):
+            raise DataError(f"{type(self).__name__}[{self.name}]: the query loader gave other examples on its second "
+                            f"reading (needed for memory_budget's layer groups); it must give the same rows each time")
+        self.query_indices = indices[order]
+        self.query_texts = [texts[i] for i in order.tolist()] if texts else texts
+        in_order = torch.equal(order, torch.arange(len(order)))
+        for name in names:  # one layer's batches concatenated at a time
+            batches = parts.pop(name)
+            if self.query_gradient_rank is None:
+                joined = torch.cat(batches)
+                self.preconditioned[name] = joined if in_order else joined[order.to(joined.device)]
+            else:
+                left, right = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+                self.preconditioned[name] = (left, right) if in_order else \
+                    (left[order.to(left.device)], right[order.to(right.device)])
+            del batches
 
     def prepared_tensors(self) -> list[torch.Tensor]:
         return [t for p in self.preconditioned.values() for t in (p if isinstance(p, tuple) else (p,))]
 
     def release(self) -> None:
         self.preconditioned = {}
+        self._partial = {}
+        self._query_loader = None
         if self._scores is not None:  # keep what it decided (``expanded``), drop the query gradients
             self._scores.preconditioned = {}
 
     def precondition(self, layer: LayerInfo, gradients: torch.Tensor) -> torch.Tensor | LowRank:
-        """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set."""
+        """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set, in
+        ``query_dtype``."""
         preconditioned = factors_inverse_hvp(self.factors[layer.name], gradients, self.damping)
-        if self.query_gradient_rank is None:
+        if self.query_gradient_rank is not None:
+            try:
+                preconditioned = low_rank(preconditioned, self.query_gradient_rank)
+            except ValueError as exc:
+                raise ModelError(f"layer '{layer.name}': {exc}") from None
+        if self.query_dtype == self.dtype:
             return preconditioned
-        try:
-            return low_rank(preconditioned, self.query_gradient_rank)
-        except ValueError as exc:
-            raise ModelError(f"layer '{layer.name}': {exc}") from None
+        if isinstance(preconditioned, tuple):
+            return tuple(self._narrow(layer, part) for part in preconditioned)
+        return self._narrow(layer, preconditioned)
+
+    def _narrow(self, layer: LayerInfo, value: torch.Tensor) -> torch.Tensor:
+        """``value`` in ``query_dtype``, refused where the rounding is not small (overflow, flush to zero)."""
+        stored = value.to(self.query_dtype)
+        back = stored.to(value.dtype)
+        dtype = str(self.query_dtype).replace("torch.", "")
+        if not bool(torch.isfinite(back).all()):
+            raise ConfigError(f"{type(self).__name__}[{self.name}]: layer '{layer.name}''s preconditioned query "
+                              f"gradients overflow query_dtype {dtype} (largest magnitude "
+                              f"{float(value.abs().max()):.3g}); use query_dtype bfloat16 (float32's range) or float32")
+        norm = float(value.norm())
+        error = float((back - value).norm()) / norm if norm > 0 else 0.0
+        if error > MAX_STORAGE_ERROR:
+            raise ConfigError(f"{type(self).__name__}[{self.name}]: storing layer '{layer.name}''s preconditioned "
+                              f"query gradients in {dtype} changes them by {error:.2%} (more than {MAX_STORAGE_ERROR:.0%}: "
+                              f"values below its resolution); use query_dtype bfloat16 or float32")
+        self.storage_error = max(self.storage_error, error)
+        return stored
 
     @property
     def expanded(self) -> list[str]:
         """The layers whose rank-r query gradients were multiplied back out (see ``expand_low_rank_gb``)."""
-        return self._scores.expanded if self._scores is not None else []
+        return self._expanded + (self._scores.expanded if self._scores is not None else [])
 
-    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
+    # --------------------------------------------------------------------- memory plan
+    def _plan(self, trainer: Trainer, pl_module: LightningModule) -> list[list[str]]:
+        """The groups of layers to score one after another: one group without ``memory_budget`` or when
+        everything fits; otherwise as few consecutive groups as fit. Reads the loaders' sizes only."""
+        names = list(self.layers)
+        self.memory = {"query_dtype": str(self.query_dtype).replace("torch.", ""), "budget": self.memory_budget,
+                       "partitions": [names]}
+        if self.memory_budget is None:
+            return [names]
+        owner = f"{type(self).__name__}[{self.name}]"
+        queries, query_batch, _ = loader_rows(self._query_loader, self._task)
+        train_loader = fresh_loader(current_loader(trainer))
+        train_rows, train_batch, first = loader_rows(train_loader, self._task)
+        tokens = self._context or 1
+        if self._context is None and (self.token_scores or self.query_gradient_rank or queries == 1):
+            # The contraction goes through the tokens: their count from the model, else the first batch's.
+            tokens = _batch_tokens(self._task, first if first is not None else next(iter(train_loader), None))
+        compute, stored = self.dtype.itemsize, self.query_dtype.itemsize
+        memory = {name: layer_memory(layer.gradient_shape, queries, min(query_batch, queries), train_batch, tokens,
+                                     self.query_gradient_rank, compute, stored, self.token_scores)
+                  for name, layer in self.layers.items()}
+        need = partition_need(memory, names)
+        # Later groups add to the scores of earlier ones: those partial sums are held for this process's rows.
+        partial = train_rows * queries * compute * (1 + (tokens if self.token_scores else 0))
+        self.memory.update({"need": need, "query_gradients": sum(m.query for m in memory.values()),
+                            "queries": queries, "query_batch": query_batch, "train_batch": train_batch,
+                            "tokens": tokens, "grouped_partial_scores": partial,
+                            "layers": {name: {"query": m.query, "working": m.working} for name, m in memory.items()}})
+        if need <= self.memory_budget:
+            partitions = [names]
+        else:
+            try:
+                partitions = partition_layers(memory, self.memory_budget - partial)
+            except ValueError as exc:
+                layer = str(exc.args[0])
+                alone = partition_need(memory, [layer])
+                raise ConfigError(
+                    f"{owner}: memory_budget {format_bytes(self.memory_budget)} cannot hold even one layer: "
+                    f"'{layer}' alone needs {format_bytes(alone + partial)} (its query gradients "
+                    f"{format_bytes(memory[layer].query)} = {queries} queries × {self.layers[layer].gradient_shape} "
+                    + (f"at rank {self.query_gradient_rank} " if self.query_gradient_rank else "")
+                    + f"× {stored} bytes, working memory of a batch {format_bytes(memory[layer].working)}"
+                    + (f", the other layers' partial scores {format_bytes(partial)}" if partial else "")
+                    + f"). Raise memory_budget to at least {format_bytes(alone + partial)}, store the query gradients "
+                    f"narrower (query_dtype: bfloat16 or float16), cut them to low rank (query_gradient_rank), or use "
+                    f"fewer queries or smaller batches; without layer groups the pass needs {format_bytes(need)}"
+                ) from None
+        largest = max(partition_need(memory, group) for group in partitions) + (partial if len(partitions) > 1 else 0)
+        self.memory.update({"partitions": partitions, "largest": largest,
+                            "partial_scores": partial if len(partitions) > 1 else 0})
+        what = (f"the whole pass fits (one pass over {len(names)} layer(s))" if len(partitions) == 1 else
+                f"{len(partitions)} layer groups of {'/'.join(str(len(g)) for g in partitions)} layers, each a pass "
+                f"over the queries and the training data; the largest needs {format_bytes(largest)}")
+        rank_zero_info(f"{owner}: memory_budget {format_bytes(self.memory_budget)}, need without groups "
+                       f"{format_bytes(need)} (query gradients {format_bytes(self.memory['query_gradients'])}): {what}")
+        return partitions
+
+    # ------------------------------------------------------------------ the training data
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_predict_start(trainer, pl_module)
+        if len(self._partitions) > 1:
+            self._score_earlier_groups(trainer, pl_module)
+
+    def _score_earlier_groups(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Every group but the last, each over the predict loader read here; their scores are summed per row
+        and the predict loop's batches add the last group's (the first group's queries are ready)."""
+        owner = f"{type(self).__name__}[{self.name}]"
+        loader = fresh_loader(current_loader(trainer))
+        for number, names in enumerate(self._partitions[:-1]):
+            if number > 0:
+                self._compute_queries(trainer, pl_module, names)
+            ids = ExampleIds(self._task, owner)
+            for position, batch in enumerate(tqdm(iterate_batches(trainer, pl_module, loader), leave=False,
+                                                  desc=f"{self.name}: layer group {number + 1}/{len(self._partitions)}",
+                                                  disable=not show_progress(trainer))):
+                if position == 0:
+                    ids.check(loader, batch, trainer, "the predict pass", sharded=True)
+                indices = ids(batch)
+                if self._covered and set(indices.tolist()) <= self._covered:
+                    continue
+                check_context(self._task, batch, self._context, "the example")
+                tensors = self._score(trainer, pl_module, batch)
+                for row, index in enumerate(indices.tolist()):
+                    held = self._partial.get(index)
+                    if held is not None and held["group"] == number:
+                        continue  # a row read twice in one pass (a sampler's padding): counted once
+                    values = {key: value[row].cpu() for key, value in tensors.items()}
+                    if held is not None:
+                        values = {key: _add_padded(held[key], value) for key, value in values.items()}
+                    self._partial[index] = {**values, "group": number}
+            if self._scores is not None:
+                self._expanded.extend(self._scores.expanded)
+        self._compute_queries(trainer, pl_module, self._partitions[-1])
+
+    def _score(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
+        """The batch's scores over the layers whose query gradients are held now."""
         if self._scores is None:
-            self._scores = PairwiseScores(self.preconditioned, self.dtype, self.token_scores,
-                                          self.expand_low_rank_gb * 2**30)
+            room = self.expand_low_rank_gb * 2**30
+            if self.memory_budget is not None:  # expanded layers take only what the budget leaves
+                room = max(0.0, min(room, self.memory_budget - self.memory["largest"]))
+            self._scores = PairwiseScores(self.preconditioned, self.dtype, self.token_scores, room)
+        self._tracker.enabled = set(self.preconditioned)
         self._scores.begin_batch()
-        self.backward(trainer, pl_module, batch, self._scores.add)
+        try:
+            self.backward(trainer, pl_module, batch, self._scores.add)
+        finally:
+            self._tracker.enabled = set(self.layers)
         return self._scores.end_batch()
+
+    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                    indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        tensors = self._score(trainer, pl_module, batch)
+        if len(self._partitions) == 1:
+            return tensors
+        earlier = [self._partial.get(index) for index in indices.tolist()]
+        if missing := [index for index, held in zip(indices.tolist(), earlier)
+                       if (held is None or held["group"] != len(self._partitions) - 2) and index not in self._covered]:
+            raise TrainingError(f"{type(self).__name__}[{self.name}]: the earlier layer groups did not score dataset "
+                                f"indices {missing[:8]} of this batch; the predict loader must give the same rows each "
+                                f"time it is read")
+        out = {}
+        for key, value in tensors.items():
+            rows = [value[row] if held is None else _add_padded(value[row], held[key].to(value.device))
+                    for row, held in enumerate(earlier)]  # rows an earlier run scored are left out by the caller
+            width = max(row.shape[-1] for row in rows)
+            out[key] = torch.stack([_pad(row, width) for row in rows])  # (B, Q) or (B, Q, T)
+        return out
 
     def write(self, trainer: Trainer, folder: Path, indices: torch.Tensor, tensors: dict[str, torch.Tensor],
               texts: list[str], metadata: dict) -> None:
@@ -180,13 +414,16 @@ class InfluenceCallback(FactorScoringCallback):
                          "helpful": [entry(i) for i in order[:k].tolist()],
                          "harmful": [entry(i) for i in order.flip(0)[:k].tolist()]})
         write_jsonl(folder / "topk.jsonl", rows)
+        memory = {**self.memory, "query_storage_error": self.storage_error}
         write_json(folder / "scores.json", {
             "format": FORMAT, **metadata, "num_queries": scores.shape[0], "num_train": scores.shape[1],
-            "sign": "positive = the training example lowers the query's loss (helpful)",
+            "sign": "positive = the training example lowers the query's loss (helpful)", "memory": memory,
         })
         tensorboard_text(trainer, f"{self.name}/top_{k}", self._markdown(rows[:50], k))
         rank_zero_info(f"{type(self).__name__}[{self.name}]: scores of {scores.shape[0]} queries × {scores.shape[1]} "
-                       f"training examples written to {folder}")
+                       f"training examples written to {folder}"
+                       + (f" (query gradients stored in {memory['query_dtype']}: largest relative rounding error "
+                          f"{self.storage_error:.2g})" if self.query_dtype != self.dtype else ""))
 
     @staticmethod
     def _markdown(rows: list[dict], k: int) -> str:
@@ -197,3 +434,91 @@ class InfluenceCallback(FactorScoringCallback):
                 lines.append(f"| {query} | {rank} | #{good['index']} {markdown_cell(good['text'], 80)} ({good['score']:.3g}) "
                              f"| #{bad['index']} {markdown_cell(bad['text'], 80)} ({bad['score']:.3g}) |")
         return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------ helpers
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(value: str | int | float, knob: str) -> int:
+    """``4GB``, ``"512 MiB"``, ``1e9`` -> bytes (KB, MB, GB, TB are powers of 1024).
+
+    Raises:
+        ConfigError: not a positive size with a known unit.
+    """
+    number, unit = None, ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
+        if match:
+            number, unit = float(match.group(1)), match.group(2).lower()
+    if number is None or unit not in _UNITS or number <= 0:
+        raise ConfigError(f"{knob} must be a positive size in bytes, or a string such as '4GB' or '512MB' "
+                          f"(units B, KB, MB, GB, TB, powers of 1024); got {value!r}")
+    return int(number * _UNITS[unit])
+
+
+def format_bytes(size: float) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(size) >= scale:
+            return f"{size / scale:.3g} {unit}"
+    return f"{int(size)} B"
+
+
+def loader_rows(loader: Any, task: Task) -> tuple[int, int, Any]:
+    """``(rows, batch size, first batch or None)`` of a loader, from its lengths where it has them (rows
+    is then an upper bound: whole batches), else by reading it through (collation only, no forward)."""
+    batch = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    try:
+        rows = len(loader) * batch if batch else None
+        dataset = getattr(loader, "dataset", None)
+        if rows is not None and dataset is not None and not isinstance(dataset, IterableDataset):
+            rows = min(rows, len(dataset))
+    except TypeError:
+        rows = None
+    if rows is not None:
+        return rows, batch, None
+    rows = batch = 0
+    first = None
+    for item in loader:
+        size = task.batch_size(item)
+        rows, batch, first = rows + size, max(batch, size), item if first is None else first
+    return rows, max(batch, 1), first
+
+
+def fresh_loader(loader: Any) -> Any:
+    """A loader over the same rows, batches and order as ``loader`` whose reading leaves ``loader``'s own
+    iterator alone. Lightning wraps the predict loader's batch sampler in one object whose ``__iter__``
+    resets a single shared iterator, so reading the loader again inside the running pass would end (or
+    restart) the predict loop's own reading; here the wrapped batch sampler is read instead."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    batch_sampler = loader.batch_sampler
+    while type(batch_sampler).__name__ == "_IndexBatchSamplerWrapper":
+        batch_sampler = batch_sampler._batch_sampler
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return DataLoader(loader.dataset, batch_sampler=batch_sampler, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                      worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+                      **extra)
+
+
+def _batch_tokens(task: Task, batch: Any) -> int:
+    """A batch's sequence length (1 where it cannot be told: the estimate then leaves tokens out)."""
+    ids = None if batch is None else task.input_ids(batch)
+    return int(ids.shape[-1]) if ids is not None and ids.ndim == 2 else 1
+
+
+def _pad(value: torch.Tensor, width: int) -> torch.Tensor:
+    """Zero-pad the last axis of a row's token scores ``(Q, T)`` to ``width`` (sequence scores pass)."""
+    if value.ndim < 2 or value.shape[-1] == width:
+        return value
+    return torch.nn.functional.pad(value, (0, width - value.shape[-1]))
+
+
+def _add_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Add two rows' scores whose token axes may differ by padding (padding tokens score zero)."""
+    width = max(first.shape[-1], second.shape[-1]) if first.ndim > 1 else 0
+    return _pad(first, width) + _pad(second, width) if width else first + second

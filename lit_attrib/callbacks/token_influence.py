@@ -158,7 +158,8 @@ class TokenInfluenceCallback(FactorScoringCallback):
         self.direction, self._loss_module = {}, None
 
     # ------------------------------------------------------------------------ scoring
-    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any) -> dict[str, torch.Tensor]:
+    def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
+                    indices: torch.Tensor) -> dict[str, torch.Tensor]:
         scores = self.token_scores(trainer, pl_module, batch)
         mask = self._task.token_mask(batch)
         mask = torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.to(scores.device)

@@ -33,7 +33,9 @@ class ExampleGradients:
     ``Σ_examples DW (out, in)``.
 
     Interface of every accumulator: :meth:`begin_batch`; :meth:`add` one use of one layer; :meth:`end_batch`;
-    :meth:`reduce` across processes; :meth:`state_dict`.
+    :meth:`reduce` across processes; :meth:`state_dict`. With ``per_example``, :meth:`take` hands over a
+    layer's gradients as soon as its last use is in, so that a caller that processes them layer by layer
+    (and drops them) never holds more than the layers whose uses are still arriving.
 
     Args:
         layers: the tracked layers, by name.
@@ -52,11 +54,13 @@ class ExampleGradients:
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
         self._batch: dict[str, torch.Tensor] = {}
+        self._taken: set[str] = set()
         self._size = 0
 
     def begin_batch(self, size: int) -> None:
         """Start a batch of ``size`` examples."""
         self._batch = {}
+        self._taken = set()
         self._size = size
 
     def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
@@ -71,16 +75,24 @@ class ExampleGradients:
             held = self.sums.get(layer.name)
             self.sums[layer.name] = update if held is None else held.add_(update)
 
+    def take(self, name: str) -> torch.Tensor:
+        """With ``per_example``: layer ``name``'s ``DW (B, out, in)`` of this batch, handed over and no longer
+        held (call it once every use of the layer is in); :meth:`end_batch` leaves it out."""
+        self._taken.add(name)
+        held = self._batch.pop(name, None)
+        if held is None:
+            held = torch.zeros(self._size, *self.layers[name].gradient_shape, dtype=self.dtype, device=self.device)
+        return held
+
     def end_batch(self) -> dict[str, torch.Tensor]:
         """Finish the batch; with ``per_example``, each layer's ``DW (B, out, in)`` (zeros for a layer the
-        loss did not reach in this batch), else an empty dict."""
+        loss did not reach in this batch) that was not handed over by :meth:`take`, else an empty dict."""
         self.count += self._size
         if not self.per_example:
             return {}
-        batch = {name: self._batch.get(name, torch.zeros(self._size, *layer.gradient_shape, dtype=self.dtype,
-                                                              device=self.device))
-                 for name, layer in self.layers.items()}
+        batch = {name: self.take(name) for name in self.layers if name not in self._taken}
         self._batch = {}
+        self._taken = set()
         return batch
 
     def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:

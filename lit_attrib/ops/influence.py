@@ -9,15 +9,28 @@ training example lowers the query's loss. For a linear layer the training gradie
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.gradients import layer_inputs
 
-__all__ = ["LowRank", "PairwiseScores", "low_rank", "pairwise_scores", "token_pairwise_scores"]
+__all__ = ["LayerMemory", "LowRank", "PairwiseScores", "check_rank", "layer_memory", "low_rank", "pairwise_scores",
+           "partition_layers", "partition_need", "token_pairwise_scores"]
 
 LowRank = tuple[torch.Tensor, torch.Tensor]
 """A rank-r factorisation ``P ≈ left @ right`` with ``left (Q, out, r)`` and ``right (Q, r, in)``."""
+
+
+def check_rank(shape: tuple[int, int], rank: int) -> None:
+    """Raise a ``ValueError`` unless ``1 ≤ rank ≤ min(out, in)`` for a gradient of shape ``(out, in)``."""
+    out_features, in_features = shape
+    if not 1 <= rank <= min(out_features, in_features):
+        raise ValueError(
+            f"query_gradient_rank={rank} is not between 1 and the rank of a ({out_features}, {in_features}) "
+            f"gradient ({min(out_features, in_features)}); lower it or set it to null for full rank"
+        )
 
 
 def low_rank(preconditioned: torch.Tensor, rank: int) -> LowRank:
@@ -27,11 +40,7 @@ def low_rank(preconditioned: torch.Tensor, rank: int) -> LowRank:
         ValueError: ``rank`` is below 1 or above ``min(out, in)``, the largest rank the gradient has.
     """
     out_features, in_features = preconditioned.shape[-2:]
-    if not 1 <= rank <= min(out_features, in_features):
-        raise ValueError(
-            f"query_gradient_rank={rank} is not between 1 and the rank of a ({out_features}, {in_features}) "
-            f"gradient ({min(out_features, in_features)}); lower it or set it to null for full rank"
-        )
+    check_rank((out_features, in_features), rank)
     # The top singular pairs from the eigendecomposition of the smaller Gram matrix, in float64
     # (faster than a full SVD of the tall matrix; float64 keeps the squared condition harmless).
     matrix = preconditioned.double()
@@ -87,9 +96,13 @@ class PairwiseScores:
     faster (``(T + Q)·out·in`` against ``T·Q·r·(out + in)``) and the expanded layers stay within
     ``expand_bytes`` together (the decision is made once per layer, at its first use).
 
+    ``P`` may be stored in a narrower dtype than ``dtype`` (float16, bfloat16): each use casts its
+    layer's ``P`` up to ``dtype`` for the contraction (one layer at a time), so the arithmetic is in
+    ``dtype`` and only the storage rounding remains.
+
     Args:
         preconditioned: each layer's ``P (Q, out, in)`` or its :func:`low_rank` factors.
-        dtype: the dtype of ``a``, ``g`` and the scores.
+        dtype: the dtype of ``a``, ``g``, the contraction and the scores.
         token_scores: also keep each training token's share ``(B, Q, T)``.
         expand_bytes: memory for expanded rank-r layers (0: never expand).
     """
@@ -113,7 +126,7 @@ class PairwiseScores:
         a, g = layer_inputs(layer, activations, gradients, self.dtype)
         if layer.name not in self._decided:
             self._maybe_expand(layer.name, tokens=a.shape[1])
-        preconditioned = self.preconditioned[layer.name]
+        preconditioned = _as_dtype(self.preconditioned[layer.name], self.dtype)
         if self.token_scores:
             tokens = token_pairwise_scores(preconditioned, a, g)  # (Q, B, T)
             self._add("token_scores", tokens)
@@ -144,6 +157,81 @@ class PairwiseScores:
         expanded = (tokens + queries) * out_features * in_features
         size = queries * out_features * in_features * left.element_size()
         if expanded < through_tokens and self._expanded_bytes + size <= self.expand_bytes:
-            self.preconditioned[name] = left @ right  # still rank r, now cheaper to contract
+            # Still rank r, now cheaper to contract; multiplied in ``dtype``, kept in the storage dtype.
+            self.preconditioned[name] = (left.to(self.dtype) @ right.to(self.dtype)).to(left.dtype)
             self._expanded_bytes += size
             self.expanded.append(name)
+
+
+def _as_dtype(preconditioned: torch.Tensor | LowRank, dtype: torch.dtype) -> torch.Tensor | LowRank:
+    if isinstance(preconditioned, tuple):
+        return tuple(part.to(dtype) for part in preconditioned)
+    return preconditioned.to(dtype)
+
+
+# ------------------------------------------------------------------------------- memory
+@dataclass(frozen=True)
+class LayerMemory:
+    """What one layer costs a pairwise pass, in bytes: its stored query gradients (held for the whole
+    training pass) and the most it needs on top while one batch goes through it (transient)."""
+
+    query: int
+    working: int
+
+
+def layer_memory(shape: tuple[int, int], queries: int, query_batch: int, train_batch: int, tokens: int,
+                 rank: int | None, compute_size: int, query_size: int, token_scores: bool = False) -> LayerMemory:
+    """The bytes one layer of gradient shape ``(out, in)`` costs a pairwise pass (see :class:`LayerMemory`).
+
+    Query side: a query batch's per-example gradients ``DW (B_q, out, in)`` plus the inverse-HVP's
+    intermediates (about three more of that size), for a rank-r cut also the float64 copy and Gram
+    matrix of :func:`low_rank`, and the concatenation of the layer's batches (one more copy of the layer's
+    stored gradients). Training side, mirroring :func:`pairwise_scores`: the batch's ``DW (B, out, in)``
+    for a full-rank ``P`` with several queries, else the ``(Q, B, T, ·)`` products through the tokens;
+    plus ``P`` cast up to the compute dtype when it is stored narrower. The model, its activations and
+    autograd's saved tensors are not counted: the forward and backward need them anyway.
+    """
+    out_features, in_features = shape
+    full = out_features * in_features
+    stored = queries * (full if rank is None else rank * (out_features + in_features)) * query_size
+    query_side = 4 * query_batch * full * compute_size + stored
+    if rank is not None:
+        smaller = min(out_features, in_features)
+        query_side += query_batch * (full + smaller * smaller) * 8
+    if token_scores and rank is None:
+        train_side = 2 * queries * train_batch * tokens * out_features * compute_size
+    elif token_scores or rank is not None or queries == 1:
+        width = out_features if rank is None else rank
+        train_side = 3 * queries * train_batch * tokens * width * compute_size
+    else:
+        train_side = train_batch * full * compute_size + queries * train_batch * compute_size
+    if query_size != compute_size:
+        train_side += stored // query_size * compute_size
+    return LayerMemory(query=stored, working=max(query_side, train_side))
+
+
+def partition_need(memory: dict[str, LayerMemory], names: list[str]) -> int:
+    """The bytes a pass over the layers ``names`` needs: their stored query gradients together, plus the
+    largest transient of one of them (layers go through a batch one at a time)."""
+    return sum(memory[name].query for name in names) + max((memory[name].working for name in names), default=0)
+
+
+def partition_layers(memory: dict[str, LayerMemory], budget: float) -> list[list[str]]:
+    """Consecutive groups of layers (in the order given: the model's), each within ``budget`` bytes by
+    :func:`partition_need`; as few groups as consecutive groups allow (each filled greedily).
+
+    Scores are a sum over layers, so a pass per group, each with its group's query gradients only,
+    adds up to the scores of one pass over every layer.
+
+    Raises:
+        ValueError: a layer needs more than ``budget`` on its own (the message names it and its need).
+    """
+    groups: list[list[str]] = []
+    for name in memory:
+        if partition_need(memory, [name]) > budget:
+            raise ValueError(name)
+        if groups and partition_need(memory, groups[-1] + [name]) <= budget:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+    return groups

@@ -1,0 +1,200 @@
+"""Pairwise influence in bounded memory: layer groups under ``memory_budget`` give the scores of one pass,
+a budget that cannot hold one layer stops before any forward, narrow query storage stays within its
+stated error, and per-example gradients are held one layer at a time."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from reference_models import RowsDataModule, TinyModule, TinyNet, make_rows
+from safetensors.torch import load_file
+from test_influence import reference_scores
+from test_kfac import LAYERS, collect
+
+from lit_attrib.callbacks import InfluenceCallback
+from lit_attrib.callbacks.influence import parse_bytes
+from lit_attrib.errors import ConfigError
+from lit_attrib.ops.gradients import ExampleGradients
+from lit_attrib.ops.influence import LayerMemory, partition_layers, partition_need
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return make_rows(count=12)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, rows):
+    """The model and its factors, collected once for the module (nothing below changes the weights). Width 16:
+    its query gradients outweigh the partial scores that layer groups hold, so that groups can pay off."""
+    folder = tmp_path_factory.mktemp("budget")
+    module = TinyModule()
+    torch.manual_seed(0)
+    module.net = TinyNet(width=16)
+    module = module.double()
+    factors = collect(folder, module, RowsDataModule(rows, batch_size=6), stage="predict")
+    return folder, module, factors
+
+
+def run(folder, module, data, name, **kwargs):
+    callback = InfluenceCallback(factors=str(folder / "factors"), output_dir=str(folder / name),
+                                 **{"dtype": "float64", **kwargs})
+    Trainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=folder, callbacks=[callback]).predict(
+        module, data, return_predictions=False)
+    metadata = json.loads((folder / name / "scores.json").read_text())
+    return load_file(str(folder / name / "scores.safetensors")), metadata, callback
+
+
+def grouping_budget(memory: dict) -> int:
+    """A budget below the one-pass need that still holds the largest layer (with the grouped partial scores)."""
+    layers = {name: LayerMemory(**sizes) for name, sizes in memory["layers"].items()}
+    return max(partition_need(layers, [name]) for name in layers) + memory["grouped_partial_scores"]
+
+
+# --------------------------------------------------------------------------- layer groups
+@pytest.mark.parametrize("token_scores", [False, True], ids=["sequence", "tokens"])
+def test_budget_below_the_need_runs_in_layer_groups_with_the_same_scores(setup, rows, token_scores):
+    folder, module, factors = setup
+    queries = rows[:3]
+    data = RowsDataModule(rows, batch_size=5, queries=queries)
+    whole, whole_meta, _ = run(folder, module, data, f"whole-{token_scores}", memory_budget="1GB",
+                               token_scores=token_scores)
+    assert whole_meta["memory"]["partitions"] == [LAYERS]
+    budget = grouping_budget(whole_meta["memory"])
+    assert budget < whole_meta["memory"]["need"]
+    # Shuffled, in batches of another size: the groups' partial scores must meet by dataset index.
+    torch.manual_seed(3)
+    grouped, meta, callback = run(folder, module, RowsDataModule(rows, batch_size=4, shuffle=True, queries=queries),
+                                  f"grouped-{token_scores}", memory_budget=budget, token_scores=token_scores)
+    groups = meta["memory"]["partitions"]
+    assert len(groups) >= 2 and [name for group in groups for name in group] == LAYERS
+    layers = {name: LayerMemory(**sizes) for name, sizes in meta["memory"]["layers"].items()}
+    assert all(partition_need(layers, group) + meta["memory"]["partial_scores"] <= budget for group in groups)
+    assert grouped["train_indices"].tolist() == whole["train_indices"].tolist() == list(range(len(rows)))
+    torch.testing.assert_close(grouped["scores"], whole["scores"], rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(grouped["scores"], reference_scores(module, factors, queries, rows), rtol=1e-8, atol=0)
+    if token_scores:
+        width = min(grouped["token_scores"].shape[-1], whole["token_scores"].shape[-1])
+        torch.testing.assert_close(grouped["token_scores"][..., :width], whole["token_scores"][..., :width],
+                                   rtol=1e-12, atol=1e-15)
+        assert grouped["token_scores"][..., width:].abs().sum() == 0 and whole["token_scores"][..., width:].abs().sum() == 0
+
+
+def test_layer_groups_with_low_rank_queries_equal_one_pass(setup, rows):
+    folder, module, _ = setup
+    data = RowsDataModule(rows, batch_size=5, queries=rows[:2])
+    whole, whole_meta, _ = run(folder, module, data, "rank-whole", memory_budget="1GB", query_gradient_rank=2)
+    grouped, meta, _ = run(folder, module, data, "rank-grouped", memory_budget=grouping_budget(whole_meta["memory"]),
+                           query_gradient_rank=2)
+    assert len(meta["memory"]["partitions"]) >= 2
+    torch.testing.assert_close(grouped["scores"], whole["scores"], rtol=1e-12, atol=1e-15)
+
+
+def test_budget_too_small_for_one_layer_is_refused_before_any_forward(setup, rows):
+    folder, module, _ = setup
+    forwards = []
+    handle = module.register_forward_pre_hook(lambda *args: forwards.append(1))
+    try:
+        with pytest.raises(ConfigError, match=r"memory_budget 100 B cannot hold even one layer: 'net\.\w+' alone "
+                                              r"needs .*query_dtype.*query_gradient_rank"):
+            run(folder, module, RowsDataModule(rows, queries=rows[:2]), "tiny", memory_budget=100)
+    finally:
+        handle.remove()
+    assert forwards == []
+    assert not (folder / "tiny" / "scores.json").exists()
+
+
+@pytest.mark.parametrize("value", ["lots", "-1GB", "4XB", 0, True])
+def test_unreadable_budget_is_refused(value):
+    with pytest.raises(ConfigError, match="memory_budget must be a positive size"):
+        InfluenceCallback(factors="f", memory_budget=value)
+
+
+def test_budget_sizes_are_powers_of_1024():
+    assert parse_bytes("4GB", "b") == 4 * 2**30
+    assert parse_bytes(" 1.5 mib", "b") == 3 * 2**19
+    assert parse_bytes(1e6, "b") == 1_000_000
+    assert parse_bytes("2048", "b") == 2048
+
+
+def test_partition_layers_makes_the_fewest_consecutive_groups_within_the_budget():
+    sizes = [(5, 9), (7, 1), (3, 3), (8, 2), (1, 6), (4, 4)]
+    memory = {f"l{i}": LayerMemory(query, working) for i, (query, working) in enumerate(sizes)}
+    names = list(memory)
+    for budget in (14, 16, 18, 25, 40):
+        groups = partition_layers(memory, budget)
+        assert [name for group in groups for name in group] == names
+        assert all(partition_need(memory, group) <= budget for group in groups)
+        fewest = min(len(cuts) + 1 for count in range(len(names))
+                     for cuts in itertools.combinations(range(1, len(names)), count)
+                     if all(partition_need(memory, names[a:b]) <= budget
+                            for a, b in zip((0, *cuts), (*cuts, len(names)))))
+        assert len(groups) == fewest
+    with pytest.raises(ValueError, match="l0"):
+        partition_layers(memory, 13)  # l0 alone needs 5 + 9
+
+
+# ------------------------------------------------------------------------ query storage
+@pytest.mark.parametrize(("query_dtype", "unit"), [("float16", 2.0**-11), ("bfloat16", 2.0**-8)])
+def test_narrow_query_storage_agrees_within_its_rounding(setup, rows, query_dtype, unit):
+    folder, module, factors = setup
+    queries = rows[:3]
+    scores, meta, _ = run(folder, module, RowsDataModule(rows, queries=queries), f"narrow-{query_dtype}",
+                          query_dtype=query_dtype)
+    expected = reference_scores(module, factors, queries, rows)
+    error = meta["memory"]["query_storage_error"]
+    assert meta["memory"]["query_dtype"] == query_dtype and meta["arguments"]["query_dtype"] == query_dtype
+    assert 0 < error <= unit  # the gradients were rounded, by at most the format's unit roundoff
+    # Stated tolerance: each score within 4 units of roundoff of the largest score of its query.
+    scale = expected.abs().amax(1, keepdim=True)
+    assert ((scores["scores"] - expected).abs() <= 4 * unit * scale).all()
+    assert not torch.equal(scores["scores"], expected)
+
+
+def test_query_storage_that_flushes_gradients_to_zero_is_refused():
+    callback = InfluenceCallback(factors="f", dtype="float32", query_dtype="float16")
+    layer = type("Layer", (), {"name": "net.inp"})()
+    small = torch.full((2, 3, 4), 1e-9)
+    with pytest.raises(ConfigError, match=r"'net\.inp'.*float16.*bfloat16"):
+        callback._narrow(layer, small)
+    with pytest.raises(ConfigError, match="overflow query_dtype float16"):
+        callback._narrow(layer, torch.full((2, 3), 1e6))
+    assert callback._narrow(layer, torch.ones(2, 3)).dtype == torch.float16
+
+
+def test_unknown_query_dtype_is_refused():
+    with pytest.raises(ConfigError, match="query_dtype must be one of"):
+        InfluenceCallback(factors="f", query_dtype="int8")
+
+
+# --------------------------------------------------------------------- one layer at a time
+def test_query_gradients_hold_one_layers_per_example_gradients_at_a_time(setup, rows, monkeypatch):
+    folder, module, factors = setup
+    held = []
+    add = ExampleGradients.add
+
+    def counting_add(self, layer, activations, gradients):
+        add(self, layer, activations, gradients)
+        held.append(len(self._batch) if self.per_example else 0)
+
+    monkeypatch.setattr(ExampleGradients, "add", counting_add)
+    scores, _, _ = run(folder, module, RowsDataModule(rows, batch_size=6, queries=rows[:4]), "streamed")
+    assert held and max(held) == 1  # the looped layer's three uses accumulate in one; each layer leaves when done
+    torch.testing.assert_close(scores["scores"], reference_scores(module, factors, rows[:4], rows), rtol=1e-8, atol=0)
+
+
+def test_take_hands_a_layer_over_and_end_batch_gives_the_rest():
+    layers = {name: type("L", (), {"name": name, "has_bias": False, "gradient_shape": (2, 3)})() for name in "ab"}
+    accumulator = ExampleGradients(layers, torch.float64, per_example=True)
+    accumulator.begin_batch(1)
+    a, g = torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(1, 4, 2, dtype=torch.float64)
+    accumulator.add(layers["a"], a, g)
+    taken = accumulator.take("a")
+    torch.testing.assert_close(taken[0], g[0].T @ a[0])
+    rest = accumulator.end_batch()
+    assert list(rest) == ["b"] and rest["b"].abs().sum() == 0 and accumulator.count == 1
