@@ -3,30 +3,46 @@ memory-mapped), their example ids, the projected curvature, and ``index.json`` w
 
 ::
 
-    index.json                    format, layers and their projection sizes, seed, dtype, rows, shards
+    index.json                    format, layers and their projection sizes, seed, dtype, rows, shards,
+                                  how the rows were collected ("collection")
     rows-rank000.npy              (N_0, width) float16 or float32, one row per example
-    ids-rank000.npy               (N_0,) int64 dataset indices
+    ids-rank000.npy               (N_0,) int64 dataset indices, ascending; rank r's ids all precede rank r+1's
     curvature.safetensors         per layer: projected A and G, their float64 eigendecompositions
+
+While a build runs, each process writes its rows in **parts** (``part-rank000-00000.safetensors``: rows in
+the computation's dtype, their ids, and the curvature sums of those rows, one atomic file each) next to
+``progress.json`` (the build's arguments). A build killed part-way keeps its finished parts and resumes
+from them. At the end every process merges the parts of **all** processes into its one shard, the
+contiguous range of the sorted ids assigned to its rank (rows of the same id summed: in ``fit`` an
+example seen in several steps or epochs), ``index.json`` is written last and the parts are removed.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lit_attrib.errors import ArtifactError
 from lit_attrib.io import atomic_path, write_json
 
-__all__ = ["FORMAT", "METADATA_FILE", "index_exists", "read_index", "write_curvature", "write_metadata", "write_shard"]
+__all__ = ["FORMAT", "METADATA_FILE", "PROGRESS_FILE", "index_exists", "list_parts", "merge_parts", "part_ids",
+           "part_name", "part_sums", "read_index", "read_progress", "remove_build_files", "write_curvature",
+           "write_metadata", "write_part", "write_progress", "write_shard"]
 
 FORMAT = "lit_attrib.gradient_index/1"
 METADATA_FILE = "index.json"
 CURVATURE_FILE = "curvature.safetensors"
+PROGRESS_FILE = "progress.json"
+PART_FORMAT = "lit_attrib.gradient_index.part/1"
+_IN_MEMORY_BYTES = 1 << 31  # shards up to 2 GiB are summed in memory, larger ones in a memory-mapped file
+_PART = re.compile(r"part-rank(\d{3})-(\d{5})\.safetensors")
 
 
 def index_exists(folder: str | os.PathLike) -> bool:
@@ -42,6 +58,139 @@ def write_shard(folder: str | os.PathLike, rank: int, rows: np.ndarray, ids: np.
             with open(tmp, "wb") as handle:
                 np.save(handle, array)
     return names
+
+
+def part_name(rank: int, sequence: int) -> str:
+    return f"part-rank{rank:03d}-{sequence:05d}.safetensors"
+
+
+def list_parts(folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """The finished parts in ``folder``: ``{name: (rank, sequence)}`` in name order."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    found = {path.name: _PART.fullmatch(path.name) for path in folder.iterdir()}
+    return {name: (int(m[1]), int(m[2])) for name, m in sorted(found.items()) if m}
+
+
+def write_part(folder: str | os.PathLike, rank: int, sequence: int, rows: torch.Tensor, ids: torch.Tensor,
+               sums: dict[str, torch.Tensor]) -> str:
+    """One process's rows since its last part, their ids and curvature sums, as one atomic file."""
+    name = part_name(rank, sequence)
+    tensors = {"rows": rows.contiguous().cpu(), "ids": ids.to(torch.int64).contiguous().cpu(),
+               **{f"sums.{k}": v.contiguous().cpu() for k, v in sums.items()}}
+    with atomic_path(Path(folder) / name) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": PART_FORMAT})
+    return name
+
+
+def _open_part(folder: Path, name: str):
+    try:
+        handle = safe_open(str(folder / name), framework="pt")
+    except (OSError, SafetensorError) as exc:
+        raise ArtifactError(f"part '{folder / name}' of an unfinished gradient index cannot be read ({exc}); delete "
+                            f"it (its rows are then computed again) or build the index afresh") from None
+    if handle.metadata().get("format") != PART_FORMAT:
+        raise ArtifactError(f"'{folder / name}' is not a part of a gradient index (format "
+                            f"{handle.metadata().get('format')!r}, expected {PART_FORMAT!r})")
+    return handle
+
+
+def part_ids(folder: str | os.PathLike, name: str) -> np.ndarray:
+    return _open_part(Path(folder), name).get_tensor("ids").numpy()
+
+
+def part_sums(folder: str | os.PathLike, names: list[str]) -> dict[str, torch.Tensor]:
+    """The curvature sums of the parts ``names``, added up (``<layer>.activation``, ``.gradient``, ``.tokens``)."""
+    total: dict[str, torch.Tensor] = {}
+    for name in names:
+        handle = _open_part(Path(folder), name)
+        for key in handle.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+            if key.startswith("sums."):
+                value = handle.get_tensor(key)
+                total[key[5:]] = value if key[5:] not in total else total[key[5:]] + value
+    return total
+
+
+def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_size: int, width: int,
+                storage: np.dtype, duplicates: str = "sum") -> int:
+    """Write rank ``rank``'s shard from the parts ``names`` of every process; returns its number of rows.
+
+    The sorted distinct ids of all parts are cut into ``world_size`` contiguous ranges; this rank's shard holds
+    the ids of range ``rank``, each row the sum of that id's rows (``duplicates="sum"``) or, with
+    ``duplicates="refuse"``, its only row (an id met twice is an error). Rows are summed in the parts' dtype
+    (in memory up to 2 GiB, else in a memory-mapped temporary file), then cast to ``storage``.
+
+    Raises:
+        ArtifactError: a damaged part, or (``refuse``) an id in more than one row.
+    """
+    folder = Path(folder)
+    ids = [part_ids(folder, name) for name in names]
+    every = np.concatenate(ids) if ids else np.empty(0, np.int64)
+    distinct = np.unique(every)
+    if duplicates == "refuse" and len(distinct) != len(every):
+        values, counts = np.unique(every, return_counts=True)
+        raise ArtifactError(f"example ids {values[counts > 1][:8].tolist()} were indexed more than once; each row of "
+                            f"the data must have its own example id")
+    start, stop = len(distinct) * rank // world_size, len(distinct) * (rank + 1) // world_size
+    mine = distinct[start:stop]
+    accumulate = torch.float64 if any(_open_part(folder, n).get_slice("rows").get_dtype() == "F64" for n in names) \
+        else torch.float32
+    rows_name, ids_name = f"rows-rank{rank:03d}.npy", f"ids-rank{rank:03d}.npy"
+    with atomic_path(folder / rows_name) as tmp:
+        in_memory = len(mine) * width * accumulate.itemsize <= _IN_MEMORY_BYTES
+        if in_memory:  # the common case: no page faults of a file-backed map, and torch's fast float16 cast
+            total = torch.zeros(len(mine), width, dtype=accumulate)
+        else:
+            mapped = np.lib.format.open_memmap(f"{tmp}.sum", mode="w+", dtype=np.dtype(str(accumulate)[6:]),
+                                               shape=(len(mine), width))
+            total = torch.from_numpy(mapped)
+        try:
+            for name, part in zip(names, ids):
+                keep = np.isin(part, mine) if len(mine) else np.zeros(len(part), bool)
+                if not keep.any():
+                    continue
+                rows = _open_part(folder, name).get_tensor("rows")
+                if rows.shape != (len(part), width):
+                    raise ArtifactError(f"part '{folder / name}' holds rows of shape {tuple(rows.shape)} for "
+                                        f"{len(part)} ids of width {width}: it is damaged; delete it and resume, or "
+                                        f"build afresh")
+                positions = torch.from_numpy(np.searchsorted(mine, part[keep]))
+                total.index_add_(0, positions, rows[torch.from_numpy(keep)].to(accumulate))
+            if in_memory:
+                with open(tmp, "wb") as handle:
+                    np.save(handle, total.to(torch.from_numpy(np.empty(0, dtype=storage)).dtype).numpy())
+            else:
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=storage, shape=(len(mine), width))
+                for block in range(0, len(mine), 65536):
+                    out[block:block + 65536] = total[block:block + 65536].numpy()
+                out.flush()
+                del out
+        finally:
+            if not in_memory:
+                del total, mapped
+                Path(f"{tmp}.sum").unlink(missing_ok=True)
+    with atomic_path(folder / ids_name) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, mine.astype(np.int64))
+    return len(mine)
+
+
+def write_progress(folder: str | os.PathLike, progress: dict) -> None:
+    write_json(Path(folder) / PROGRESS_FILE, progress)
+
+
+def read_progress(folder: str | os.PathLike) -> dict | None:
+    path = Path(folder) / PROGRESS_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def remove_build_files(folder: str | os.PathLike, names: list[str] | None = None) -> None:
+    """Remove the parts ``names`` (default: every part) and the progress file of a build."""
+    folder = Path(folder)
+    for name in list_parts(folder) if names is None else names:
+        (folder / name).unlink(missing_ok=True)
+    if names is None:
+        (folder / PROGRESS_FILE).unlink(missing_ok=True)
 
 
 def write_curvature(folder: str | os.PathLike, tensors: dict[str, torch.Tensor]) -> None:

@@ -6,6 +6,11 @@ the projected activations and output gradients: the ``out × in`` gradient is ne
 each ``P`` are orthonormal, scaled by ``sqrt(d / k)``, so ``E[Pᵀ P] = I`` (inner products of projected
 gradients are unbiased) and at full size (``k = d``) ``P`` is orthogonal (inner products, and K-FAC in
 the projected space, are exact).
+
+Dividing a gradient elementwise by Adam's ``sqrt(v̂) + ε`` (LESS, TrackStar) does not commute with the
+Kronecker-factored contraction: ``P_out (DW ⊘ S) P_inᵀ`` cannot be formed from ``P a`` and ``P g``
+unless ``S`` has rank one. :meth:`ProjectedGradients.add` with a ``denominator`` therefore forms each
+example's ``DW`` of that layer (a few examples at a time), divides it exactly, then projects it.
 """
 
 from __future__ import annotations
@@ -80,15 +85,30 @@ class ProjectedGradients:
         if self._mask is not None:
             self.tokens += int(self._mask.sum())
 
-    def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
-        """Add one use of ``layer``: ``a (B, T, in)`` as it entered the layer, ``g (B, T, out)``."""
+    def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor,
+            denominator: torch.Tensor | None = None) -> None:
+        """Add one use of ``layer``: ``a (B, T, in)`` as it entered the layer, ``g (B, T, out)``.
+
+        With ``denominator (out, in + bias)`` (Adam's ``sqrt(v̂) + ε``) the row holds
+        ``P_out (DW ⊘ denominator) P_inᵀ``: exact, at the cost of forming ``DW`` per example.
+        """
         a, g = layer_inputs(layer, activations, gradients, self.dtype)
         if a.shape[0] != self._size:
             raise ValueError(f"{layer.name}: a use with {a.shape[0]} rows in a batch of {self._size} examples; "
                              f"per-example gradients need the batch on the first axis")
         p_out, p_in = self.projections[layer.name]
+        if denominator is not None:
+            if self.curvature:
+                raise ValueError("the projected curvature is of unnormalised gradients: a denominator needs "
+                                 "curvature=False")
+            block = _normalised_block(g * self._scale, a, denominator.to(self.device, self.dtype), p_out, p_in)
+            held = self._batch.get(layer.name)
+            self._batch[layer.name] = block if held is None else held.add_(block)
+            return
         projected_a = a @ p_in.T  # (B, T, k_in)
-        projected_g = (g * self._scale) @ p_out.T  # (B, T, k_out)
+        projected_g = g @ p_out.T  # (B, T, k_out)
+        if self._scale != 1.0:
+            projected_g = projected_g.mul_(self._scale)  # after the projection: k_out columns, not out
         block = projected_g.mT @ projected_a  # (B, k_out, k_in)
         held = self._batch.get(layer.name)
         self._batch[layer.name] = block if held is None else held.add_(block)
@@ -101,13 +121,31 @@ class ProjectedGradients:
             sums["gradient"] = sums.get("gradient", 0) + rows_g.T @ rows_g
             sums["tokens"] = sums.get("tokens", 0) + rows_a.shape[0]
 
-    def end_batch(self) -> torch.Tensor:
+    def end_batch(self, layer_scales: dict[str, float] | None = None) -> torch.Tensor:
         """The batch's rows ``(B, width)``: each layer's block flattened, in layer order (zeros for a layer
-        the loss did not reach)."""
-        blocks = [self._batch.get(name, torch.zeros(self._size, *self.sizes[name], dtype=self.dtype,
-                                                    device=self.device)).flatten(1) for name in self.layers]
+        the loss did not reach), multiplied by its ``layer_scales`` entry (a learning rate) where given."""
+        blocks = []
+        for name in self.layers:
+            block = self._batch.get(name)
+            if block is None:
+                block = torch.zeros(self._size, *self.sizes[name], dtype=self.dtype, device=self.device)
+            elif layer_scales is not None:
+                block = block * layer_scales[name]
+            blocks.append(block.flatten(1))
         self._batch = {}
         return torch.cat(blocks, dim=1)
+
+    def take_sums(self) -> dict[str, torch.Tensor]:
+        """The curvature sums since the last call, flat (``<layer>.activation``, ``<layer>.gradient``,
+        ``<layer>.tokens``), and start them afresh: a batch's sums, kept or dropped with its rows."""
+        flat = {}
+        for name, sums in self.sums.items():
+            if "activation" in sums:
+                flat[f"{name}.activation"] = sums["activation"]
+                flat[f"{name}.gradient"] = sums["gradient"]
+                flat[f"{name}.tokens"] = torch.tensor(int(sums["tokens"]), dtype=torch.int64)
+        self.sums = {name: {} for name in self.layers}
+        return flat
 
     def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Sum the curvature sums over processes (every process calls this)."""
@@ -135,3 +173,18 @@ class ProjectedGradients:
         self.sums = {n: {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
                      for n, s in state.get("sums", {}).items()}
         self.tokens = state.get("tokens", 0)
+
+
+def _normalised_block(g: torch.Tensor, a: torch.Tensor, denominator: torch.Tensor, p_out: torch.Tensor,
+                      p_in: torch.Tensor, max_elements: int = 1 << 24) -> torch.Tensor:
+    """``P_out (DW_b ⊘ denominator) P_inᵀ`` of every example ``b``, ``(B, k_out, k_in)``, with
+    ``DW_b = Σ_t g_bt a_btᵀ`` formed for a few examples at a time (at most ``max_elements`` entries)."""
+    if tuple(denominator.shape) != (g.shape[-1], a.shape[-1]):
+        raise ValueError(f"a denominator of shape {tuple(denominator.shape)} for gradients of shape "
+                         f"{(g.shape[-1], a.shape[-1])}")
+    chunk = max(1, max_elements // denominator.numel())
+    blocks = []
+    for start in range(0, g.shape[0], chunk):
+        gradient = g[start:start + chunk].mT @ a[start:start + chunk]  # (b, out, in)
+        blocks.append(p_out @ (gradient / denominator) @ p_in.T)  # (b, k_out, k_in)
+    return torch.cat(blocks)
