@@ -188,6 +188,7 @@ class AttentionCaptureCallback(ArtifactCallback):
         self._lambdas = {layer: differential_lambda(m) for m, layer in self._modules.items()} if self._differential \
             else {}
         self._batch: dict | None = None
+        self._classified = False  # whether any batch carried token classes (else the allocation is all "other")
         self._rows_seen = 0
         self._kernel_inputs: dict[nn.Module, tuple] = {}
         self._handles = []
@@ -222,6 +223,8 @@ class AttentionCaptureCallback(ArtifactCallback):
         token_class = task.column(batch, "token_class")
         if token_class is None:
             token_class = torch.where(mask.bool(), 0, -1)  # everything is "other"
+        else:
+            self._classified = True
         index = task.example_ids(batch)
         if index is None:  # number the rows in the order seen (a loader without dataset indices)
             index = torch.arange(self._rows_seen, self._rows_seen + ids.shape[0])
@@ -394,9 +397,15 @@ class AttentionCaptureCallback(ArtifactCallback):
         with atomic_path(folder / "allocation.md") as tmp:
             Path(tmp).write_text(f"# Attention allocation ({self._model_type})\n\n{table}\n")
         write_json(folder / self.metadata_file, metadata)
+        queries = f"{int(seen[0]) if len(seen) else 0} queries per layer"
+        if not self._classified:  # one class only: a table of 100 % "other" says nothing
+            rank_zero_info(f"AttentionCaptureCallback: maps of {len(examples)} examples ({self._model_type}, {queries}) "
+                           f"written to {folder}; no batch carried token classes (`token_class`, as "
+                           f"NoisyGSM8KDataModule's do), so there is no allocation table to show")
+            return
         tensorboard_text(trainer, f"{self.name}/allocation", table)
-        rank_zero_info(f"AttentionCaptureCallback: attention allocation ({self._model_type}, "
-                       f"{int(seen[0]) if len(seen) else 0} queries per layer), written to {folder}\n{table}")
+        rank_zero_info(f"AttentionCaptureCallback: attention allocation ({self._model_type}, {queries}), "
+                       f"written to {folder}\n{table}")
 
     def _plots(self, folder: Path, examples: dict, tokenizer, trainer: Trainer) -> list[Path]:
         from lit_attrib.plotting import attention_figure, plt
