@@ -9,7 +9,9 @@
 #   6. token scores of the forget set along forget-minus-retain;
 #   7. attention maps of 4 held-out questions;
 #   8. TracInCP over the fine-tune's checkpoints;
-#   9. a LoRA fine-tune of the same model (adapters only).
+#   9. the curvature edit: K-FAC of blocks 20-25's MLPs on general text, the windows of the training rows the
+#      fine-tuned model reproduces, then gate and up edited at each rho of a sweep (memorization, perplexity);
+#  10. a LoRA fine-tune of the same model (adapters only).
 # Each step's wall time and peak memory go to runs/smollm2/costs.tsv; docs/real_model.md shows one run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,11 @@ step influence lit-attrib predict -c configs/smollm2.yaml -c configs/smollm2_inf
 step token_influence lit-attrib predict -c configs/smollm2.yaml -c configs/smollm2_token_influence.yaml --ckpt_path $ckpt
 step attention lit-attrib predict -c configs/smollm2.yaml -c configs/smollm2_attention.yaml --ckpt_path $ckpt
 step tracin lit-attrib predict -c configs/smollm2.yaml -c configs/smollm2_tracin.yaml
+python -m lit_attrib.data.canaries --out runs/smollm2/edit_data --num-general 256 --num-heldout 64 --num-canaries 1
+python -m lit_attrib.tools.facts_texts --config configs/smollm2.yaml --out runs/smollm2/edit_data
+step edit_factors lit-attrib predict -c configs/smollm2.yaml -c configs/smollm2_edit_factors.yaml --ckpt_path $ckpt
+step memorized lit-attrib predict -c configs/smollm2_edit.yaml
+step edit lit-attrib validate -c configs/smollm2_edit.yaml --data.init_args.num_samples 160  # 160 windows
 step lora_fit lit-attrib fit -c configs/smollm2.yaml -c configs/smollm2_lora.yaml
 python -m lit_attrib.tools.real_model_report runs/smollm2
 
@@ -43,3 +50,4 @@ echo "Costs of each step: $costs"
 echo "Base vs fine-tuned answers: runs/smollm2/tensorboard/compare*/comparison.md"
 echo "Influence: runs/smollm2/influence/topk.jsonl   Token scores: runs/smollm2/token_influence/token_scores.html"
 echo "Attention: runs/smollm2/attention/plots/   TracInCP: runs/smollm2/tracin/topk.jsonl"
+echo "Curvature edit: runs/smollm2/edit/results.jsonl and results.png"

@@ -252,3 +252,16 @@ def test_chat_format_wraps_the_question_in_the_chat_template(tmp_path, facts_pat
     plain = TextDataModule(path=facts_path, tokenizer=tokenizer_path, format="chat", val_size=0, num_samples=3)
     with pytest.raises(DataError, match="chat template"):
         plain.setup("fit")
+
+
+def test_training_texts_are_the_rows_as_trained(facts_path, tokenizer_path):
+    """facts_texts (the curvature edit's scan text) writes each training row as the model saw it."""
+    from lit_attrib.tools.facts_texts import training_texts
+
+    data = TextDataModule(path=facts_path, tokenizer=tokenizer_path, num_samples=8, val_size=2, seed=3)
+    rows = training_texts(data)
+    trained = {row["index"]: row["input_ids"] for row in data.train_dataset}
+    assert [row["index"] for row in rows] == sorted(trained)
+    tokenizer = load_tokenizer(tokenizer_path)
+    for row in rows:
+        assert tokenizer(row["text"], add_special_tokens=False)["input_ids"] == trained[row["index"]]
