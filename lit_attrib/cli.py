@@ -51,6 +51,8 @@ class LitAttribCLI(LightningCLI):
                     if isinstance(callback, (ArtifactCallback, KFACCollectorCallback))]
         if subcommand == "fit":
             base = "fit"
+        elif subcommand in ("validate", "test") and getattr(self.model, "run_name", None):
+            base = self.model.run_name  # a module whose evaluation is the analysis (the curvature edit)
         elif analyses:
             base = "+".join(dict.fromkeys(analyses))
         elif subcommand == "predict" and getattr(self.model, "hparams", {}).get("compare_with"):
@@ -183,13 +185,15 @@ def inspect_factors(path: str, modules: str | list[str] | None = None, tensorboa
 
 def _tools() -> dict:
     """The tools' functions (imported on use: ``lit-attrib fit`` does not pay for them)."""
+    from lit_attrib.tools.index_query import index_query
     from lit_attrib.tools.noise_robustness import noise_robustness as run
     from lit_attrib.tools.real_model import get_model
 
-    return {"inspect-factors": inspect_factors, "noise-robustness": run, "get-model": get_model}
+    return {"inspect-factors": inspect_factors, "noise-robustness": run, "index-query": index_query,
+            "get-model": get_model}
 
 
-TOOLS = ("inspect-factors", "noise-robustness", "get-model")
+TOOLS = ("inspect-factors", "noise-robustness", "index-query", "get-model")
 
 
 def main(args: list[str] | None = None) -> None:
@@ -216,6 +220,7 @@ def main(args: list[str] | None = None) -> None:
                 "Run `lit-attrib fit --model.help CausalLMModule` for a module's arguments. "
                 "Tools: `lit-attrib inspect-factors --help` (plots of saved factors), "
                 "`lit-attrib noise-robustness --help` (seed 004's DiffLlama-vs-Llama sweep), "
+                "`lit-attrib index-query --help` (top-k training examples of prompts from a gradient index), "
                 "`lit-attrib get-model --help` (a real pretrained model offline: SmolLM2-135M-Instruct)."
             },
         )

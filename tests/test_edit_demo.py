@@ -57,3 +57,5 @@ def test_shortened_demo_edit_removes_memorization_and_keeps_perplexity(tmp_path)
     assert best["perplexity"] <= 1.25 * baseline["perplexity"], edited
     assert best["distance"] > baseline["distance"] and best["ndcg@10"] > 0.5
     assert (tmp_path / "edit" / "results.png").is_file()
+    runs = sorted(path.name for path in (tmp_path / "tensorboard").iterdir())
+    assert "edit" in runs and "memorized" in runs, runs  # TensorBoard runs named after what they did

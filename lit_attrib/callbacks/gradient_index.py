@@ -120,7 +120,7 @@ class GradientIndexCallback(_FitCollection):
     def __init__(
         self,
         target_modules: list[str] | None = None,
-        projection_dim: int | None = 32,
+        projection_dim: int | None = 64,
         seed: int = 0,
         storage_dtype: Literal["float16", "float32", "float64"] = "float16",
         curvature: bool = True,

@@ -94,6 +94,8 @@ class CurvatureEditModule(LightningModule):
         overwrite: replace existing results and saved models.
     """
 
+    run_name = "edit"  # its TensorBoard run in validate/test
+
     def __init__(
         self,
         factors: str,
