@@ -1,16 +1,20 @@
-"""In-fit K-FAC collection: overhead against a plain fit, and factor error, per collection rate.
+"""In-fit K-FAC collection: overhead against a plain fit, and factor error, per collection setting.
 
 A Llama built from config (no downloads) is fine-tuned on the shipped facts data for ``--steps`` steps,
-once without callbacks and once with ``KFACCollectorCallback(strategy="kfac", every_n_batches=n)`` for
-each ``n`` of ``--rates``. For each rate the script reports
+once without callbacks and once with ``KFACCollectorCallback(strategy="kfac", every_n_batches=n,
+token_fraction=p)`` for each ``n:p`` of ``--settings`` (batches: every n-th; tokens: a random fraction p
+of each collected batch's real tokens). For each setting the script reports
 
-1. overhead: training-step time with the collector ÷ without it (goal ≤ 1.15 at a rate whose factor
+1. overhead: training-step time with the collector ÷ without it (goal ≤ 1.15 at a setting whose factor
    error is ≤ 5 %). Step time is the mean over the steps after the first (the collector's first batch
    also re-runs ``training_step`` once to check the loss reduction; that one-off is reported apart);
-2. factor error: ‖A_n − A_1‖_F / ‖A_1‖_F and the same for G, the largest over the tracked layers, against
-   full-rate collection (``n = 1``) of the same run (same seed, so the same batches and weights).
+2. factor error: ‖A − A_full‖_F / ‖A_full‖_F and the same for G, the largest over the tracked layers,
+   against full-rate collection (the first setting, ``1:1``) of the same run (same seed, so the same
+   batches and weights).
 
 Every timing is the fastest of ``--repeats`` interleaved runs (shared CPUs; the load average is recorded).
+With ``--profile``, one more fit per ``--profile_settings`` entry times the collector's parts (hooks,
+covariance products, batch bookkeeping, the first batch's loss check) per step.
 
 Run: ``python benchmarks/kfac_fit_overhead.py`` (``--help`` for the options).
 """
@@ -18,6 +22,7 @@ Run: ``python benchmarks/kfac_fit_overhead.py`` (``--help`` for the options).
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import statistics
@@ -25,6 +30,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import ClassVar, Self
 
 import torch
 from _common import lit_attrib_commit, report_load, write_results
@@ -33,7 +39,10 @@ from lightning.pytorch import Callback, Trainer, seed_everything
 from lit_attrib.artifacts import load_factors
 from lit_attrib.callbacks import KFACCollectorCallback
 from lit_attrib.data import TextDataModule
+from lit_attrib.engine.gradient_pass import TrainLossScale
+from lit_attrib.engine.tracking import LayerTracker
 from lit_attrib.modules import CausalLMModule
+from lit_attrib.ops.kfac_accumulator import KFACAccumulator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, TOKENIZER = str(ROOT / "data/facts/facts.jsonl"), str(ROOT / "data/facts/tokenizer")
@@ -54,8 +63,20 @@ class StepTimer(Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def fit(args, rate: int | None, folder: str) -> tuple[list[float], dict | None]:
-    """Step times of one fit (with the collector at ``rate``, or plain for ``None``) and its factors."""
+Setting = tuple[int, float]  # (every_n_batches, token_fraction)
+
+
+def parse_setting(text: str) -> Setting:
+    every, _, fraction = text.partition(":")
+    return int(every), float(fraction or 1)
+
+
+def label(setting: Setting) -> str:
+    return f"{setting[0]}:{setting[1]:g}"
+
+
+def fit(args, setting: Setting | None, folder: str) -> tuple[list[float], dict | None]:
+    """Step times of one fit (with the collector at ``setting``, or plain for ``None``) and its factors."""
     seed_everything(0, workers=True)
     config = {"model_type": "llama", "hidden_size": args.width, "intermediate_size": 4 * args.width,
               "num_hidden_layers": args.layers, "num_attention_heads": 4, "num_key_value_heads": 4,
@@ -64,13 +85,128 @@ def fit(args, rate: int | None, folder: str) -> tuple[list[float], dict | None]:
     data = TextDataModule(path=DATA, tokenizer=TOKENIZER, batch_size=args.batch_size, val_size=0, seed=0)
     timer = StepTimer()
     callbacks = [timer]
-    if rate is not None:
+    if setting is not None:
         callbacks.append(KFACCollectorCallback(target_modules=["*.mlp.*", "*.self_attn.*_proj"], strategy="kfac",
-                                               every_n_batches=rate, plots=False, output_dir=folder, overwrite=True))
+                                               every_n_batches=setting[0], token_fraction=setting[1], plots=False,
+                                               output_dir=folder, overwrite=True))
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                       enable_model_summary=False, max_steps=args.steps, limit_val_batches=0, callbacks=callbacks)
     trainer.fit(module, datamodule=data)
-    return timer.times, (load_factors(folder) if rate is not None else None)
+    return timer.times, (load_factors(folder) if setting is not None else None)
+
+
+class PartTimer:
+    """Wall time spent inside the collector's parts, patched onto the classes for one fit (then restored)."""
+
+    PARTS: ClassVar[dict] = {  # part -> [(class, method)]
+        "covariance products (A and G adds, incl. gather)": [(KFACAccumulator, "add_activations"),
+                                                             (KFACAccumulator, "add_gradients")],
+        "batch begin/end (mask, sample draw, finiteness check)": [(KFACAccumulator, "begin_batch"),
+                                                                  (KFACAccumulator, "end_batch")],
+        "loss-reduction check (first batch)": [(TrainLossScale, "for_batch")],
+        "hooks: backward hook incl. products": [(LayerTracker, "_gradient")],
+        "attach/detach hooks": [(LayerTracker, "attach"), (LayerTracker, "detach")],
+    }
+
+    def __init__(self) -> None:
+        self.seconds = {part: 0.0 for part in self.PARTS} | {"hooks: forward hook": 0.0}
+        self._saved: list = []
+
+    def _timed(self, part: str, function):
+        @functools.wraps(function)
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.seconds[part] += time.perf_counter() - start
+        return timed
+
+    def __enter__(self) -> Self:
+        for part, methods in self.PARTS.items():
+            for cls, name in methods:
+                self._saved.append((cls, name, getattr(cls, name)))
+                setattr(cls, name, self._timed(part, getattr(cls, name)))
+        make_hook = LayerTracker._hook
+
+        def _hook(tracker, layer):  # the forward hook is a closure: time the closure it returns
+            return self._timed("hooks: forward hook", make_hook(tracker, layer))
+        self._saved.append((LayerTracker, "_hook", make_hook))
+        LayerTracker._hook = _hook
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, original in reversed(self._saved):
+            setattr(cls, name, original)
+
+
+class TokenSpread:
+    """Per batch and layer, the full-rate sums ``S_b = Σ_j x_j`` (``x_j = a_j a_jᵀ`` or ``g_j g_jᵀ``) and
+    ``Σ_j ‖x_j‖²_F = Σ_j ‖a_j‖⁴``: enough to predict the error of a token sample of any fraction (bias
+    columns left out: the benchmark's Llama has none)."""
+
+    def __init__(self) -> None:
+        self.batches: dict[tuple[str, str], list[tuple[torch.Tensor, float, int]]] = {}
+        self._saved: list = []
+
+    def _record(self, key: str, original):
+        def add(accumulator, layer, values):
+            rows = values.reshape(-1, values.shape[-1]).double()  # (N, d)
+            if accumulator._padding is not None and accumulator._padding.numel() == rows.shape[0]:
+                rows = rows[accumulator._padding]  # real tokens only
+            if key == "gradient":
+                rows = rows * accumulator._scale
+            entry = (rows.T @ rows, float((rows.square().sum(1) ** 2).sum()), rows.shape[0])
+            self.batches.setdefault((layer.name, key), []).append(entry)
+            return original(accumulator, layer, values)
+        return add
+
+    def __enter__(self) -> Self:
+        for key, name in (("activation", "add_activations"), ("gradient", "add_gradients")):
+            original = getattr(KFACAccumulator, name)
+            self._saved.append((name, original))
+            setattr(KFACAccumulator, name, self._record(key, original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self._saved:
+            setattr(KFACAccumulator, name, original)
+
+    def predicted_error(self, fraction: float) -> dict[str, float]:
+        """Expected ‖Ŝ − S‖_F / ‖S‖_F of the Horvitz–Thompson sum over a sample of ``round(p·n)`` of each
+        batch's ``n`` tokens, without replacement: Var_b = n² (1 − k/n) / k · s²_b, s²_b the tokens' variance."""
+        worst = {"activation": 0.0, "gradient": 0.0}
+        for (_, key), batches in self.batches.items():
+            variance, total = 0.0, 0
+            for product, fourth, n in batches:
+                k = max(1, round(fraction * n))
+                spread = (fourth - float(product.square().sum()) / n) / max(n - 1, 1)
+                variance += n * n * (1 - k / n) / k * spread
+                total = total + product
+            worst[key] = max(worst[key], (variance / float(total.square().sum())) ** 0.5)
+        return worst
+
+
+def error_model(args, fractions: list[float], folder: str) -> list[dict]:
+    """Predicted worst-layer A and G error per token fraction, from one full-rate fit's per-token spread."""
+    with TokenSpread() as spread:
+        fit(args, (1, 1.0), folder)
+    return [{"token_fraction": p, **{f"predicted_{key}_error": round(value, 4)
+                                     for key, value in spread.predicted_error(p).items()}} for p in fractions]
+
+
+def profile(args, setting: Setting, plain: float, folder: str) -> dict:
+    """Milliseconds per collected training step in each part of the collector (steps after the first,
+    except the loss check, which happens on the first only), next to the measured overhead."""
+    with PartTimer() as parts:
+        times, _ = fit(args, setting, folder)
+    steps = len(times)
+    per_step = {part: seconds / steps * 1e3 for part, seconds in parts.seconds.items()}
+    per_step["hooks: backward hook incl. products"] -= per_step["covariance products (A and G adds, incl. gather)"]
+    per_step = {part.replace(" incl. products", " (without products)"): value for part, value in per_step.items()}
+    overhead = (statistics.mean(times[1:]) - plain) * 1e3
+    return {"setting": label(setting), "overhead_ms_per_step": round(overhead, 3), "plain_ms_per_step": round(plain * 1e3, 3),
+            "ms_per_step": {part: round(value, 3) for part, value in per_step.items()}}
 
 
 def relative_error(factors, reference, key: str) -> float:
@@ -81,7 +217,13 @@ def relative_error(factors, reference, key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=48, help="training steps of each fit")
-    parser.add_argument("--rates", type=int, nargs="+", default=[1, 2, 4, 8], help="every_n_batches values")
+    parser.add_argument("--settings", type=parse_setting, nargs="+",
+                        default=[parse_setting(s) for s in ("1:1", "1:0.5", "1:0.25", "1:0.1", "2:1", "2:0.5",
+                                                            "2:0.25", "4:1", "4:0.25")],
+                        help="every_n_batches:token_fraction pairs; the first is the full-rate reference (1:1)")
+    parser.add_argument("--profile", action="store_true", help="also time the collector's parts")
+    parser.add_argument("--profile_settings", type=parse_setting, nargs="+",
+                        default=[parse_setting(s) for s in ("1:1", "1:0.1")])
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=8)
@@ -93,37 +235,58 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     load = {"before": os.getloadavg()[0]}
-    runs: dict = {"plain": []} | {rate: [] for rate in args.rates}
+    if args.settings[0] != (1, 1.0):
+        parser.error(f"the first setting is the full-rate reference and must be 1:1; got {label(args.settings[0])}")
+    runs: dict = {"plain": []} | {setting: [] for setting in args.settings}
     factors = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for _ in range(args.repeats):  # interleaved: a slow spell hits every variant alike
-            runs["plain"].append(fit(args, None, "")[0])
-            for rate in args.rates:
-                times, factors[rate] = fit(args, rate, str(Path(tmp) / f"rate{rate}"))
-                runs[rate].append(times)
-    load["after"] = os.getloadavg()[0]
 
     def step_median(times_list):  # mean step of the fastest repeat; the first step (warm-up, check's re-run) apart
         return min(statistics.mean(times[1:]) for times in times_list)
 
-    plain = step_median(runs["plain"])
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):  # interleaved: a slow spell hits every variant alike
+            runs["plain"].append(fit(args, None, "")[0])
+            for i, setting in enumerate(args.settings):
+                times, factors[setting] = fit(args, setting, str(Path(tmp) / f"setting{i}"))
+                runs[setting].append(times)
+        plain = step_median(runs["plain"])
+        profiles = [profile(args, setting, plain, str(Path(tmp) / "profile")) for setting in args.profile_settings] \
+            if args.profile else []
+        predictions = error_model(args, [0.9, 0.75, 0.5, 0.25, 0.1], str(Path(tmp) / "model")) if args.profile else []
+    load["after"] = os.getloadavg()[0]
+
     first_plain = min(times[0] for times in runs["plain"])
     rows = []
     print(f"llama width {args.width}, {args.layers} layers, batch {args.batch_size}, {args.steps} steps; "
           f"plain step {plain * 1e3:.1f} ms\n")
-    print("| every_n_batches | step time ÷ plain | first step ÷ plain first step | A error | G error |")
-    print("|---|---|---|---|---|")
-    for rate in args.rates:
-        ratio = step_median(runs[rate]) / plain
-        first = min(times[0] for times in runs[rate]) / first_plain
-        a_error = relative_error(factors[rate], factors[args.rates[0]], "activation_covariance")
-        g_error = relative_error(factors[rate], factors[args.rates[0]], "gradient_covariance")
-        rows.append({"every_n_batches": rate, "step_ratio": round(ratio, 3), "first_step_ratio": round(first, 2),
+    print("| every_n_batches | token_fraction | step time ÷ plain | spread over repeats | first step ÷ plain first step "
+          "| A error | G error |")
+    print("|---|---|---|---|---|---|---|")
+    reference = factors[args.settings[0]]
+    for setting in args.settings:
+        ratios = sorted(statistics.mean(times[1:]) / plain for times in runs[setting])
+        first = min(times[0] for times in runs[setting]) / first_plain
+        a_error = relative_error(factors[setting], reference, "activation_covariance")
+        g_error = relative_error(factors[setting], reference, "gradient_covariance")
+        rows.append({"every_n_batches": setting[0], "token_fraction": setting[1], "step_ratio": round(ratios[0], 3),
+                     "step_ratios_all_repeats": [round(r, 3) for r in ratios], "first_step_ratio": round(first, 2),
                      "activation_error": round(a_error, 4), "gradient_error": round(g_error, 4)})
-        print(f"| {rate} | {ratio:.2f} | {first:.2f} | {a_error:.1%} | {g_error:.1%} |")
+        print(f"| {setting[0]} | {setting[1]:g} | {ratios[0]:.2f} | {ratios[0]:.2f}–{ratios[-1]:.2f} | {first:.2f} "
+              f"| {a_error:.1%} | {g_error:.1%} |")
+    for result in profiles:
+        print(f"\nprofile of {result['setting']}: overhead {result['overhead_ms_per_step']:.2f} ms per step "
+              f"(plain step {result['plain_ms_per_step']:.2f} ms); time inside the collector's parts, ms per step:")
+        for part, value in result["ms_per_step"].items():
+            print(f"  {part}: {value:.3f}")
+    if predictions:
+        print("\npredicted error of the token sample alone (every batch, from the full-rate fit's per-token spread):")
+        print("| token_fraction | predicted A error | predicted G error |\n|---|---|---|")
+        for row in predictions:
+            print(f"| {row['token_fraction']:g} | {row['predicted_activation_error']:.1%} "
+                  f"| {row['predicted_gradient_error']:.1%} |")
     report_load(load, args.threads)
-    write_results({"commit": lit_attrib_commit(), "arguments": {k: str(v) for k, v in vars(args).items()},
-                   "plain_step_s": plain, "rates": rows, "load": load}, args.output)
+    write_results({"error_model": predictions, "commit": lit_attrib_commit(), "arguments": {k: str(v) for k, v in vars(args).items()},
+                   "plain_step_s": plain, "settings": rows, "profiles": profiles, "load": load}, args.output)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,21 @@ class KFACCollectorCallback(Callback):
             factors are then expectations over a 1/n sample of the batches; the time spent on the
             training steps that are not collected is the training's alone
             (``benchmarks/kfac_fit_overhead.py`` measures overhead and factor error per rate).
+        token_fraction: ``p`` in ``(0, 1]``: each batch of a covariance pass adds ``A`` and ``G`` of a
+            random ``round(p·n)`` of its ``n`` real tokens only, weighted by ``n / round(p·n)``, so the
+            factors are unbiased estimates of the full-rate ones and the covariance products cost
+            ``p`` of theirs (the rows are gathered before multiplying). One sample per batch serves
+            every layer and use. The sample is drawn from ``seed``, the process's rank and the batch's
+            position (``global_step`` and batch index in ``fit``; pass and examples seen in an own
+            pass), so a rerun or a resumed fit draws the same tokens. It applies to every covariance
+            pass; in ``fit`` it is combined with ``every_n_batches`` for a lower overhead, in the other
+            stages it saves only the products, not the collector's own forward/backward. EKFAC's
+            lambda pass is per example and is never sampled. ``1`` (default): every token, as before.
         inspect_modules: patterns of the layers to plot; default the last tracked ``down_proj``
             (or the last tracked layer).
         plots: write the inspection plots.
         overwrite: replace factors in ``output_dir`` that were made with other arguments.
-        seed: seed of the label sampling of ``fisher: true``.
+        seed: seed of the label sampling of ``fisher: true`` and of the token sample of ``token_fraction``.
     """
 
     def __init__(
@@ -111,6 +121,7 @@ class KFACCollectorCallback(Callback):
         check_train_loss: bool = True,
         start_epoch: int = 0,
         every_n_batches: int = 1,
+        token_fraction: float = 1.0,
         inspect_modules: list[str] | None = None,
         plots: bool = True,
         overwrite: bool = False,
@@ -121,6 +132,10 @@ class KFACCollectorCallback(Callback):
             problems.append(f"max_examples must be at least 1 (or null for all examples); got {max_examples}")
         if every_n_batches < 1:
             problems.append(f"every_n_batches must be at least 1; got {every_n_batches}")
+        if isinstance(token_fraction, bool) or not isinstance(token_fraction, (int, float)) \
+                or not 0 < token_fraction <= 1:
+            problems.append(f"token_fraction must be a number in (0, 1] (the fraction of each batch's real tokens "
+                            f"that K-FAC's A and G are estimated from; 1 for every token); got {token_fraction!r}")
         if layers_per_pass is not None and layers_per_pass < 1:
             problems.append(f"layers_per_pass must be at least 1; got {layers_per_pass}")
         if layers_per_pass is not None and module_groups is not None:
@@ -152,6 +167,7 @@ class KFACCollectorCallback(Callback):
         self.check_train_loss = check_train_loss
         self.start_epoch = start_epoch
         self.every_n_batches = every_n_batches
+        self.token_fraction = float(token_fraction)
         self.inspect_modules = inspect_modules
         self.plots = plots
         self.overwrite = overwrite
@@ -173,6 +189,7 @@ class KFACCollectorCallback(Callback):
         self._task: Task | None = None
         self._train_scale: TrainLossScale | None = None
         self._checked_layers = False
+        self._batch_idx = 0
 
     # ------------------------------------------------------------------------------ identity
     @property
@@ -188,6 +205,7 @@ class KFACCollectorCallback(Callback):
             "module_groups": self.module_groups, "dtype": str(self.dtype).replace("torch.", ""),
             "loss_fn": function_name(self.loss_fn),
             **({"every_n_batches": self.every_n_batches} if self.every_n_batches != 1 else {}),
+            **({"token_fraction": self.token_fraction} if self.token_fraction != 1 else {}),
         }
 
     @property
@@ -298,6 +316,7 @@ class KFACCollectorCallback(Callback):
         if self._stage != "fit" or not self._fit_epoch_collects(trainer) or batch_idx % self.every_n_batches:
             return
         self._where = f"training step {trainer.global_step} (epoch {trainer.current_epoch}, batch {batch_idx})"
+        self._batch_idx = batch_idx
         if self.fisher == "true":
             return
         scale = self._train_scale.for_batch(trainer, pl_module, batch, batch_idx)
@@ -409,10 +428,21 @@ class KFACCollectorCallback(Callback):
             if own_pass and wanted < size:
                 batch = slice_batch(batch, wanted)
                 size = wanted
-        self._tracker.enabled = set(self._groups[self.passes[self._pass][1]])
-        self._accumulator.begin_batch(self._task.padding_mask(batch), gradient_scale)
+        phase, group = self.passes[self._pass]
+        self._tracker.enabled = set(self._groups[group])
+        if phase == "covariance" and self.token_fraction < 1:
+            position = (1, self._pass, self._pass_examples) if own_pass else (0, trainer.global_step, self._batch_idx)
+            self._accumulator.begin_batch(self._task.padding_mask(batch), gradient_scale, self.token_fraction,
+                                          self._token_generator(trainer, *position))
+        else:
+            self._accumulator.begin_batch(self._task.padding_mask(batch), gradient_scale)
         self._pass_examples += size
         return batch
+
+    def _token_generator(self, trainer: Trainer, *position: int) -> torch.Generator:
+        """The CPU generator of one batch's token sample: a function of ``seed``, rank and the batch's position."""
+        key = hash((self.seed, trainer.global_rank, *position)) % 2**63  # ints hash alike in every process and run
+        return torch.Generator().manual_seed(key)
 
     def _end_batch(self, trainer: Trainer) -> None:
         if bad := self._accumulator.end_batch():

@@ -32,6 +32,15 @@ class KFACAccumulator:
     column of ``a`` is never materialised (its row of ``A`` is a running sum of ``a``), padding is
     removed by multiplying with the mask, and finiteness is checked once per batch.
 
+    With ``token_fraction`` ``p < 1`` in :meth:`begin_batch`, ``A`` and ``G`` of the batch come from a
+    random subset of ``k = round(p·n)`` of its ``n`` real tokens, gathered (``index_select``) before the
+    products so that they cost ``p`` of the full ones; the subset's sums are weighted by ``n / k`` and
+    ``n`` tokens are counted, so each batch's contribution is an unbiased estimate of its full one
+    (Horvitz–Thompson) and the normalised ``A`` and ``G`` are unbiased for the full-rate ones. One
+    subset per batch (per row count, see :meth:`sampled_rows`) serves every layer and every use, so
+    ``A`` and ``G`` of a use cover the same tokens and layers reading one input get equal ``A``.
+    The lambda pass (:meth:`add_rotated_gradient`) is per example and never sampled.
+
     Args:
         layers: the tracked layers, by name.
         dtype: accumulation dtype (float32 or float64); inputs are cast to it, so bf16 activations
@@ -55,25 +64,63 @@ class KFACAccumulator:
         # Layers that read the same input in one forward (q/k/v, gate/up) share its products: keyed by
         # the input's memory, which the cache keeps alive (and so unique) until the batch ends.
         self._shared: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._fraction = 1.0
+        self._generator: torch.Generator | None = None
+        self._padding: torch.Tensor | None = None  # (B, T) bool of the batch, kept to sample real tokens from
+        # Row count -> (sorted row indices, weight n/k, n): this batch's token sample (see sampled_rows).
+        self._samples: dict[int, tuple[torch.Tensor, float, int]] = {}
 
     # --------------------------------------------------------------------------------- updates
-    def begin_batch(self, mask: torch.Tensor | None, gradient_scale: float = 1.0) -> None:
+    def begin_batch(self, mask: torch.Tensor | None, gradient_scale: float = 1.0, token_fraction: float = 1.0,
+                    generator: torch.Generator | None = None) -> None:
         """Start a batch: ``mask (B, T)`` marks the tokens that count (``None``: all of them).
 
         ``gradient_scale`` turns the observed output gradients into those of the summed loss.
+        ``token_fraction < 1`` samples that fraction of the real tokens for ``A`` and ``G`` with
+        ``generator`` (a CPU generator; the subset is drawn when the first layer reports).
         """
         padded = mask is not None and not bool(mask.all())
         self._mask = mask.reshape(-1, 1).to(self.dtype) if padded else None
         self._tokens = int(mask.sum()) if padded else 0
         self._scale = gradient_scale
         self._shared.clear()
+        self._fraction = token_fraction
+        self._generator = generator
+        self._padding = mask.reshape(-1) if padded else None
+        self._samples.clear()
 
-    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """``(B, T, d) -> (N, d)`` rows, the same rows with padding zeroed, and the number of real rows."""
-        rows = x.reshape(-1, x.shape[-1]).to(self.dtype)
+    def sampled_rows(self, count: int) -> tuple[torch.Tensor, float, int]:
+        """The token sample of this batch for inputs of ``count`` rows: ``(indices, weight, real tokens)``.
+
+        ``indices`` are sorted positions in the flattened ``(B·T)`` rows, a uniform random subset of
+        ``k = max(1, round(p·n))`` of the ``n`` real ones (all rows when ``count`` is not the mask's
+        ``B·T``), and ``weight = n / k``. Drawn once per batch and row count, then reused.
+        """
+        if count not in self._samples:
+            if self._padding is not None and self._padding.numel() == count:
+                real = self._padding.nonzero().squeeze(1)  # (n,)
+            else:
+                real = None
+            n = count if real is None else real.numel()
+            k = min(n, max(1, round(self._fraction * n))) if n else 0
+            chosen = torch.randperm(n, generator=self._generator)[:k].sort().values  # CPU
+            indices = chosen if real is None else real[chosen.to(real.device)]
+            self._samples[count] = (indices.to(self._device), n / k if k else 0.0, n)
+        return self._samples[count]
+
+    def _rows(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """``(B, T, d) -> (N, d)`` rows, the same rows with padding zeroed, the number of real rows, and
+        the weight of the rows' products (``n / k`` for a token sample of ``k`` rows, else 1)."""
+        rows = x.reshape(-1, x.shape[-1])  # (N, d)
+        if self._fraction < 1.0:
+            # Gather before casting and multiplying: the products then cost k/N of the full ones.
+            indices, weight, count = self.sampled_rows(rows.shape[0])
+            rows = rows.index_select(0, indices.to(rows.device)).to(self.dtype)  # (k, d), real tokens only
+            return rows, rows, count, weight
+        rows = rows.to(self.dtype)
         if self._mask is not None and self._mask.shape[0] == rows.shape[0]:
-            return rows, rows * self._mask, self._tokens
-        return rows, rows, rows.shape[0]
+            return rows, rows * self._mask, self._tokens, 1.0
+        return rows, rows, rows.shape[0], 1.0
 
     def _buffer(self, name: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         buffer = self.sums[name].get(key)
@@ -92,24 +139,24 @@ class KFACAccumulator:
         """Add ``Σ a aᵀ`` (bias-appended ``a``) over the real tokens of one use of ``layer``."""
         key = self._key(activations, "covariance")
         if key not in self._shared:
-            rows, masked, count = self._rows(activations)
-            self._shared[key] = (activations, masked.T @ rows, masked.sum(0), count)
-        _, product, column, count = self._shared[key]
+            rows, masked, count, weight = self._rows(activations)
+            self._shared[key] = (activations, masked.T @ rows, masked.sum(0), count, weight)
+        _, product, column, count, weight = self._shared[key]
         width = product.shape[0]
         total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
-        total[:width, :width] += product
+        total[:width, :width].add_(product, alpha=weight)  # alpha 1 (no sampling) adds exactly as `+=`
         if layer.has_bias:  # the appended 1: its row and column are Σ a, its corner the token count
-            total[:width, width] += column
-            total[width, :width] += column
+            total[:width, width].add_(column, alpha=weight)
+            total[width, :width].add_(column, alpha=weight)
             total[width, width] += count
         self._count(layer.name, "activation", count)
         self._checks.append((f"{layer.name}: activation", total[:width, :width].diagonal().sum()))
 
     def add_gradients(self, layer: LayerInfo, gradients: torch.Tensor) -> None:
         """Add ``Σ g gᵀ`` over the real tokens (``g`` of the sum-reduced loss, after the batch's scale)."""
-        rows, masked, count = self._rows(gradients)
+        rows, masked, count, weight = self._rows(gradients)
         total = self._buffer(layer.name, "gradient", (rows.shape[1],) * 2)
-        total.addmm_(masked.T, rows, alpha=self._scale ** 2)
+        total.addmm_(masked.T, rows, alpha=self._scale ** 2 * weight)
         self._count(layer.name, "gradient", count)
         self._checks.append((f"{layer.name}: gradient", total.diagonal().sum()))
 
