@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: which lit_attrib they measured, and profiles as JSON rows."""
+"""What the benchmark scripts share: which lit_attrib they measured, profiles as JSON rows, step timing."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ import io
 import json
 import pstats
 import subprocess
+import time
 from pathlib import Path
+
+from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,3 +62,17 @@ def write_results(results: dict, output: Path) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(results, indent=2) + "\n")
     print(f"\nwritten to {output}")
+
+
+class StepTimer(Callback):
+    """Wall time of each training step (batch start to batch end)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.times.append(time.perf_counter() - self._start)

@@ -52,6 +52,7 @@ from _common import lit_attrib_commit, lit_attrib_sources, write_results
 from influence_lds import (
     TARGETS,
     _worker_init,
+    add_recipe_arguments,
     datamodule,
     example_losses,
     fit_factors,
@@ -157,17 +158,7 @@ def main() -> None:
     parser.add_argument("--ks", type=int, nargs="+", default=[16, 32, 64], help="projection_dim per side")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="projection seeds")
     parser.add_argument("--layer-sets", nargs="+", choices=list(LAYER_SETS), default=["all", "mlp"])
-    parser.add_argument("--hidden-size", type=int, default=96)
-    parser.add_argument("--intermediate-size", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=20)
-    parser.add_argument("--learning-rate", type=float, default=3e-3)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--scheduler", default="cosine")
-    parser.add_argument("--warmup", type=float, default=0.05, help="warmup steps as a fraction of all steps")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--init-seed", type=int, default=0)
-    parser.add_argument("--order-seed", type=int, default=0)
+    add_recipe_arguments(parser, hidden_size=96)
     parser.add_argument("--num-samples", type=int, default=None, help="use only the first rows of the file")
     parser.add_argument("--queries", type=int, default=None, help="validation rows used as queries (all if unset)")
     parser.add_argument("--subsets", type=int, default=30, help="retrained subsets for the LDS")

@@ -32,8 +32,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from _common import lit_attrib_commit, report_load, write_results
-from lightning.pytorch import Callback, Trainer, seed_everything
+from _common import StepTimer, lit_attrib_commit, report_load, write_results
+from lightning.pytorch import Trainer, seed_everything
 
 from lit_attrib.callbacks import GradientIndexCallback
 from lit_attrib.data import TextDataModule
@@ -49,20 +49,6 @@ VARIANTS = {
     "no_curvature": {"curvature": False},
     "adam": {"curvature": False, "normalisation": "adam"},
 }
-
-
-class StepTimer(Callback):
-    """Wall time of each training step (batch start to batch end)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def fit(args, variant: str | None, folder: str) -> tuple[float, list[float], int]:

@@ -234,10 +234,9 @@ def summary(values: list[float]) -> dict:
             "median": float(finite.median()), "queries": len(finite)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--hidden-size", type=int, default=64)
+def add_recipe_arguments(parser: argparse.ArgumentParser, hidden_size: int) -> None:
+    """The model and training recipe of the retrained models (shared with index_accuracy.py)."""
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
     parser.add_argument("--intermediate-size", type=int, default=256)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=20)
@@ -248,6 +247,12 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--init-seed", type=int, default=0)
     parser.add_argument("--order-seed", type=int, default=0, help="seed of the training batches' order")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_recipe_arguments(parser, hidden_size=64)
     parser.add_argument("--train-seeds", type=int, default=1,
                         help="retrain each subset with this many data-order seeds (order-seed, +1, ...) and average")
     parser.add_argument("--num-samples", type=int, default=None, help="use only the first rows of the file")

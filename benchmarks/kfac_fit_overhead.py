@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import ClassVar, Self
 
 import torch
-from _common import lit_attrib_commit, report_load, write_results
-from lightning.pytorch import Callback, Trainer, seed_everything
+from _common import StepTimer, lit_attrib_commit, report_load, write_results
+from lightning.pytorch import Trainer, seed_everything
 
 from lit_attrib.artifacts import load_factors
 from lit_attrib.callbacks import KFACCollectorCallback
@@ -47,20 +47,6 @@ from lit_attrib.ops.kfac_accumulator import KFACAccumulator
 ROOT = Path(__file__).resolve().parents[1]
 DATA, TOKENIZER = str(ROOT / "data/facts/facts.jsonl"), str(ROOT / "data/facts/tokenizer")
 RESULTS = ROOT / "benchmarks" / "results" / "kfac_fit_overhead.json"
-
-
-class StepTimer(Callback):
-    """Wall time of each training step (batch start to batch end)."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._start = 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.times.append(time.perf_counter() - self._start)
 
 
 Setting = tuple[int, float]  # (every_n_batches, token_fraction)

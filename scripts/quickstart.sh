@@ -25,18 +25,15 @@ lit-attrib index-query -c configs/quickstart.yaml -c configs/index_quickstart.ya
 
 python - <<'PY'
 import json
-rows = [json.loads(line) for line in open("runs/quickstart/influence/topk.jsonl")]
-print("\nMost helpful training examples for two held-out questions (runs/quickstart/influence/topk.jsonl):")
-for row in rows[:2]:
-    print("  query:", row["query"].replace("\n", " "))
-    for hit in row["helpful"][:3]:
-        print(f"    {hit['score']:+.3g}  #{hit['index']}  {hit['text'].replace(chr(10), ' ')}")
-rows = [json.loads(line) for line in open("runs/quickstart/index_query/topk.jsonl")]
-print("\nTraining examples behind two of the model's own answers (runs/quickstart/index_query/topk.jsonl):")
-for row in rows[:2]:
-    print("  answer:", row["query"].replace("\n", " "))
-    for hit in row["helpful"][:3]:
-        print(f"    {hit['score']:+.3g}  #{hit['index']}  {hit['text'].replace(chr(10), ' ')}")
+for path, title, label in [
+    ("runs/quickstart/influence/topk.jsonl", "Most helpful training examples for two held-out questions", "query"),
+    ("runs/quickstart/index_query/topk.jsonl", "Training examples behind two of the model's own answers", "answer"),
+]:
+    print(f"\n{title} ({path}):")
+    for row in [json.loads(line) for line in open(path)][:2]:
+        print(f"  {label}:", row["query"].replace("\n", " "))
+        for hit in row["helpful"][:3]:
+            print(f"    {hit['score']:+.3g}  #{hit['index']}  {hit['text'].replace(chr(10), ' ')}")
 PY
 
 echo
