@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from lit_attrib.artifacts.index import METADATA_FILE, read_index
-from lit_attrib.callbacks._common import check_context, context_length, tensors_checksum
+from lit_attrib.callbacks._common import check_context, context_length, layers_checksum
 from lit_attrib.engine.gradient_pass import own_backward
 from lit_attrib.engine.task import Task, resolve_task
 from lit_attrib.engine.tracking import LayerTracker, find_layers
@@ -184,7 +184,7 @@ class GradientIndex:
                 + f"); it holds {len(built)} layers such as {list(built)[:3]}: query it with the model it was built on")
         saved = self.metadata.get("weights")
         if check_weights and saved is not None:
-            now = tensors_checksum(p for layer in layers.values() for p in layer.module.parameters())
+            now = layers_checksum(layers)
             if now != saved:
                 raise ArtifactError(
                     f"the index in '{self.folder}' was built at other weights of these layers (checksum {saved}, "

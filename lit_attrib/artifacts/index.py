@@ -32,9 +32,25 @@ from safetensors.torch import load_file, save_file
 from lit_attrib.errors import ArtifactError
 from lit_attrib.io import atomic_path, write_json
 
-__all__ = ["FORMAT", "METADATA_FILE", "PROGRESS_FILE", "index_exists", "list_parts", "merge_parts", "part_ids",
-           "part_name", "part_sums", "read_index", "read_progress", "remove_build_files", "write_curvature",
-           "write_metadata", "write_part", "write_progress", "write_shard"]
+__all__ = [
+    "FORMAT",
+    "METADATA_FILE",
+    "PROGRESS_FILE",
+    "index_exists",
+    "list_parts",
+    "merge_parts",
+    "part_ids",
+    "part_name",
+    "part_sums",
+    "read_index",
+    "read_progress",
+    "remove_build_files",
+    "shard_names",
+    "write_curvature",
+    "write_metadata",
+    "write_part",
+    "write_progress",
+]
 
 FORMAT = "lit_attrib.gradient_index/1"
 METADATA_FILE = "index.json"
@@ -49,15 +65,9 @@ def index_exists(folder: str | os.PathLike) -> bool:
     return (Path(folder) / METADATA_FILE).is_file()
 
 
-def write_shard(folder: str | os.PathLike, rank: int, rows: np.ndarray, ids: np.ndarray) -> list[str]:
-    """Write one process's rows and ids atomically; returns the file names."""
-    folder = Path(folder)
-    names = [f"rows-rank{rank:03d}.npy", f"ids-rank{rank:03d}.npy"]
-    for name, array in zip(names, (rows, ids)):
-        with atomic_path(folder / name) as tmp:
-            with open(tmp, "wb") as handle:
-                np.save(handle, array)
-    return names
+def shard_names(rank: int) -> list[str]:
+    """The file names of one process's shard: its rows and their example ids."""
+    return [f"rows-rank{rank:03d}.npy", f"ids-rank{rank:03d}.npy"]
 
 
 def part_name(rank: int, sequence: int) -> str:
@@ -136,7 +146,7 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
     mine = distinct[start:stop]
     accumulate = torch.float64 if any(_open_part(folder, n).get_slice("rows").get_dtype() == "F64" for n in names) \
         else torch.float32
-    rows_name, ids_name = f"rows-rank{rank:03d}.npy", f"ids-rank{rank:03d}.npy"
+    rows_name, ids_name = shard_names(rank)
     with atomic_path(folder / rows_name) as tmp:
         in_memory = len(mine) * width * accumulate.itemsize <= _IN_MEMORY_BYTES
         if in_memory:  # the common case: no page faults of a file-backed map, and torch's fast float16 cast
@@ -147,7 +157,8 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
             total = torch.from_numpy(mapped)
         try:
             for name, part in zip(names, ids):
-                keep = np.isin(part, mine) if len(mine) else np.zeros(len(part), bool)
+                # mine is a contiguous run of the sorted distinct ids: a range test is a membership test
+                keep = (part >= mine[0]) & (part <= mine[-1]) if len(mine) else np.zeros(len(part), bool)
                 if not keep.any():
                     continue
                 rows = _open_part(folder, name).get_tensor("rows")

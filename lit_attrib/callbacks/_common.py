@@ -60,6 +60,11 @@ class ArtifactCallback(Callback, ABC):
                                     f"choose another output_dir or name, or set overwrite=True to replace them")
 
 
+def layers_checksum(layers) -> str:
+    """:func:`tensors_checksum` of the weights of tracked layers (``{name: LayerInfo}``)."""
+    return tensors_checksum(p for layer in layers.values() for p in layer.module.parameters())
+
+
 def tensors_checksum(tensors) -> str:
     """A short hash of weights from each tensor's sum and absolute sum (cheap; enough to tell
     checkpoints or edited weights apart, so that partial results of other weights are not reused)."""

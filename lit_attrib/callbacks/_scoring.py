@@ -25,8 +25,8 @@ from lit_attrib.callbacks._common import (
     check_context,
     context_length,
     decode_texts,
+    layers_checksum,
     show_progress,
-    tensors_checksum,
 )
 from lit_attrib.engine.data import (
     DataSource,
@@ -155,7 +155,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
 
     def _checksum(self) -> str:
         """A short hash of the tracked weights: chunks of other weights must not be resumed from."""
-        return tensors_checksum(p for layer in self.layers.values() for p in layer.module.parameters())
+        return layers_checksum(self.layers)
 
     # ------------------------------------------------------------------------ gradients
     def _dispatch_gradient(self, layer: LayerInfo, use: int, activations: torch.Tensor, gradients: torch.Tensor) -> None:

@@ -43,7 +43,7 @@ from lit_attrib.artifacts.attention import FORMAT, METADATA_FILE, load_attention
 from lit_attrib.callbacks._common import ArtifactCallback
 from lit_attrib.callbacks._scoring import tensorboard_text
 from lit_attrib.callbacks.attention_kernels import attention_modules, capture_kernel_inputs
-from lit_attrib.engine.data import ExampleIds, current_loader, lent_predict_step, require_one_loader
+from lit_attrib.engine.data import ExampleIds, current_loader, require_one_loader
 from lit_attrib.engine.task import Task, resolve_task
 from lit_attrib.engine.tracking import exclusive, observed_by
 from lit_attrib.errors import DataError, ModelError
@@ -473,10 +473,9 @@ class AttentionCaptureCallback(ArtifactCallback):
 
     @override
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        # A lent predict_step, or one that skips whole examples (CausalLMModule in an analysis pass), runs no
-        # forward: run the one to watch.
-        nothing_ran = self._batch is not None and len(self._batch["pending"]) == len(self._modules)
-        if lent_predict_step(pl_module) or nothing_ran:
+        # No attention layer ran: the predict_step is a lent no-op, or one that skips whole examples
+        # (CausalLMModule in an analysis pass). Run the forward to watch.
+        if self._batch is not None and len(self._batch["pending"]) == len(self._modules):
             with torch.no_grad(), exclusive(self):
                 self._task.forward(pl_module, batch)
         self._batch_end()

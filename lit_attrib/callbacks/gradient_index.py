@@ -29,12 +29,13 @@ from lit_attrib.artifacts.index import (
     part_sums,
     read_progress,
     remove_build_files,
+    shard_names,
     write_curvature,
     write_metadata,
     write_part,
     write_progress,
 )
-from lit_attrib.callbacks._common import check_context, context_length, tensors_checksum
+from lit_attrib.callbacks._common import check_context, context_length, layers_checksum, tensors_checksum
 from lit_attrib.callbacks.gradient_index_fit import _FitCollection
 from lit_attrib.engine.data import ExampleIds, current_loader, require_one_loader
 from lit_attrib.engine.gradient_pass import own_backward
@@ -375,8 +376,8 @@ class GradientIndexCallback(_FitCollection):
                 "seed": self.seed,
                 "width": self._accumulator.width,
                 "storage_dtype": self.storage_dtype,
-                "shards": [[f"rows-rank{r:03d}.npy", f"ids-rank{r:03d}.npy"] for r in range(trainer.world_size)],
-                "weights": tensors_checksum(p for layer in self._layers.values() for p in layer.module.parameters()),
+                "shards": [shard_names(r) for r in range(trainer.world_size)],
+                "weights": layers_checksum(self._layers),
                 "global_step": trainer.global_step,
                 "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
             })

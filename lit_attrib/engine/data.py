@@ -23,7 +23,7 @@ from lit_attrib.quiet import PREDICT_RETURNED_NONE
 
 __all__ = ["DataSource", "ExampleIds", "current_loader", "example_checksums", "ensure_predict_step", "is_ordered",
            "is_sharded", "loader_count", "require_one_loader", "source_name",
-           "iterate_batches", "lent_predict_step", "release_predict_step",
+           "iterate_batches", "release_predict_step",
            "resolve_loader"]
 
 DataSource = Union[str, os.PathLike, DataLoader, Dataset]
@@ -216,11 +216,6 @@ def loader_count(trainer: Trainer) -> int:
     loaders = {"validate": trainer.val_dataloaders, "fit": trainer.val_dataloaders, "test": trainer.test_dataloaders,
                "predict": trainer.predict_dataloaders}.get(fn)
     return len(loaders) if isinstance(loaders, (list, tuple, dict)) else int(loaders is not None)
-
-
-def lent_predict_step(pl_module: LightningModule) -> bool:
-    """Whether ``pl_module`` runs the ``predict_step`` lit_attrib lent it (which runs no forward)."""
-    return pl_module.__dict__.get("predict_step") is _no_predictions
 
 
 def _no_predictions(batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> None:
