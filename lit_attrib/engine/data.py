@@ -223,11 +223,12 @@ def _no_predictions(batch: Any, batch_idx: int = 0, dataloader_idx: int = 0) -> 
     return None
 
 
-def ensure_predict_step(pl_module: LightningModule, owner: object) -> None:
+def ensure_predict_step(pl_module: LightningModule, owner: object, force: bool = False) -> None:
     """Lend ``pl_module`` a ``predict_step`` that returns nothing, if its class never defined one
-    (Lightning's default calls ``forward(batch)``, which a module with another signature cannot take).
+    (Lightning's default calls ``forward(batch)``, which a module with another signature cannot take), or
+    over its own with ``force`` (a pass where the callbacks do all the work, e.g. ``lit-attrib index-query``).
     ``owner`` (the callback) gives it back with :func:`release_predict_step`; lending twice is harmless."""
-    if type(pl_module).predict_step is LightningModule.predict_step:
+    if force or type(pl_module).predict_step is LightningModule.predict_step:
         # Lightning would warn on every pass that this predict_step returns None: it does so on purpose.
         warnings.filterwarnings("ignore", message=PREDICT_RETURNED_NONE)
         owners = pl_module.__dict__.setdefault("_lit_attrib_predict_owners", set())

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,8 +30,10 @@ import torch
 from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 
+from lit_attrib.engine.data import ensure_predict_step, release_predict_step
 from lit_attrib.errors import ConfigError, DataError
 from lit_attrib.io import write_json, write_jsonl
+from lit_attrib.quiet import quiet_known_noise
 
 __all__ = ["FORMAT", "index_query"]
 
@@ -147,13 +148,12 @@ def index_query(
     finally:
         logging.getLogger("lightning.pytorch.utilities.rank_zero").removeFilter(quiet)
     # The pass reads one batch of the predict set and predicts nothing: the callback does the work.
-    model.__dict__["predict_step"] = _no_predictions
+    ensure_predict_step(model, runner, force=True)
+    quiet_known_noise("predict")  # e.g. the checkpoint's ModelCheckpoint state, of no use here
     try:
-        with warnings.catch_warnings():  # the checkpoint's ModelCheckpoint state is of no use here
-            warnings.filterwarnings("ignore", message=".*callbacks used to create the checkpoint")
-            runner_trainer.predict(model, datamodule=data, ckpt_path=ckpt_path, return_predictions=False)
+        runner_trainer.predict(model, datamodule=data, ckpt_path=ckpt_path, return_predictions=False)
     finally:
-        model.__dict__.pop("predict_step", None)
+        release_predict_step(model, runner)
     if runner.rows is None:
         raise DataError(f"{_OWNER}: the predict pass ran no batch; the datamodule's predict set is empty")
     out = Path(output_dir) if output_dir else folder.parent / f"{folder.name}_query"
@@ -181,10 +181,6 @@ def index_query(
           + f"  search:          {timings['search']:.4f} s ({1e3 * timings['search'] / count:.3f} ms per query)\n"
           f"  wrote {out / 'topk.jsonl'}")
     return runner.rows
-
-
-def _no_predictions(*args, **kwargs) -> None:
-    return None
 
 
 class _Without(logging.Filter):
