@@ -229,7 +229,7 @@ class _FitCollection(ArtifactCallback):
                     return None
                 second = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
                 correction = 1 - group["betas"][1] ** step
-                parts.append(second.sqrt() / math.sqrt(correction) + group["eps"])
+                parts.append(second.sqrt().div_(math.sqrt(correction)).add_(group["eps"]))  # one temporary
             weight = parts[0].T if layer.kind == "conv1d" else parts[0]  # (out, in)
             denominators[name] = torch.cat([weight, parts[1][:, None]], 1) if layer.has_bias else weight
         return denominators

@@ -101,7 +101,9 @@ class ProjectedGradients:
             if self.curvature:
                 raise ValueError("the projected curvature is of unnormalised gradients: a denominator needs "
                                  "curvature=False")
-            block = _normalised_block(g * self._scale, a, denominator.to(self.device, self.dtype), p_out, p_in)
+            block = _normalised_block(g, a, denominator.to(self.device, self.dtype), p_out, p_in)
+            if self._scale != 1.0:
+                block = block.mul_(self._scale)  # after the projection, as below: k_out × k_in, not T × out
             held = self._batch.get(layer.name)
             self._batch[layer.name] = block if held is None else held.add_(block)
             return
@@ -130,7 +132,7 @@ class ProjectedGradients:
             if block is None:
                 block = torch.zeros(self._size, *self.sizes[name], dtype=self.dtype, device=self.device)
             elif layer_scales is not None:
-                block = block * layer_scales[name]
+                block = block.mul_(layer_scales[name])  # the batch's own block, dropped right after
             blocks.append(block.flatten(1))
         self._batch = {}
         return torch.cat(blocks, dim=1)
@@ -186,5 +188,5 @@ def _normalised_block(g: torch.Tensor, a: torch.Tensor, denominator: torch.Tenso
     blocks = []
     for start in range(0, g.shape[0], chunk):
         gradient = g[start:start + chunk].mT @ a[start:start + chunk]  # (b, out, in)
-        blocks.append(p_out @ (gradient / denominator) @ p_in.T)  # (b, k_out, k_in)
+        blocks.append(p_out @ gradient.div_(denominator) @ p_in.T)  # (b, k_out, k_in)
     return torch.cat(blocks)
