@@ -16,7 +16,6 @@ example's ``DW`` of that layer (a few examples at a time), divides it exactly, t
 from __future__ import annotations
 
 import zlib
-from collections.abc import Callable
 
 import torch
 
@@ -44,7 +43,8 @@ class ProjectedGradients:
     and (optionally) the K-FAC sums of the projected activations and gradients.
 
     Interface of every accumulator: :meth:`begin_batch`; :meth:`add` one use of one layer; :meth:`end_batch`
-    (the batch's rows); :meth:`reduce` the curvature sums across processes; :meth:`state_dict`.
+    (the batch's rows); :meth:`take_sums` the curvature sums since the last call (kept or dropped with the rows;
+    the callback sums them across batches, parts and processes).
 
     Args:
         layers: the tracked layers, by name (the row's blocks follow this order).
@@ -66,7 +66,6 @@ class ProjectedGradients:
             for name, layer in layers.items()
         }
         self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
-        self.tokens = 0
         self._batch: dict[str, torch.Tensor] = {}
         self._size = 0
         self._mask: torch.Tensor | None = None
@@ -82,8 +81,6 @@ class ProjectedGradients:
         ``gradient_scale`` turns the observed output gradients into those of each example's summed loss."""
         self._batch, self._size, self._scale = {}, size, gradient_scale
         self._mask = None if mask is None else mask.reshape(-1).to(self.device, torch.bool)
-        if self._mask is not None:
-            self.tokens += int(self._mask.sum())
 
     def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor,
             denominator: torch.Tensor | None = None) -> None:
@@ -149,32 +146,6 @@ class ProjectedGradients:
         self.sums = {name: {} for name in self.layers}
         return flat
 
-    def reduce(self, reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Sum the curvature sums over processes (every process calls this)."""
-        for name in self.layers:
-            k_out, k_in = self.sizes[name]
-            sums = self.sums[name]
-            for key, shape in (("activation", (k_in, k_in)), ("gradient", (k_out, k_out))):
-                value = sums.get(key)
-                sums[key] = reduce_fn(torch.zeros(shape, dtype=self.dtype, device=self.device) if value is None
-                                      else value)
-            sums["tokens"] = int(reduce_fn(torch.tensor(float(sums.get("tokens", 0)), dtype=torch.float64,
-                                                        device=self.device)))
-
-    def covariances(self) -> dict[str, dict[str, torch.Tensor]]:
-        """Each layer's projected K-FAC factors ``A_p = E[(P a)(P a)ᵀ]``, ``G_p = E[(P g)(P g)ᵀ]`` (float64)."""
-        return {name: {"activation_covariance": sums["activation"].double() / max(sums["tokens"], 1),
-                       "gradient_covariance": sums["gradient"].double() / max(sums["tokens"], 1)}
-                for name, sums in self.sums.items() if "activation" in sums}
-
-    def state_dict(self) -> dict:
-        return {"sums": {n: {k: (v.detach().cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-                         for n, s in self.sums.items()}, "tokens": self.tokens}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.sums = {n: {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in s.items()}
-                     for n, s in state.get("sums", {}).items()}
-        self.tokens = state.get("tokens", 0)
 
 
 def _normalised_block(g: torch.Tensor, a: torch.Tensor, denominator: torch.Tensor, p_out: torch.Tensor,
