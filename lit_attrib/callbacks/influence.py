@@ -351,12 +351,12 @@ class InfluenceCallback(FactorScoringCallback):
                 if self._covered and set(indices.tolist()) <= self._covered:
                     continue
                 check_context(self._task, batch, self._context, "the example")
-                tensors = self._score(trainer, pl_module, batch)
+                tensors = {key: value.cpu() for key, value in self._score(trainer, pl_module, batch).items()}
                 for row, index in enumerate(indices.tolist()):
                     held = self._partial.get(index)
                     if held is not None and held["group"] == number:
                         continue  # a row read twice in one pass (a sampler's padding): counted once
-                    values = {key: value[row].cpu() for key, value in tensors.items()}
+                    values = {key: value[row] for key, value in tensors.items()}  # one copy per batch, above
                     if held is not None:
                         values = {key: _add_padded(held[key], value) for key, value in values.items()}
                     self._partial[index] = {**values, "group": number}
