@@ -227,6 +227,17 @@ def main(args: list[str] | None = None) -> None:
     except LitAttribError as exc:
         print(f"lit-attrib: error: {exc}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        _close_process_group()
+
+
+def _close_process_group() -> None:
+    """Tear down a DDP process group before the interpreter does: a gloo group left to the interpreter's exit can
+    abort the process ("terminate called without an active exception") after all the work was written."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -51,12 +51,20 @@ def _deterministic():
     torch.manual_seed(0)
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, warnings: bool = False) -> subprocess.CompletedProcess:
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, warnings: bool = False,
+            in_process: bool = False) -> subprocess.CompletedProcess:
     """Run ``lit-attrib ARGS`` in a subprocess (as a user would) and return the finished process.
 
     ``tests/`` is on the subprocess's path, so configs may name test helpers by class_path. Warnings are
     off unless ``warnings`` (then as a user sees them: Python's own filters, no PYTHONWARNINGS).
+
+    ``in_process`` runs the same entry point (``lit_attrib.cli.main``) in this process instead, with its output
+    captured: each start of a new interpreter costs seconds of imports (torch, Lightning, transformers), and a
+    one-process command checked only for its files and messages loses nothing by skipping them. DDP runs, kills
+    and checks of what a user's terminal shows stay in a subprocess.
     """
+    if in_process:
+        return _run_cli_here(list(args), cwd)
     path = os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": path}
     if warnings:
@@ -64,6 +72,52 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600, warnings: bool = F
     return subprocess.run(
         [sys.executable, "-m", "lit_attrib", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def _run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``lit-attrib ARGS`` through ``main`` in this process: stdout, stderr (logging's stream handlers included)
+    captured, the exit code as a subprocess would report it, and the working directory, environment, warning
+    filters and random state restored afterwards."""
+    import contextlib
+    import gc
+    import io
+    import logging
+    import traceback
+    import warnings as _warnings
+
+    from lit_attrib.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    handlers = [h for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+                if isinstance(logger, logging.Logger) for h in logger.handlers
+                if type(h) is logging.StreamHandler]  # noqa: E721 - not FileHandler and the like
+    streams = [h.stream for h in handlers]
+    environ, here, rng = dict(os.environ), os.getcwd(), torch.get_rng_state()
+    code = 0
+    try:
+        os.chdir(cwd)
+        for handler in handlers:
+            handler.setStream(err)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), _warnings.catch_warnings():
+            _warnings.simplefilter("ignore")
+            try:
+                main(args)
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+                if not isinstance(exc.code, int | None):
+                    print(exc.code, file=sys.stderr)
+            except Exception:  # noqa: BLE001 - reported as the interpreter would, with exit code 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        for handler, stream in zip(handlers, streams):
+            handler.setStream(stream)
+        os.chdir(here)
+        os.environ.clear()
+        os.environ.update(environ)
+        torch.set_rng_state(rng)
+        gc.collect()
+    return subprocess.CompletedProcess(["lit-attrib", *args], code, out.getvalue(), err.getvalue())
 
 
 def override_config(tmp_path: Path, save_last: bool = True, **trainer: object) -> Path:

@@ -138,7 +138,7 @@ def test_callback_help_documents_every_argument(cls, capsys):
 )
 def test_cli_errors_are_one_clear_message(tmp_path, override, message):
     result = run_cli("fit", "-c", QUICKSTART, "--trainer.default_root_dir", str(tmp_path),
-                     "--trainer.logger", "false", "--trainer.callbacks", "[]", *override)
+                     "--trainer.logger", "false", "--trainer.callbacks", "[]", *override, in_process=True)
     assert result.returncode == 2, result.stderr[-2000:]
     assert re.search(r"lit-attrib: error: .*" + message, result.stderr), result.stderr[-2000:]
     assert "Traceback" not in result.stderr

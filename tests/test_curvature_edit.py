@@ -358,7 +358,7 @@ def test_two_process_ddp_metrics_equal_one_process(tmp_path):
         path = tmp_path / f"edit_{processes}.yaml"
         path.write_text(yaml.safe_dump(config))
         for command in ("validate", "predict"):
-            result = run_cli(command, "-c", str(path))
+            result = run_cli(command, "-c", str(path), in_process=processes == 1)
             assert result.returncode == 0, result.stderr[-3000:]
         results[processes] = read_jsonl(root / "edit" / "results.jsonl")
         memorized[processes] = read_jsonl(root / "memorized" / "memorized.jsonl")

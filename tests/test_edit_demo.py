@@ -39,7 +39,7 @@ def test_shortened_demo_edit_removes_memorization_and_keeps_perplexity(tmp_path)
                                     str(tmp_path / "checkpoints" / "last.ckpt")),
              ("predict", "-c", edit), ("validate", "-c", edit)]
     for step in steps:
-        result = run_cli(*step)
+        result = run_cli(*step, in_process=True)
         assert result.returncode == 0, (step, result.stderr[-3000:])
     baseline, *edited = read_jsonl(tmp_path / "edit" / "results.jsonl")
     assert baseline["model"] == "baseline" and baseline["memorization_examples"] == 16

@@ -31,11 +31,11 @@ def test_quickstart_fit_lowers_perplexity_and_logs_everything(tmp_path):
     layers = ["-c", QUICKSTART, "-c", str(override)]
 
     # The starting point: the same config-built model (fixed init_seed) before any training.
-    before = run_cli("validate", *layers)
+    before = run_cli("validate", *layers, in_process=True)
     assert before.returncode == 0, before.stderr[-3000:]
     start = _events(tmp_path / "tb" / "validate").Scalars("val/perplexity")[-1].value
 
-    fit = run_cli("fit", *layers)
+    fit = run_cli("fit", *layers, in_process=True)
     assert fit.returncode == 0, fit.stderr[-3000:]
     events = _events(tmp_path / "tb" / "fit")
     tags = set(events.Tags()["scalars"])
@@ -49,7 +49,7 @@ def test_quickstart_fit_lowers_perplexity_and_logs_everything(tmp_path):
 
     # Base vs fine-tuned answers side by side, sorted by dataset index.
     predict = run_cli("predict", *layers, "-c", str(REPO / "configs" / "compare_generation.yaml"),
-                      "--data.init_args.predict_num_samples", "12", "--ckpt_path", str(checkpoint))
+                      "--data.init_args.predict_num_samples", "12", "--ckpt_path", str(checkpoint), in_process=True)
     assert predict.returncode == 0, predict.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "predict" / "generated.jsonl").read_text().splitlines()]
     assert len(rows) == 12 and [r["index"] for r in rows] == sorted(r["index"] for r in rows)
@@ -61,7 +61,7 @@ def test_quickstart_fit_lowers_perplexity_and_logs_everything(tmp_path):
     # The rest of the main job: factors -> influence -> token scores, on the fine-tuned model.
     def step(config: str, extra: list[str] = (), **init_args) -> subprocess.CompletedProcess:
         result = run_cli("predict", *layers, "-c", overlay(tmp_path, config, **init_args), *extra,
-                         "--ckpt_path", str(checkpoint))
+                         "--ckpt_path", str(checkpoint), in_process=True)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
 

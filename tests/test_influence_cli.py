@@ -29,7 +29,8 @@ def _overlay(tmp_path, config: str, name: str, **init_args) -> str:
 def test_two_process_ddp_scores_equal_one_process(tmp_path):
     factors = str(tmp_path / "factors")
     made = run_cli("predict", "-c", QUICKSTART, "-c", _overlay(tmp_path, "factors_quickstart.yaml", "factors",
-                                                                output_dir=factors, plots=False, dtype="float64"))
+                                                                output_dir=factors, plots=False, dtype="float64"),
+                   in_process=True)
     assert made.returncode == 0, made.stderr[-3000:]
     ddp = ["--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu"]
     results = {}
@@ -39,7 +40,7 @@ def test_two_process_ddp_scores_equal_one_process(tmp_path):
             overlay = _overlay(tmp_path, config, name, factors=factors, output_dir=str(tmp_path / name), dtype="float64")
             extra = extra + (["--data.init_args.query_split", "train", "--data.init_args.query_num_samples", "6"]
                              if tensors == "scores" else [])
-            result = run_cli("predict", "-c", QUICKSTART, "-c", overlay, *extra)
+            result = run_cli("predict", "-c", QUICKSTART, "-c", overlay, *extra, in_process=processes == 1)
             assert result.returncode == 0, result.stderr[-3000:]
             results[name] = load_file(str(tmp_path / name / f"{tensors}.safetensors"))
     one, two = results["scores_1"], results["scores_2"]

@@ -29,7 +29,7 @@ def _overlay(tmp_path, name: str) -> str:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_process_ddp_factors_equal_one_process(tmp_path):
-    one = run_cli("predict", "-c", QUICKSTART, "-c", _overlay(tmp_path, "one"))
+    one = run_cli("predict", "-c", QUICKSTART, "-c", _overlay(tmp_path, "one"), in_process=True)
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_cli("predict", "-c", QUICKSTART, "-c", _overlay(tmp_path, "two"),
                   "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu")

@@ -14,7 +14,7 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     out = tmp_path / "sweep"
     args = ["noise-robustness", "-c", "configs/noise_robustness_quick.yaml", "--output_dir", str(out),
             "--max_samples", "6", "--sft_samples", "96", "--sft_epochs", "1", "--max_new_tokens", "12"]
-    done = run_cli(*args)
+    done = run_cli(*args, in_process=True)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert {(r["model"], r["dataset"], r["setting"]) for r in rows} == {
@@ -41,6 +41,6 @@ def test_quick_config_end_to_end_and_resume(tmp_path):
     # a second run reuses every finished step (resume): nothing is evaluated or trained again
     stamps = {p: p.stat().st_mtime_ns for p in out.rglob("metrics.json")} | {
         p: p.stat().st_mtime_ns for p in out.rglob("*.ckpt")}
-    again = run_cli(*args)
+    again = run_cli(*args, in_process=True)
     assert again.returncode == 0, again.stderr[-3000:]
     assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())

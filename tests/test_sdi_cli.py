@@ -46,7 +46,7 @@ def test_two_process_ddp_sdi_equals_one_process(tmp_path):
     for processes, extra in ((1, []), (2, ddp)):
         name = f"sdi_{processes}"
         overlay = _overlay(tmp_path, name, [str(tmp_path / "epoch=*.ckpt")], sketch_dim=256, dtype="float64")
-        result = run_cli("predict", "-c", overlay, *extra)
+        result = run_cli("predict", "-c", overlay, *extra, in_process=processes == 1)
         assert result.returncode == 0, result.stderr[-3000:]
         results[name] = load_file(str(tmp_path / name / "sdi.safetensors"))
         metadata = json.loads((tmp_path / name / "sdi.json").read_text())
