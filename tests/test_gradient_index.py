@@ -348,6 +348,26 @@ def test_a_killed_predict_build_resumes_from_its_parts(tmp_path, monkeypatch):
     assert not list((tmp_path / "index").glob("part-*")) and not (tmp_path / "index" / "progress.json").exists()
 
 
+def test_a_predict_builds_parts_hold_stored_values_and_merge_to_the_shard_written_from_memory(tmp_path):
+    """A one-process build that fits in memory writes its float16 shard directly; one killed after two parts (cast
+    to float16 already: a predict build never sums rows) and resumed merges them to the same bytes."""
+    module = TupleLM()
+    _build(tmp_path, module, name="direct", projection_dim=4, storage_dtype="float16")
+    with pytest.raises(KilledRun):
+        callback = GradientIndexCallback(target_modules=LAYERS, loss_fn=summed_loss, output_dir=str(tmp_path / "parts"),
+                                         dtype="float64", storage_dtype="float16", projection_dim=4, part_rows=5)
+        _trainer(tmp_path, [callback, KillAtPredictBatch(2)]).predict(module, DataLoader(Chunks(), batch_size=5),
+                                                                       return_predictions=False)
+    parts = sorted((tmp_path / "parts").glob("part-*"))
+    assert [load_file(str(part))["rows"].dtype for part in parts] == [torch.float16, torch.float16]
+    _build(tmp_path, module, name="parts", projection_dim=4, storage_dtype="float16", part_rows=5, resume=True)
+    (rows, ids, curvature, _), (direct, direct_ids, direct_curvature, _) = _stored(tmp_path / "parts"), \
+        _stored(tmp_path / "direct")
+    assert rows.dtype == torch.float16 and torch.equal(rows, direct) and ids.tolist() == direct_ids.tolist()
+    for key, value in _covariances(direct_curvature).items():
+        torch.testing.assert_close(_covariances(curvature)[key], value, rtol=1e-10, atol=1e-14)
+
+
 def test_a_killed_fit_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_path):
     """Moving weights (SGD); the killed run wrote parts after the checkpoint it resumes from: they are dropped."""
 

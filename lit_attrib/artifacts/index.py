@@ -138,10 +138,8 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
     ids = [part_ids(folder, name) for name in names]
     every = np.concatenate(ids) if ids else np.empty(0, np.int64)
     distinct = np.unique(every)
-    if duplicates == "refuse" and len(distinct) != len(every):
-        values, counts = np.unique(every, return_counts=True)
-        raise ArtifactError(f"example ids {values[counts > 1][:8].tolist()} were indexed more than once; each row of "
-                            f"the data must have its own example id")
+    if duplicates == "refuse":
+        _refuse_duplicates(every, distinct)
     start, stop = len(distinct) * rank // world_size, len(distinct) * (rank + 1) // world_size
     mine = distinct[start:stop]
     accumulate = torch.float64 if any(_open_part(folder, n).get_slice("rows").get_dtype() == "F64" for n in names) \
@@ -170,7 +168,7 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
                 total.index_add_(0, positions, rows[torch.from_numpy(keep)].to(accumulate))
             if in_memory:
                 with open(tmp, "wb") as handle:
-                    np.save(handle, total.to(torch.from_numpy(np.empty(0, dtype=storage)).dtype).numpy())
+                    np.save(handle, _stored(total, storage))
             else:
                 out = np.lib.format.open_memmap(tmp, mode="w+", dtype=storage, shape=(len(mine), width))
                 for block in range(0, len(mine), 65536):
@@ -184,6 +182,40 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
     with atomic_path(folder / ids_name) as tmp, open(tmp, "wb") as handle:
         np.save(handle, mine.astype(np.int64))
     return len(mine)
+
+
+def write_shard(folder: str | os.PathLike, rank: int, rows: torch.Tensor, ids: np.ndarray, storage: np.dtype) -> int:
+    """Rank ``rank``'s shard straight from the rows of a one-process build held in memory (each id once, no
+    parts to merge), in id order; returns its number of rows.
+
+    Raises:
+        ArtifactError: an id in more than one row.
+    """
+    folder = Path(folder)
+    _refuse_duplicates(ids, np.unique(ids))
+    order = np.argsort(ids, kind="stable")
+    rows_name, ids_name = shard_names(rank)
+    with atomic_path(folder / rows_name) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, _stored(rows[torch.from_numpy(order)], storage))
+    with atomic_path(folder / ids_name) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, ids[order].astype(np.int64))
+    return len(ids)
+
+
+def storage_tensor_dtype(storage: np.dtype) -> torch.dtype:
+    """The torch dtype of a numpy storage dtype (``float16`` → ``torch.float16``)."""
+    return torch.from_numpy(np.empty(0, dtype=storage)).dtype
+
+
+def _stored(rows: torch.Tensor, storage: np.dtype) -> np.ndarray:
+    return rows.to(storage_tensor_dtype(storage)).numpy()
+
+
+def _refuse_duplicates(every: np.ndarray, distinct: np.ndarray) -> None:
+    if len(distinct) != len(every):
+        values, counts = np.unique(every, return_counts=True)
+        raise ArtifactError(f"example ids {values[counts > 1][:8].tolist()} were indexed more than once; each row of "
+                            f"the data must have its own example id")
 
 
 def write_progress(folder: str | os.PathLike, progress: dict) -> None:

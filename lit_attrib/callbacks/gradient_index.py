@@ -30,10 +30,12 @@ from lit_attrib.artifacts.index import (
     read_progress,
     remove_build_files,
     shard_names,
+    storage_tensor_dtype,
     write_curvature,
     write_metadata,
     write_part,
     write_progress,
+    write_shard,
 )
 from lit_attrib.callbacks._common import check_context, context_length, layers_checksum, tensors_checksum
 from lit_attrib.callbacks.gradient_index_fit import _FitCollection
@@ -224,7 +226,8 @@ class GradientIndexCallback(_FitCollection):
         self._tracker = LayerTracker(self._layers, on_gradient=self._on_gradient)
         self._tracker.active = False
         width = self._accumulator.width
-        self._part_rows = self.part_rows or max(1, _PART_BYTES // (width * self.dtype.itemsize))
+        kept = storage_tensor_dtype(_STORAGE[self.storage_dtype]) if stage == "predict" else self.dtype
+        self._part_rows = self.part_rows or max(1, _PART_BYTES // (width * kept.itemsize))
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
         self._kept_sums: dict[str, torch.Tensor] = {}
@@ -335,35 +338,50 @@ class GradientIndexCallback(_FitCollection):
     def _keep_batch(self, trainer: Trainer, rows: torch.Tensor, ids: torch.Tensor) -> None:
         for key, value in self._accumulator.take_sums().items():
             self._kept_sums[key] = value if key not in self._kept_sums else self._kept_sums[key] + value
+        if self._stage == "predict":  # never summed: kept (and written) as they will be stored
+            rows = rows.to(storage_tensor_dtype(_STORAGE[self.storage_dtype]))
         self._buffer.append((rows.detach().cpu(), ids.cpu()))
         self._buffered += len(ids)
         if self._buffered >= self._part_rows:
             self._flush(trainer)
 
+    def _take_buffer(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """The rows, ids and curvature sums kept since the last part; the buffer is emptied."""
+        rows = torch.cat([rows for rows, _ in self._buffer])
+        ids = torch.cat([ids for _, ids in self._buffer])
+        sums = self._kept_sums
+        self._buffer, self._buffered, self._kept_sums = [], 0, {}
+        return rows, ids, sums
+
     def _flush(self, trainer: Trainer) -> None:
         """Write the rows kept since the last part, with their curvature sums, as one atomic part."""
         if not self._buffer:
             return
-        rows = torch.cat([rows for rows, _ in self._buffer])
-        ids = torch.cat([ids for _, ids in self._buffer])
-        write_part(self.folder(trainer), trainer.global_rank, self._sequence, rows, ids, self._kept_sums)
+        rows, ids, sums = self._take_buffer()
+        write_part(self.folder(trainer), trainer.global_rank, self._sequence, rows, ids, sums)
         self._sequence += 1
-        self._buffer, self._buffered, self._kept_sums = [], 0, {}
 
     def _finish(self, trainer: Trainer, collection: dict) -> None:
         """Merge every process's parts into one shard per process, then (rank zero) the curvature and
-        ``index.json``, last; the parts go."""
+        ``index.json``, last; the parts go. A one-process predict build that never wrote a part writes its
+        shard straight from memory."""
         self._tracker.detach()
-        self._flush(trainer)
         folder = self.folder(trainer)
-        trainer.strategy.barrier()
-        names = list(list_parts(folder))
-        merge_parts(folder, names, trainer.global_rank, trainer.world_size, self._accumulator.width,
-                    _STORAGE[self.storage_dtype], duplicates="sum" if self._stage == "fit" else "refuse")
-        trainer.strategy.barrier()
+        if self._stage == "predict" and trainer.world_size == 1 and self._sequence == 0 and self._buffer:
+            rows, ids, sums = self._take_buffer()
+            rows = write_shard(folder, 0, rows, ids.numpy(), _STORAGE[self.storage_dtype])
+            names = []
+        else:
+            self._flush(trainer)
+            trainer.strategy.barrier()
+            names = list(list_parts(folder))
+            merge_parts(folder, names, trainer.global_rank, trainer.world_size, self._accumulator.width,
+                        _STORAGE[self.storage_dtype], duplicates="sum" if self._stage == "fit" else "refuse")
+            trainer.strategy.barrier()
+            if trainer.is_global_zero:
+                rows, sums = sum(len(part_ids(folder, name)) for name in names), part_sums(folder, names)
         if trainer.is_global_zero:
-            rows = sum(len(part_ids(folder, name)) for name in names)
-            tensors = self._curvature(part_sums(folder, names)) if self.curvature else {}
+            tensors = self._curvature(sums) if self.curvature else {}
             if tensors:
                 write_curvature(folder, tensors)
             write_metadata(folder, {
