@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import lit_attrib_commit, report_load, write_results
 
-from lit_attrib.artifacts.index import write_curvature, write_metadata
+from lit_attrib.artifacts.index import shard_names, write_curvature, write_metadata, write_norms
+import lit_attrib.index
 from lit_attrib.index import GradientIndex
 
 LAYERS = [f"model.model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]
@@ -103,6 +104,7 @@ def _write_index(folder: Path, count: int, width: int, synthetic: _Synthetic) ->
     rows.flush()
     del rows
     np.save(folder / "ids-rank000.npy", np.arange(count, dtype=np.int64))
+    write_norms(folder / "norms-rank000.npy", np.load(folder / "rows-rank000.npy", mmap_mode="r"))
     curvature, generator = {}, torch.Generator().manual_seed(2)
     for name, (k_out, k_in) in sizes.items():
         for side, size in (("activation", k_in), ("gradient", k_out)):
@@ -115,7 +117,7 @@ def _write_index(folder: Path, count: int, width: int, synthetic: _Synthetic) ->
         "collection": {"stage": "synthetic"},
         "layers": {name: {"kind": "linear", "gradient_shape": [k_out * 8, k_in * 3], "k_out": k_out, "k_in": k_in}
                    for name, (k_out, k_in) in sizes.items()},
-        "seed": 0, "width": width, "storage_dtype": "float16", "shards": [["rows-rank000.npy", "ids-rank000.npy"]],
+        "seed": 0, "width": width, "storage_dtype": "float16", "shards": [shard_names(0)],
     })
     return time.perf_counter() - started
 
@@ -153,12 +155,18 @@ def _measure(folder: Path, count: int, args: argparse.Namespace, synthetic: _Syn
     memmap = index._shards[0]
     stream_block = 1 << 14
     _stream_numpy(memmap, stream_block)  # warm the page cache (as far as it holds the file)
-    exact_seconds, numpy_seconds, torch_seconds = [], [], []
+    exact_seconds, numpy_seconds, torch_seconds, converted_seconds = [], [], [], []
+    half_queries = lit_attrib.index.HALF_QUERIES
     for q in range(args.queries):  # interleaved: the bandwidth is measured under the same conditions
         numpy_seconds.append(_stream_numpy(memmap, stream_block))
         torch_seconds.append(_stream_torch(memmap, stream_block))
         result = index.search(queries[q:q + 1], k=args.k, block_rows=args.block_rows)
         exact_seconds.append(result.seconds)
+        lit_attrib.index.HALF_QUERIES = 0  # the same query through the float32 conversion path, for comparison
+        converted = index.search(queries[q:q + 1], k=args.k, block_rows=args.block_rows)
+        lit_attrib.index.HALF_QUERIES = half_queries
+        converted_seconds.append(converted.seconds)
+        assert converted.ids.tolist() == result.ids.tolist(), "the float16 and float32 paths disagree"
     started = time.perf_counter()
     exact_batch = index.search(batch, k=args.k, block_rows=args.block_rows)
     batch_seconds = time.perf_counter() - started
@@ -169,6 +177,8 @@ def _measure(folder: Path, count: int, args: argparse.Namespace, synthetic: _Syn
     out = {"rows": count, "width": args.width, "bytes": nbytes, "bandwidth_gb_s": bandwidth,
            "exact": {"p50_ms": 1e3 * p50, "p99_ms": 1e3 * p99, "gb_s_at_p50": nbytes / p50 / 1e9,
                      "fraction_of_bandwidth": nbytes / p50 / 1e9 / best,
+                     "float32_path_p50_ms": 1e3 * statistics.median(converted_seconds),
+                     "float32_path_fraction_of_bandwidth": nbytes / statistics.median(converted_seconds) / 1e9 / best,
                      f"batch_{args.batch}_s": batch_seconds,
                      "batch_ms_per_query": 1e3 * batch_seconds / args.batch}}
     print(f"\n{count:,} rows × {args.width} float16 ({nbytes / 1e9:.2f} GB)")
@@ -176,6 +186,9 @@ def _measure(folder: Path, count: int, args: argparse.Namespace, synthetic: _Syn
           f"{bandwidth[f'torch_{args.threads}_threads']:.2f} GB/s ({args.threads} thread(s))")
     print(f"  exact search, 1 query: p50 {1e3 * p50:.1f} ms, p99 {1e3 * p99:.1f} ms ({len(exact_seconds)} queries); "
           f"{nbytes / p50 / 1e9:.2f} GB/s = {out['exact']['fraction_of_bandwidth']:.2f} of the bandwidth")
+    print(f"  (the same queries through the float32 conversion path: p50 "
+          f"{out['exact']['float32_path_p50_ms']:.1f} ms = {out['exact']['float32_path_fraction_of_bandwidth']:.2f} of "
+          f"the bandwidth)")
     print(f"  exact search, {args.batch} queries at once: {batch_seconds:.2f} s "
           f"({1e3 * batch_seconds / args.batch:.1f} ms per query)")
     if args.no_faiss:

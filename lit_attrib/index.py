@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lit_attrib.artifacts.index import METADATA_FILE, read_index
+from lit_attrib.artifacts.index import METADATA_FILE, read_index, read_norms
 from lit_attrib.callbacks._common import check_context, context_length, layers_checksum
 from lit_attrib.engine.gradient_pass import own_backward
 from lit_attrib.engine.task import Task, resolve_task
@@ -56,6 +56,7 @@ PROJECTION_ARGUMENTS = ("target_modules", "projection_dim", "seed")
 BLOCK_BYTES = 8 << 20  # one streamed block of rows in the computation's dtype (fits a CPU's last-level cache)
 CONVERT_BYTES = 4 << 20  # float16 rows are converted this many bytes at a time (stays in the last-level cache)
 CHUNK_ROWS = 16384  # exact search: rows scored between two top-k merges
+HALF_QUERIES = 8  # exact search of float16 rows: up to this many queries are each multiplied in float16
 APPROXIMATE_FOLDER = "approximate"
 FAISS_EXTRA = "pip install 'lit-attrib[faiss]'  (or: pip install faiss-cpu)"
 
@@ -136,6 +137,8 @@ class GradientIndex:
         # float16 rows are scored in float32 (their 11-bit mantissas need no more); float64 rows in float64
         self.compute_dtype = torch.float64 if self._shards[0].dtype == np.float64 else torch.float32
         self._starts = np.cumsum([0] + [len(shard) for shard in self._shards])  # each shard's first position
+        self._norms = read_norms(self.folder, self.metadata, self._shards)  # None: an index written without them
+        self._max_norm = max(float(n.max(initial=0.0)) for n in self._norms) if self._norms is not None else 0.0
         self._approximate: dict[str, _Approximate] = {}
 
     def __len__(self) -> int:
@@ -438,8 +441,15 @@ class GradientIndex:
                 yield int(first) + start, self._checked(scores.T, int(first) + start)
 
     def _exact(self, query: torch.Tensor, k: int, harmful: bool, block_rows: int | None) -> tuple[tuple, tuple | None]:
-        """Running top-k (and bottom-k) of ``query @ rowsᵀ`` over the streamed chunks: ``(scores, positions)``."""
+        """Running top-k (and bottom-k) of ``query @ rowsᵀ`` over the streamed chunks: ``(scores, positions)``.
+        A few queries of float16 rows whose norms are stored search in float16 (:meth:`_exact_half`)."""
         count = query.shape[0]
+        if self._norms is not None and self._shards[0].dtype == np.float16 and 0 < count <= HALF_QUERIES:
+            found = [self._exact_half(row, k, harmful, block_rows) for row in query]
+            if all(f is not None for f in found):
+                best = tuple(torch.stack(parts) for parts in zip(*(f[0] for f in found)))
+                worst = tuple(torch.stack(parts) for parts in zip(*(f[1] for f in found))) if harmful else None
+                return best, worst
         empty = (query.new_empty(count, 0), torch.empty(count, 0, dtype=torch.long))
         best, worst = empty, empty
         for start, scores in self._chunk_scores(query, block_rows):
@@ -448,6 +458,53 @@ class GradientIndex:
             if harmful:
                 worst = _merge(worst, scores, positions, k, largest=False)
         return _ordered(*best, largest=True), _ordered(*worst, largest=False) if harmful else None
+
+    def _exact_half(self, query: torch.Tensor, k: int, harmful: bool, chunk_rows: int | None) -> tuple | None:
+        """The exact top-k (and bottom-k) of one query ``(width,)`` over float16 rows, at memory speed: each
+        chunk is multiplied in float16 by a fused kernel (``torch.mv``: float16 in, float32 sums, no converted
+        copy of the rows), which bounds every row's error by its stored norm; the rows whose bounds reach
+        the k-th best lower bound are the only ones that can be in the top k, and they are scored again in
+        float32. ``((scores (k,), positions (k,)), bottom or None)``; ``None`` for a query of zeros.
+
+        The bound: the query is scaled by a power of two (exact) so that no score can leave float16's range,
+        and rounded to float16 (error ≤ u₁₆ |q_i| + η per entry, η half the smallest subnormal); the sums
+        are in float32 (≤ w u₃₂ Σ |r_i q_i|); the score is rounded to float16 (≤ u₁₆ |score| + η). With
+        ``Σ |r_i q_i| ≤ ‖r‖ ‖q‖`` every term is known, and it is doubled for safety.
+        """
+        norm, largest_entry = float(torch.linalg.vector_norm(query.double())), float(query.abs().max())
+        if norm == 0 or self._max_norm == 0:
+            return None
+        scale = 2.0 ** math.floor(math.log2(min(2.0 ** 14 / (self._max_norm * norm), 2.0 ** 14 / largest_entry)))
+        half = (query.double() * scale).half()
+        width, u16, u32, eta = self.width, 2.0 ** -11, 2.0 ** -24, 2.0 ** -25
+        per_norm = 2 * (norm * scale * (u16 + 1.01 * width * u32 * (1 + u16)) + eta * math.sqrt(width) * 1.01)
+        chunk_rows = chunk_rows or CHUNK_ROWS
+        bounds = {True: torch.empty(0), False: torch.empty(0)}  # the k best lower (and k worst upper) bounds
+        kept: dict[bool, list[torch.Tensor]] = {True: [], False: []}  # candidate positions and bounds
+        for shard, first, norms in zip(self._shards, self._starts, self._norms):
+            with warnings.catch_warnings():  # the memory map is read-only, and only read
+                warnings.simplefilter("ignore", UserWarning)
+                stored, norms = torch.from_numpy(shard), torch.from_numpy(norms)
+            for start in range(0, len(stored), chunk_rows):
+                stop = min(len(stored), start + chunk_rows)
+                approximate = self._checked(torch.mv(stored[start:stop], half).float()[None], int(first) + start)[0]
+                error = 2 * u16 * approximate.abs() + norms[start:stop] * per_norm + 4 * eta
+                positions = torch.arange(int(first) + start, int(first) + stop)
+                for largest in (True, False) if harmful else (True,):
+                    sign = 1.0 if largest else -1.0  # the bottom k of the scores is the top k of their negatives
+                    low, high = sign * approximate - error, sign * approximate + error
+                    bounds[largest] = torch.cat([bounds[largest], low]).topk(min(k, len(bounds[largest]) + len(low))).values
+                    threshold = bounds[largest][-1] if len(bounds[largest]) == k else -math.inf
+                    chosen = high >= threshold
+                    kept[largest].append(torch.stack([positions[chosen].double(), high[chosen].double()]))
+        out = []
+        for largest in (True, False) if harmful else (True,):
+            candidates = torch.cat(kept[largest], dim=1)
+            candidates = candidates[:, candidates[1] >= float(bounds[largest][-1])][0].long()
+            scores = (self.rows(candidates) @ query.to(self.compute_dtype))[None]
+            best = _merge((scores[:, :0], candidates[None, :0]), scores, candidates[None], k, largest)
+            out.append(tuple(part[0] for part in _ordered(*best, largest=largest)))
+        return out[0], out[1] if harmful else None
 
     def _rerank(self, query: torch.Tensor, found: np.ndarray, k: int, largest: bool) -> tuple:
         """Exact scores of each query's FAISS candidates ``found (Q, C)`` (``-1``: none); the top (or bottom) k."""

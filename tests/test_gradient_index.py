@@ -435,7 +435,7 @@ def test_two_process_ddp_fit_equals_a_one_process_predict_pass(tmp_path):
                                            return_predictions=False)
     (rows, ids, curvature, metadata), (expected, expected_ids, expected_curvature, _) = \
         _stored(tmp_path / "ddp"), _stored(tmp_path / "predicted")
-    assert metadata["shards"] == [["rows-rank000.npy", "ids-rank000.npy"], ["rows-rank001.npy", "ids-rank001.npy"]]
+    assert metadata["shards"] == [[f"{kind}-rank00{r}.npy" for kind in ("rows", "ids", "norms")] for r in range(2)]
     assert [np.load(tmp_path / "ddp" / f"ids-rank00{r}.npy").tolist() for r in range(2)] == [list(range(8)),
                                                                                            list(range(8, 16))]
     assert ids.tolist() == expected_ids.tolist() == list(range(16))

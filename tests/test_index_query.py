@@ -188,3 +188,62 @@ def test_empty_and_damaged_indexes_are_refused(built, tmp_path, capsys):
     assert code == 2 and "no gradient index" in err, err
     with pytest.raises(ArtifactError, match="another index"):
         GradientIndex(folder / "index").search(torch.zeros(2, 5, dtype=torch.float64))
+
+
+def _float16_index(folder, rows: torch.Tensor) -> GradientIndex:
+    """An index of ``rows`` (float16 storage, one layer of width ``rows.shape[1]``) written as a build writes it."""
+    from lit_attrib.artifacts.index import shard_names, write_metadata, write_shard
+
+    folder.mkdir()
+    write_shard(folder, 0, rows, np.arange(len(rows)), np.dtype(np.float16))
+    width = rows.shape[1]
+    write_metadata(folder, {"name": "synthetic", "arguments": {}, "collection": {}, "seed": 0, "width": width,
+                            "layers": {"layer": {"k_out": width // 8, "k_in": 8}}, "storage_dtype": "float16",
+                            "shards": [shard_names(0)]})
+    return GradientIndex(folder)
+
+
+def test_float16_search_is_exact_where_float16_products_cannot_tell_rows_apart(tmp_path, monkeypatch):
+    """Rows whose scores differ by 1e-4 (float16 resolves 5e-4) and rows of large cancelling entries: the fused
+    float16 search returns exactly the float64 brute force's top and bottom k, in order, with float32 scores."""
+    generator = torch.Generator().manual_seed(0)
+    width = 4096
+    direction = torch.randn(width, generator=generator)
+    near = direction * (1 + 1e-4 * torch.randperm(40, generator=generator)[:, None])  # 40 near-ties
+    cancelling = torch.randn(20, width, generator=generator) * 300  # large entries, scores of any size
+    cancelling[:, : width // 2] = -cancelling[:, width // 2:]  # ... that cancel against a query of equal halves
+    noise = torch.randn(500, width, generator=generator)
+    rows = torch.cat([near, -near, cancelling, noise])[torch.randperm(580, generator=generator)]
+    index = _float16_index(tmp_path / "index", rows)
+    query = torch.cat([direction[: width // 2], direction[: width // 2]])[None] + direction[None]
+    stored = torch.from_numpy(np.load(tmp_path / "index" / "rows-rank000.npy")).double()
+    exact = (stored @ query[0].double())
+    norms = np.load(tmp_path / "index" / "norms-rank000.npy")  # written with the shard, never below the true norm
+    assert (norms >= stored.norm(dim=1).numpy()).all() and np.allclose(norms, stored.norm(dim=1).numpy(), rtol=1e-6)
+    calls = []
+    real_mv = torch.mv
+    monkeypatch.setattr(torch, "mv", lambda *a, **kw: calls.append(a[0].dtype) or real_mv(*a, **kw))
+    result = index.search(query, k=10, curvature="identity", block_rows=64)
+    assert calls and set(calls) == {torch.float16}  # the fused float16 path ran, chunk by chunk
+    assert result.ids[0].tolist() == exact.topk(10).indices.tolist()
+    assert result.harmful_ids[0].tolist() == exact.topk(10, largest=False).indices.tolist()
+    torch.testing.assert_close(result.scores[0], exact.topk(10).values, rtol=1e-5, atol=0)  # float32 sums
+    monkeypatch.setattr("lit_attrib.index.HALF_QUERIES", 0)  # the float32 path agrees
+    converted = index.search(query, k=10, curvature="identity", block_rows=64)
+    assert converted.ids.tolist() == result.ids.tolist() and converted.harmful_ids.tolist() == result.harmful_ids.tolist()
+
+
+def test_float16_search_equals_the_float32_path_on_a_built_index(built, tmp_path, monkeypatch):
+    """The quickstart build with float16 rows (norms written with the shard): 1 to 8 queries search in float16,
+    with the same hits and scores as the float32 path."""
+    folder, _ = built
+    config = _overlay(tmp_path, "half", storage_dtype="float16", dtype="float32")
+    main(["predict", "-c", QUICKSTART, "-c", INDEX, "-c", config])
+    index = GradientIndex(tmp_path / "index")
+    assert index._norms is not None and index._shards[0].dtype == np.float16
+    rows, _ = index.query_rows(_api_module().float(), _api_queries())
+    half = index.search(rows, k=5)
+    monkeypatch.setattr("lit_attrib.index.HALF_QUERIES", 0)
+    converted = index.search(rows, k=5)
+    assert half.ids.tolist() == converted.ids.tolist() and half.harmful_ids.tolist() == converted.harmful_ids.tolist()
+    torch.testing.assert_close(half.scores, converted.scores, rtol=1e-5, atol=1e-6)

@@ -43,13 +43,17 @@ __all__ = [
     "part_name",
     "part_sums",
     "read_index",
+    "read_norms",
     "read_progress",
     "remove_build_files",
     "shard_names",
+    "storage_tensor_dtype",
     "write_curvature",
     "write_metadata",
+    "write_norms",
     "write_part",
     "write_progress",
+    "write_shard",
 ]
 
 FORMAT = "lit_attrib.gradient_index/1"
@@ -66,8 +70,42 @@ def index_exists(folder: str | os.PathLike) -> bool:
 
 
 def shard_names(rank: int) -> list[str]:
-    """The file names of one process's shard: its rows and their example ids."""
-    return [f"rows-rank{rank:03d}.npy", f"ids-rank{rank:03d}.npy"]
+    """The file names of one process's shard: its rows, their example ids and the rows' norms (float32, of the
+    stored values: they bound the error of a search that multiplies in the storage dtype)."""
+    return [f"rows-rank{rank:03d}.npy", f"ids-rank{rank:03d}.npy", f"norms-rank{rank:03d}.npy"]
+
+
+def write_norms(path: str | os.PathLike, rows: np.ndarray) -> None:
+    """The Euclidean norm of each stored row (computed in float64 a block at a time), atomically, as float32
+    rounded up so that it never understates the norm."""
+    norms = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), 16384):
+        exact = np.linalg.norm(np.asarray(rows[start:start + 16384], dtype=np.float64), axis=1)
+        norms[start:start + 16384] = np.nextafter(exact.astype(np.float32), np.float32(np.inf))
+    with atomic_path(Path(path)) as tmp, open(tmp, "wb") as handle:
+        np.save(handle, norms)
+
+
+def read_norms(folder: str | os.PathLike, metadata: dict, shards: list[np.ndarray]) -> list[np.ndarray] | None:
+    """Each shard's row norms, or ``None`` for an index written without them.
+
+    Raises:
+        ArtifactError: a norms file that cannot be read or does not match its shard.
+    """
+    if not all(len(names) > 2 for names in metadata["shards"]):
+        return None
+    norms = []
+    for names, rows in zip(metadata["shards"], shards):
+        try:
+            values = np.load(Path(folder) / names[2])
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"'{Path(folder) / names[2]}' cannot be read ({exc}); the index is damaged: build it "
+                                f"again") from None
+        if values.shape != (len(rows),) or not np.isfinite(values).all():
+            raise ArtifactError(f"'{Path(folder) / names[2]}' does not hold one finite norm per row of "
+                                f"'{Path(folder) / names[0]}': the index is damaged, build it again")
+        norms.append(values)
+    return norms
 
 
 def part_name(rank: int, sequence: int) -> str:
@@ -144,7 +182,7 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
     mine = distinct[start:stop]
     accumulate = torch.float64 if any(_open_part(folder, n).get_slice("rows").get_dtype() == "F64" for n in names) \
         else torch.float32
-    rows_name, ids_name = shard_names(rank)
+    rows_name, ids_name, norms_name = shard_names(rank)
     with atomic_path(folder / rows_name) as tmp:
         in_memory = len(mine) * width * accumulate.itemsize <= _IN_MEMORY_BYTES
         if in_memory:  # the common case: no page faults of a file-backed map, and torch's fast float16 cast
@@ -179,6 +217,7 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
             if not in_memory:
                 del total, mapped
                 Path(f"{tmp}.sum").unlink(missing_ok=True)
+    write_norms(folder / norms_name, np.load(folder / rows_name, mmap_mode="r"))
     with atomic_path(folder / ids_name) as tmp, open(tmp, "wb") as handle:
         np.save(handle, mine.astype(np.int64))
     return len(mine)
@@ -194,9 +233,11 @@ def write_shard(folder: str | os.PathLike, rank: int, rows: torch.Tensor, ids: n
     folder = Path(folder)
     _refuse_duplicates(ids, np.unique(ids))
     order = np.argsort(ids, kind="stable")
-    rows_name, ids_name = shard_names(rank)
+    rows_name, ids_name, norms_name = shard_names(rank)
+    stored = _stored(rows[torch.from_numpy(order)], storage)
     with atomic_path(folder / rows_name) as tmp, open(tmp, "wb") as handle:
-        np.save(handle, _stored(rows[torch.from_numpy(order)], storage))
+        np.save(handle, stored)
+    write_norms(folder / norms_name, stored)
     with atomic_path(folder / ids_name) as tmp, open(tmp, "wb") as handle:
         np.save(handle, ids[order].astype(np.int64))
     return len(ids)
@@ -261,7 +302,7 @@ def read_index(folder: str | os.PathLike) -> tuple[dict, list[np.ndarray], np.nd
     if metadata.get("format") != FORMAT:
         raise ArtifactError(f"'{folder / METADATA_FILE}' is format {metadata.get('format')!r}, expected {FORMAT!r}")
     shards, ids = [], []
-    for rows_name, ids_name in metadata["shards"]:
+    for rows_name, ids_name, *_ in metadata["shards"]:
         try:
             rows = np.load(folder / rows_name, mmap_mode="r")
             shard_ids = np.load(folder / ids_name)
