@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import lit_attrib_commit, report_load, write_results
 
-from lit_attrib.artifacts.index import shard_names, write_curvature, write_metadata, write_norms
 import lit_attrib.index
+from lit_attrib.artifacts.index import shard_names, write_curvature, write_metadata, write_norms
 from lit_attrib.index import GradientIndex
 
 LAYERS = [f"model.model.layers.{i}.mlp.{p}_proj" for i in range(2) for p in ("gate", "up", "down")]

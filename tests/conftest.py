@@ -90,7 +90,7 @@ def _run_cli_here(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     out, err = io.StringIO(), io.StringIO()
     handlers = [h for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
                 if isinstance(logger, logging.Logger) for h in logger.handlers
-                if type(h) is logging.StreamHandler]  # noqa: E721 - not FileHandler and the like
+                if type(h) is logging.StreamHandler]  # exactly: not FileHandler and the like
     streams = [h.stream for h in handlers]
     environ, here, rng = dict(os.environ), os.getcwd(), torch.get_rng_state()
     code = 0

@@ -233,10 +233,9 @@ def test_float16_search_is_exact_where_float16_products_cannot_tell_rows_apart(t
     assert converted.ids.tolist() == result.ids.tolist() and converted.harmful_ids.tolist() == result.harmful_ids.tolist()
 
 
-def test_float16_search_equals_the_float32_path_on_a_built_index(built, tmp_path, monkeypatch):
+def test_float16_search_equals_the_float32_path_on_a_built_index(tmp_path, monkeypatch):
     """The quickstart build with float16 rows (norms written with the shard): 1 to 8 queries search in float16,
     with the same hits and scores as the float32 path."""
-    folder, _ = built
     config = _overlay(tmp_path, "half", storage_dtype="float16", dtype="float32")
     main(["predict", "-c", QUICKSTART, "-c", INDEX, "-c", config])
     index = GradientIndex(tmp_path / "index")
