@@ -149,6 +149,7 @@ class TextDataModule(LightningDataModule):
         self.query_dataset: datasets.Dataset | None = None
         self._source: datasets.Dataset | None = None
         self._split_rows: dict[str, list[int]] = {}
+        self._tokenized_splits: dict[tuple[str, int | None], datasets.Dataset] = {}  # each named split once
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -307,7 +308,9 @@ class TextDataModule(LightningDataModule):
         if split in ("train", "val"):  # already tokenized, with their answers
             dataset = self.train_dataset if split == "train" else self.val_dataset
             return dataset.select(range(len(rows)))
-        return self._tokenize(self._source.select(rows), with_answer=True)
+        if (split, limit) not in self._tokenized_splits:  # datasets' map hashes the tokenizer on every call
+            self._tokenized_splits[split, limit] = self._tokenize(self._source.select(rows), with_answer=True)
+        return self._tokenized_splits[split, limit]
 
     def _build_predict_dataset(self) -> datasets.Dataset:
         hp = self.hparams
