@@ -500,10 +500,9 @@ class GradientIndex:
         out = []
         for largest in (True, False) if harmful else (True,):
             candidates = torch.cat(kept[largest], dim=1)
-            candidates = candidates[:, candidates[1] >= float(bounds[largest][-1])][0].long()
-            scores = (self.rows(candidates) @ query.to(self.compute_dtype))[None]
-            best = _merge((scores[:, :0], candidates[None, :0]), scores, candidates[None], k, largest)
-            out.append(tuple(part[0] for part in _ordered(*best, largest=largest)))
+            candidates = candidates[:, candidates[1] >= float(bounds[largest][-1])][0].long().numpy()
+            scores, positions = self._rerank(query[None].to(self.compute_dtype), candidates[None], k, largest)
+            out.append((scores[0], positions[0]))
         return out[0], out[1] if harmful else None
 
     def _rerank(self, query: torch.Tensor, found: np.ndarray, k: int, largest: bool) -> tuple:

@@ -205,19 +205,20 @@ def merge_parts(folder: str | os.PathLike, names: list[str], rank: int, world_si
                 positions = torch.from_numpy(np.searchsorted(mine, part[keep]))
                 total.index_add_(0, positions, rows[torch.from_numpy(keep)].to(accumulate))
             if in_memory:
+                stored = _stored(total, storage)
                 with open(tmp, "wb") as handle:
-                    np.save(handle, _stored(total, storage))
+                    np.save(handle, stored)
             else:
-                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=storage, shape=(len(mine), width))
+                stored = np.lib.format.open_memmap(tmp, mode="w+", dtype=storage, shape=(len(mine), width))
                 for block in range(0, len(mine), 65536):
-                    out[block:block + 65536] = total[block:block + 65536].numpy()
-                out.flush()
-                del out
+                    stored[block:block + 65536] = total[block:block + 65536].numpy()
+                stored.flush()
+            write_norms(folder / norms_name, stored)  # of the stored values, before the rows file is in place
+            del stored
         finally:
             if not in_memory:
                 del total, mapped
                 Path(f"{tmp}.sum").unlink(missing_ok=True)
-    write_norms(folder / norms_name, np.load(folder / rows_name, mmap_mode="r"))
     with atomic_path(folder / ids_name) as tmp, open(tmp, "wb") as handle:
         np.save(handle, mine.astype(np.int64))
     return len(mine)

@@ -226,7 +226,8 @@ class GradientIndexCallback(_FitCollection):
         self._tracker = LayerTracker(self._layers, on_gradient=self._on_gradient)
         self._tracker.active = False
         width = self._accumulator.width
-        kept = storage_tensor_dtype(_STORAGE[self.storage_dtype]) if stage == "predict" else self.dtype
+        self._stored_dtype = storage_tensor_dtype(_STORAGE[self.storage_dtype])
+        kept = self._stored_dtype if stage == "predict" else self.dtype
         self._part_rows = self.part_rows or max(1, _PART_BYTES // (width * kept.itemsize))
         self._buffer: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._buffered = 0
@@ -339,7 +340,7 @@ class GradientIndexCallback(_FitCollection):
         for key, value in self._accumulator.take_sums().items():
             self._kept_sums[key] = value if key not in self._kept_sums else self._kept_sums[key] + value
         if self._stage == "predict":  # never summed: kept (and written) as they will be stored
-            rows = rows.to(storage_tensor_dtype(_STORAGE[self.storage_dtype]))
+            rows = rows.to(self._stored_dtype)
         self._buffer.append((rows.detach().cpu(), ids.cpu()))
         self._buffered += len(ids)
         if self._buffered >= self._part_rows:
