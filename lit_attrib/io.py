@@ -11,6 +11,8 @@ import json
 import os
 import pickle
 import re
+import shutil
+import struct
 import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
@@ -73,6 +75,62 @@ def atomic_open(path: str | os.PathLike, mode: str = "w", encoding: str | None =
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+_HEADER_ROOM = 2**20
+"""Bytes kept in front of the data for the header of a streamed safetensors file (about 8000 tensors)."""
+
+
+def save_tensors_streaming(path: str | os.PathLike, tensors: Iterable[tuple[str, torch.Tensor]],
+                           metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file from ``(name, tensor)`` pairs made one at a time, atomically.
+
+    ``safetensors.torch.save_file`` needs every tensor in memory at once; here each tensor's bytes go to
+    disk as soon as the iterable yields it (a generator can then make them one by one). The header, known
+    only at the end, goes into room left in front of the data, padded with spaces as the format allows
+    (a header too large for the room is put in front by copying the data once). The result loads with
+    ``safetensors``. Tensors may share memory (each is written as its own bytes).
+    """
+    path = Path(path)
+    header: dict[str, Any] = {}
+    offset = 0
+    with atomic_path(path) as tmp:
+        with open(tmp, "r+b") as out:
+            out.seek(_HEADER_ROOM)
+            for name, tensor in tensors:
+                if name in header or name == "__metadata__":
+                    raise ValueError(f"tensor name '{name}' is used twice (or reserved)")
+                tensor = tensor.detach().cpu().contiguous()
+                if tensor.dtype not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor '{name}': dtype {tensor.dtype} has no safetensors code")
+                raw = tensor.reshape(-1).view(torch.uint8).numpy()
+                out.write(memoryview(raw))
+                header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                                "data_offsets": [offset, offset + raw.nbytes]}
+                offset += raw.nbytes
+                del tensor, raw
+            head = json.dumps({**({"__metadata__": metadata} if metadata else {}), **header},
+                              separators=(",", ":")).encode()
+            if len(head) <= _HEADER_ROOM - 8:
+                out.seek(0)
+                out.write(struct.pack("<Q", _HEADER_ROOM - 8) + head + b" " * (_HEADER_ROOM - 8 - len(head)))
+                return
+        head += b" " * (-len(head) % 8)  # the data starts 8-byte aligned
+        moved = tmp.with_name(tmp.name + ".data")
+        os.replace(tmp, moved)
+        try:
+            with open(moved, "rb") as data, open(tmp, "wb") as out:
+                out.write(struct.pack("<Q", len(head)) + head)
+                data.seek(_HEADER_ROOM)
+                shutil.copyfileobj(data, out, 16 * 2**20)
+        finally:
+            os.unlink(moved)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -17,7 +17,7 @@ from lit_attrib.io import atomic_path  # noqa: E402
 
 __all__ = [
     "attention_comparison_figure", "attention_figure", "default_inspect_modules", "edit_sweep_figure", "factor_figures",
-    "noise_robustness_figure", "sdi_trajectory_figure", "write_factor_plots",
+    "inspect_selection", "noise_robustness_figure", "sdi_trajectory_figure", "write_factor_plots",
 ]
 
 _MAX_HEATMAP_SIDE = 256
@@ -30,6 +30,20 @@ def default_inspect_modules(names: list[str]) -> list[str]:
         if matches:
             return [matches[-1]]
     return names[-1:]
+
+
+def inspect_selection(names: list[str], patterns: list[str] | None) -> list[str]:
+    """The layers of ``names`` that ``patterns`` (fnmatch) select, or :func:`default_inspect_modules`.
+
+    Raises:
+        ValueError: the patterns match none of the names.
+    """
+    if not patterns:
+        return default_inspect_modules(names)
+    selected = [name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)]
+    if not selected:
+        raise ValueError(f"inspect patterns {patterns} match none of the saved layers {names[:8]}")
+    return selected
 
 
 def _block_mean(matrix: torch.Tensor, side: int = _MAX_HEATMAP_SIDE) -> torch.Tensor:
@@ -107,11 +121,7 @@ def write_factor_plots(factors: Any, folder: str | Path, modules: list[str] | No
     Returns:
         The PNG files written.
     """
-    names = list(factors.modules)
-    selected = default_inspect_modules(names) if not modules else [
-        name for name in names if any(fnmatch.fnmatchcase(name, pattern) for pattern in modules)]
-    if not selected:
-        raise ValueError(f"inspect patterns {modules} match none of the saved layers {names[:8]}")
+    selected = inspect_selection(list(factors.modules), modules)
     writer = getattr(logger, "experiment", logger)
     if not hasattr(writer, "add_figure"):
         writer = None

@@ -20,6 +20,7 @@ from reference_models import (
 )
 
 from lit_attrib.artifacts import load_factors
+from lit_attrib.artifacts.factors import FACTOR_KEYS
 from lit_attrib.callbacks import KFACCollectorCallback
 from lit_attrib.errors import ArtifactError, ModelError, TrainingError
 from lit_attrib.ops.kfac import ekfac_inverse_hvp, factors_inverse_hvp
@@ -242,6 +243,54 @@ def test_plots_in_tensorboard_and_png(tmp_path, module, rows):
     events.Reload()
     assert {f"factors/net.conv/{kind}" for kind in kinds} <= set(events.Tags()["images"])
     assert "factors/net.conv/lambda" in events.Tags()["histograms"]
+
+
+def test_streamed_factors_file_loads_like_safetensors_and_by_module(tmp_path, module, rows):
+    """The factors file is written one module at a time: safetensors reads it back to the same bytes, and
+    loading a subset of modules gives those modules' tensors only."""
+    from safetensors.torch import load_file
+
+    factors = collect(tmp_path, module, RowsDataModule(rows))
+    flat = load_file(str(tmp_path / "factors" / "factors.safetensors"))
+    assert set(flat) == {f"{name}.{key}" for name in factors for key in FACTOR_KEYS}
+    for name in factors:
+        for key in FACTOR_KEYS:
+            assert torch.equal(flat[f"{name}.{key}"], factors[name][key])
+    part = load_factors(tmp_path / "factors", names=["net.conv"])
+    assert list(part.modules) == ["net.conv"] and part.metadata == factors.metadata
+    for key in FACTOR_KEYS:
+        assert torch.equal(part["net.conv"][key], factors["net.conv"][key])
+
+
+@pytest.mark.parametrize("room", [None, 64])  # the header in its room; a header too large for it (moved)
+def test_streaming_writer_keeps_every_dtype_and_leaves_nothing_on_failure(tmp_path, monkeypatch, room):
+    from safetensors.torch import load_file
+
+    import lit_attrib.io
+    from lit_attrib.io import save_tensors_streaming
+
+    if room is not None:
+        monkeypatch.setattr(lit_attrib.io, "_HEADER_ROOM", room)
+
+    base = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    tensors = {"f64": torch.randn(2, 3, dtype=torch.float64), "bf16": torch.randn(5, dtype=torch.bfloat16),
+               "f16": torch.randn(1, 2, 3, dtype=torch.float16), "i64": torch.arange(7), "bool": torch.rand(4) > 0.5,
+               "scalar": torch.tensor(3.5), "empty": torch.empty(0, 4), "view": base.T, "same": base}
+    save_tensors_streaming(tmp_path / "t.safetensors", tensors.items(), metadata={"format": "x/1"})
+    loaded = load_file(str(tmp_path / "t.safetensors"))
+    assert set(loaded) == set(tensors)
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
+
+    def failing():
+        yield "a", torch.ones(3)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        save_tensors_streaming(tmp_path / "u.safetensors", failing())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+    with pytest.raises(ValueError, match="used twice"):
+        save_tensors_streaming(tmp_path / "v.safetensors", [("a", base), ("a", base)])
 
 
 # ----------------------------------------------------------------------------------- bad input

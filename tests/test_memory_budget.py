@@ -180,7 +180,7 @@ def test_query_gradients_hold_one_layers_per_example_gradients_at_a_time(setup, 
 
     def counting_add(self, layer, activations, gradients):
         add(self, layer, activations, gradients)
-        held.append(len(self._batch) if self.per_example else 0)
+        held.append(len(self._batch) + len(self._uses) if self.per_example else 0)
 
     monkeypatch.setattr(ExampleGradients, "add", counting_add)
     scores, _, _ = run(folder, module, RowsDataModule(rows, batch_size=6, queries=rows[:4]), "streamed")
@@ -198,3 +198,29 @@ def test_take_hands_a_layer_over_and_end_batch_gives_the_rest():
     torch.testing.assert_close(taken[0], g[0].T @ a[0])
     rest = accumulator.end_batch()
     assert list(rest) == ["b"] and rest["b"].abs().sum() == 0 and accumulator.count == 1
+
+
+def test_token_gradients_join_every_use_and_rotate_like_the_full_gradient():
+    """``tokens=True`` hands over each layer's uses as tokens; rotating them into an eigenbasis, token by
+    token (few tokens) or multiplied out (many), equals ``Q_Gᵀ DW Q_A`` of the explicit ``DW``."""
+    from lit_attrib.ops.kfac import TokenGradients, rotate_gradient
+
+    torch.manual_seed(0)
+    layers = {name: type("L", (), {"name": name, "has_bias": False, "gradient_shape": (5, 6)})() for name in "ab"}
+    accumulator = ExampleGradients(layers, torch.float64, per_example=True, tokens=True)
+    accumulator.begin_batch(3)
+    uses = [(torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)) for _ in range(2)]
+    for a, g in uses:
+        accumulator.add(layers["a"], a, g)
+    taken = accumulator.take("a")
+    assert isinstance(taken, TokenGradients) and taken.shape == (3, 5, 6)
+    explicit = sum(torch.einsum("bto,bti->boi", g, a) for a, g in uses)
+    torch.testing.assert_close(taken.full(), explicit, rtol=1e-12, atol=1e-12)
+    rest = accumulator.end_batch()["b"]  # never used: no tokens, a zero gradient
+    assert rest.activations.shape == (3, 0, 6) and rest.full().abs().sum() == 0
+    q_a = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))[0]
+    q_g = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))[0]
+    expected = q_g.T @ explicit @ q_a
+    torch.testing.assert_close(rotate_gradient(taken, q_a, q_g), expected, rtol=1e-12, atol=1e-12)  # 8 tokens: multiplied out
+    few = TokenGradients(uses[0][0][:, :2], uses[0][1][:, :2])  # 2 tokens: rotated through them
+    torch.testing.assert_close(rotate_gradient(few, q_a, q_g), q_g.T @ few.full() @ q_a, rtol=1e-12, atol=1e-12)

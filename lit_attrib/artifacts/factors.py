@@ -17,15 +17,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from lit_attrib.errors import ArtifactError
-from lit_attrib.io import atomic_path, write_json
+from lit_attrib.io import save_tensors_streaming, write_json
 from lit_attrib.layers import is_supported, layer_info
 
 __all__ = ["FACTOR_KEYS", "Factors", "factors_exist", "load_factors", "save_factors"]
@@ -66,24 +68,25 @@ def factors_exist(path: str | os.PathLike) -> bool:
     return (Path(path) / METADATA_FILE).is_file() and (Path(path) / TENSORS_FILE).is_file()
 
 
-def save_factors(path: str | os.PathLike, modules: dict[str, dict[str, torch.Tensor]], metadata: dict) -> Path:
-    """Write the artifact atomically: tensors first, ``factors.json`` last."""
+def save_factors(path: str | os.PathLike,
+                 modules: Mapping[str, dict[str, torch.Tensor]] | Iterable[tuple[str, dict[str, torch.Tensor]]],
+                 metadata: dict) -> Path:
+    """Write the artifact atomically: tensors first, ``factors.json`` last.
+
+    ``modules`` maps each module's name to its tensors, or yields ``(name, tensors)`` pairs: a generator
+    that makes one module's tensors at a time keeps only those in memory (each module is written to disk
+    before the next is asked for).
+    """
     path = Path(path)
-    tensors, seen = {}, set()
-    for name, factors in modules.items():
-        for key, tensor in factors.items():
-            tensor = tensor.detach().contiguous().cpu()
-            if tensor.data_ptr() in seen:  # layers reading one input share Q_A; safetensors stores each once
-                tensor = tensor.clone()
-            seen.add(tensor.data_ptr())
-            tensors[f"{name}.{key}"] = tensor
-    with atomic_path(path / TENSORS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    pairs = modules.items() if isinstance(modules, Mapping) else modules
+    flat = ((f"{name}.{key}", tensor) for name, factors in pairs for key, tensor in factors.items())
+    save_tensors_streaming(path / TENSORS_FILE, flat, metadata={"format": FORMAT})
     write_json(path / METADATA_FILE, {"format": FORMAT, **metadata})
     return path
 
 
-def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu") -> Factors:
+def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu",
+                 names: Iterable[str] | None = None) -> Factors:
     """Load factors, and check them against ``model`` if one is given.
 
     Args:
@@ -91,6 +94,7 @@ def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device
         model: the model (or LightningModule) the factors will be used with; its module names, types
             and shapes must match the saved ones.
         device: where to put the tensors.
+        names: load only these modules' tensors (the metadata still lists every module).
 
     Raises:
         ArtifactError: the artifact is missing or incomplete, or differs from ``model`` (every
@@ -104,7 +108,12 @@ def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device
     metadata = json.loads((path / METADATA_FILE).read_text())
     if metadata.get("format") != FORMAT:
         raise ArtifactError(f"'{path / METADATA_FILE}' is format {metadata.get('format')!r}, expected {FORMAT!r}")
-    flat = load_file(str(path / TENSORS_FILE), device=str(device))
+    if names is None:
+        flat = load_file(str(path / TENSORS_FILE), device=str(device))
+    else:  # only these modules' tensors are read
+        wanted = set(names)
+        with safe_open(str(path / TENSORS_FILE), framework="pt", device=str(device)) as handle:
+            flat = {key: handle.get_tensor(key) for key in handle.keys() if key.rpartition(".")[0] in wanted}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         name, _, factor = key.rpartition(".")
@@ -112,7 +121,7 @@ def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device
     order = list(metadata.get("modules", {}))
     modules = {name: modules[name] for name in order if name in modules} | modules  # model order, as saved
     missing = [f"{name}.{key}" for name in metadata.get("modules", {}) for key in FACTOR_KEYS
-               if key not in modules.get(name, {})]
+               if (names is None or name in wanted) and key not in modules.get(name, {})]
     if missing:
         raise ArtifactError(f"'{path / TENSORS_FILE}' lacks tensors {missing[:8]}; the artifact is damaged, recompute it")
     factors = Factors(modules, metadata)

@@ -43,6 +43,7 @@ from lit_attrib.engine.tracking import LayerTracker, find_layers
 from lit_attrib.errors import ArtifactError, ConfigError, DataError, TrainingError
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.gradients import ExampleGradients
+from lit_attrib.ops.kfac import TokenGradients
 
 
 class FactorScoringCallback(ArtifactCallback, ABC):
@@ -171,15 +172,16 @@ class FactorScoringCallback(ArtifactCallback, ABC):
             self._on_gradient = None
 
     def example_gradients(self, trainer: Trainer, pl_module: LightningModule, source: DataSource, what: str,
-                          per_example: Callable[[LayerInfo, torch.Tensor], Any] | None = None,
+                          per_example: Callable[[LayerInfo, TokenGradients], Any] | None = None,
                           shard: bool = False, layers: dict[str, LayerInfo] | None = None,
                           label: str | None = None) -> tuple[dict[str, Any], torch.Tensor, list[str], int]:
         """Gradients ``DW`` of each tracked layer (or of ``layers`` only) over a set of examples (see
         :data:`DataSource`); ``label`` names the set in messages (default: the source's name).
 
         Returns ``(gradients, indices, texts, count)``, ``count`` over every process. With ``per_example``,
-        each layer's list of ``per_example(layer, DW)`` over the batches, ``DW (B, out, in)`` being the
-        batch's per-example gradients. ``per_example`` runs as soon as a layer's last use of the batch is
+        each layer's list of ``per_example(layer, DW)`` over the batches, ``DW`` being the batch's
+        per-example gradients as :class:`~lit_attrib.ops.kfac.TokenGradients` (``.full()`` multiplies them
+        out to ``(B, out, in)``). ``per_example`` runs as soon as a layer's last use of the batch is
         through the backward, and the gradients are dropped, so that only the layers whose uses are still
         arriving (one, in a network without weight sharing) hold per-example gradients. Otherwise each
         layer's sum over the examples ``(out, in)`` (summed across processes when ``shard`` splits the
@@ -187,7 +189,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         """
         layers = self.layers if layers is None else layers
         accumulator = ExampleGradients(layers, self.dtype, per_example=per_example is not None,
-                                       device=pl_module.device)
+                                       device=pl_module.device, tokens=per_example is not None)
         parts: dict[str, list[Any]] = {name: [] for name in layers}
         received: dict[str, int] = {}
 

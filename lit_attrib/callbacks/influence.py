@@ -29,7 +29,7 @@ from lit_attrib.ops.influence import (
     partition_layers,
     partition_need,
 )
-from lit_attrib.ops.kfac import factors_inverse_hvp
+from lit_attrib.ops.kfac import TokenGradients, factors_inverse_hvp
 
 __all__ = ["InfluenceCallback"]
 
@@ -232,7 +232,7 @@ class InfluenceCallback(FactorScoringCallback):
         if self._scores is not None:  # keep what it decided (``expanded``), drop the query gradients
             self._scores.preconditioned = {}
 
-    def precondition(self, layer: LayerInfo, gradients: torch.Tensor) -> torch.Tensor | LowRank:
+    def precondition(self, layer: LayerInfo, gradients: TokenGradients) -> torch.Tensor | LowRank:
         """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set, in
         ``query_dtype``."""
         preconditioned = factors_inverse_hvp(self.factors[layer.name], gradients, self.damping)

@@ -190,6 +190,7 @@ class KFACCollectorCallback(Callback):
         self._train_scale: TrainLossScale | None = None
         self._checked_layers = False
         self._batch_idx = 0
+        self._received: dict[str, int] = {}  # uses of each layer through the batch's backward (lambda pass)
 
     # ------------------------------------------------------------------------------ identity
     @property
@@ -298,8 +299,10 @@ class KFACCollectorCallback(Callback):
             # step that returns None) adds to neither, so A and G always cover the same tokens.
             self._accumulator.add_activations(layer, activations)
             self._accumulator.add_gradients(layer, gradients)
-        else:
-            self._accumulator.add_rotated_gradient(layer, activations, gradients)
+        else:  # the layer's last use squares its per-example buffer into Λ's sum and frees it
+            self._received[layer.name] = self._received.get(layer.name, 0) + 1
+            last = self._received[layer.name] == self._tracker.uses.get(layer.name)
+            self._accumulator.add_rotated_gradient(layer, activations, gradients, last=last)
 
     # ----------------------------------------------------------------------------- fit
     @override
@@ -437,6 +440,7 @@ class KFACCollectorCallback(Callback):
         else:
             self._accumulator.begin_batch(self._task.padding_mask(batch), gradient_scale)
         self._pass_examples += size
+        self._received.clear()
         return batch
 
     def _token_generator(self, trainer: Trainer, *position: int) -> torch.Generator:
@@ -510,7 +514,8 @@ class KFACCollectorCallback(Callback):
             return
         folder = self._folder(trainer)
         if trainer.is_global_zero:
-            modules = {name: self._accumulator.factors(name, self.strategy, self.dtype) for name in self._layers}
+            # one module's tensors at a time, each written before the next is made
+            modules = ((name, self._accumulator.factors(name, self.strategy, self.dtype)) for name in self._layers)
             counts = self._accumulator.counts
             metadata = {
                 "name": self.name,
@@ -525,11 +530,12 @@ class KFACCollectorCallback(Callback):
                 "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
             }
             save_factors(folder, modules, metadata)
-            rank_zero_info(f"{type(self).__name__}[{self.name}]: factors of {len(modules)} layer(s) written to {folder}")
+            rank_zero_info(f"{type(self).__name__}[{self.name}]: factors of {len(self._layers)} layer(s) written to {folder}")
             if self.plots:
-                from lit_attrib.plotting import write_factor_plots
+                from lit_attrib.plotting import inspect_selection, write_factor_plots
 
-                write_factor_plots(load_factors(folder), folder, self.inspect_modules, logger=trainer.logger,
+                shown = inspect_selection(list(self._layers), self.inspect_modules)  # read only the layers plotted
+                write_factor_plots(load_factors(folder, names=shown), folder, self.inspect_modules, logger=trainer.logger,
                                    tag=self.name, step=trainer.global_step)
         self._written = folder
         trainer.strategy.barrier()

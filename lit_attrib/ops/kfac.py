@@ -9,9 +9,12 @@ non-padding tokens; EKFAC's ``Λ = E_examples[(Q_Gᵀ DW Q_A)²]``; the inverse-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 __all__ = [
+    "TokenGradients",
     "DEFAULT_DAMPING_FACTOR",
     "append_bias_column",
     "default_damping",
@@ -47,10 +50,54 @@ def per_example_gradient(activations: torch.Tensor, output_gradients: torch.Tens
     return torch.einsum("bto,bti->boi", output_gradients, activations)
 
 
+@dataclass(frozen=True)
+class TokenGradients:
+    """A batch of per-example layer gradients kept as their tokens, ``DW_b = Σ_t g_{b,t} a_{b,t}ᵀ``.
+
+    Products with ``DW`` from one side can go through the ``T`` tokens instead of the ``out × in``
+    matrix: rotating into an eigenbasis costs ``T·(out² + in²)`` per example this way against
+    ``out·in·(out + in)`` from ``DW`` (see :func:`rotate_gradient`).
+
+    Attributes:
+        activations: ``a (B, T, in)``, bias column appended when the layer has a bias.
+        gradients: ``g (B, T, out)`` of each example's summed loss (zeros where a token carries no loss).
+    """
+
+    activations: torch.Tensor
+    gradients: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        """The shape of the gradients they stand for, ``(B, out, in)``."""
+        return torch.Size((self.activations.shape[0], self.gradients.shape[-1], self.activations.shape[-1]))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.activations.dtype
+
+    def full(self) -> torch.Tensor:
+        """``DW (B, out, in)``."""
+        return per_example_gradient(self.activations, self.gradients)
+
+    def to(self, dtype: torch.dtype) -> TokenGradients:
+        return TokenGradients(self.activations.to(dtype), self.gradients.to(dtype))
+
+
 def rotate_gradient(
-    gradient: torch.Tensor, activation_eigenvectors: torch.Tensor, gradient_eigenvectors: torch.Tensor
+    gradient: torch.Tensor | TokenGradients, activation_eigenvectors: torch.Tensor, gradient_eigenvectors: torch.Tensor
 ) -> torch.Tensor:
-    """``Q_Gᵀ V Q_A`` for ``V (..., out, in)``."""
+    """``Q_Gᵀ V Q_A`` for ``V (..., out, in)``, or for a batch of :class:`TokenGradients`.
+
+    Token gradients are rotated token by token, ``Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ``, when that is the cheaper
+    way (``T·(out² + in²) < out·in·(out + in)``: fewer tokens than about the layer's width), else
+    multiplied out first. Both give the same matrix up to rounding.
+    """
+    if isinstance(gradient, TokenGradients):
+        out_features, in_features = gradient.shape[-2:]
+        tokens = gradient.activations.shape[-2]
+        if tokens * (out_features ** 2 + in_features ** 2) < out_features * in_features * (out_features + in_features):
+            return (gradient.gradients @ gradient_eigenvectors).mT @ (gradient.activations @ activation_eigenvectors)
+        gradient = gradient.full()
     return gradient_eigenvectors.T @ gradient @ activation_eigenvectors
 
 
@@ -65,7 +112,7 @@ def default_damping(lambda_matrix: torch.Tensor, factor: float = DEFAULT_DAMPING
 
 
 def ekfac_inverse_hvp(
-    vector: torch.Tensor,
+    vector: torch.Tensor | TokenGradients,
     activation_eigenvectors: torch.Tensor,
     gradient_eigenvectors: torch.Tensor,
     lambda_matrix: torch.Tensor,
@@ -74,7 +121,8 @@ def ekfac_inverse_hvp(
     """``(H + λI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` for ``V (..., out, in)``.
 
     Args:
-        vector: one or a batch of layer-shaped gradients, in the bias-appended layout.
+        vector: one or a batch of layer-shaped gradients, in the bias-appended layout, or a batch of
+            :class:`TokenGradients` (rotated through their tokens where that is cheaper).
         activation_eigenvectors: ``Q_A (in, in)``.
         gradient_eigenvectors: ``Q_G (out, out)``.
         lambda_matrix: ``Λ (out, in)``: EKFAC's corrected eigenvalues or :func:`kfac_lambda`.
@@ -95,7 +143,8 @@ def ekfac_inverse_hvp(
     return gradient_eigenvectors @ (rotated / denominator) @ activation_eigenvectors.T
 
 
-def factors_inverse_hvp(factors: dict[str, torch.Tensor], vector: torch.Tensor, damping: float | None = None) -> torch.Tensor:
+def factors_inverse_hvp(factors: dict[str, torch.Tensor], vector: torch.Tensor | TokenGradients,
+                        damping: float | None = None) -> torch.Tensor:
     """:func:`ekfac_inverse_hvp` with one layer's saved factors (``activation_eigenvectors``,
     ``gradient_eigenvectors``, ``lambda``), cast to ``vector``'s dtype."""
     dtype = vector.dtype

@@ -16,7 +16,6 @@ from lit_attrib.ops.kfac import (
     append_bias_column,
     eigendecompose,
     kfac_lambda,
-    per_example_gradient,
 )
 
 __all__ = ["KFACAccumulator"]
@@ -57,6 +56,7 @@ class KFACAccumulator:
         self.counts: dict[str, dict[str, int]] = {name: {} for name in layers}
         self.eigen: dict[str, dict[str, torch.Tensor]] = {}
         self._batch_rotated: dict[str, torch.Tensor] = {}
+        self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
         self._mask: torch.Tensor | None = None  # (B * T, 1) in self.dtype, or None when every token counts
         self._tokens = 0  # real tokens in the batch (with a mask)
         self._scale = 1.0
@@ -122,6 +122,11 @@ class KFACAccumulator:
             return rows, rows * self._mask, self._tokens, 1.0
         return rows, rows, rows.shape[0], 1.0
 
+    def _no_autocast(self) -> torch.autocast:
+        """The products run in the accumulation dtype even when the hooks fire inside an autocast region
+        (bf16-mixed): autocast would compute them in bfloat16."""
+        return torch.autocast(self._device.type, enabled=False)
+
     def _buffer(self, name: str, key: str, shape: tuple[int, ...]) -> torch.Tensor:
         buffer = self.sums[name].get(key)
         if buffer is None:
@@ -137,51 +142,84 @@ class KFACAccumulator:
 
     def add_activations(self, layer: LayerInfo, activations: torch.Tensor) -> None:
         """Add ``Σ a aᵀ`` (bias-appended ``a``) over the real tokens of one use of ``layer``."""
-        key = self._key(activations, "covariance")
-        if key not in self._shared:
-            rows, masked, count, weight = self._rows(activations)
-            self._shared[key] = (activations, masked.T @ rows, masked.sum(0), count, weight)
-        _, product, column, count, weight = self._shared[key]
-        width = product.shape[0]
-        total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
-        total[:width, :width].add_(product, alpha=weight)  # alpha 1 (no sampling) adds exactly as `+=`
-        if layer.has_bias:  # the appended 1: its row and column are Σ a, its corner the token count
-            total[:width, width].add_(column, alpha=weight)
-            total[width, :width].add_(column, alpha=weight)
-            total[width, width] += count
-        self._count(layer.name, "activation", count)
-        self._checks.append((f"{layer.name}: activation", total[:width, :width].diagonal().sum()))
+        with self._no_autocast():
+            key = self._key(activations, "covariance")
+            if key not in self._shared:
+                rows, masked, count, weight = self._rows(activations)
+                self._shared[key] = (activations, masked.T @ rows, masked.sum(0), count, weight)
+            _, product, column, count, weight = self._shared[key]
+            width = product.shape[0]
+            total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
+            total[:width, :width].add_(product, alpha=weight)  # alpha 1 (no sampling) adds exactly as `+=`
+            if layer.has_bias:  # the appended 1: its row and column are Σ a, its corner the token count
+                total[:width, width].add_(column, alpha=weight)
+                total[width, :width].add_(column, alpha=weight)
+                total[width, width] += count
+            self._count(layer.name, "activation", count)
+            self._checks.append((f"{layer.name}: activation", total[:width, :width].diagonal().sum()))
 
     def add_gradients(self, layer: LayerInfo, gradients: torch.Tensor) -> None:
         """Add ``Σ g gᵀ`` over the real tokens (``g`` of the sum-reduced loss, after the batch's scale)."""
-        rows, masked, count, weight = self._rows(gradients)
-        total = self._buffer(layer.name, "gradient", (rows.shape[1],) * 2)
-        total.addmm_(masked.T, rows, alpha=self._scale ** 2 * weight)
-        self._count(layer.name, "gradient", count)
-        self._checks.append((f"{layer.name}: gradient", total.diagonal().sum()))
+        with self._no_autocast():
+            rows, masked, count, weight = self._rows(gradients)
+            total = self._buffer(layer.name, "gradient", (rows.shape[1],) * 2)
+            total.addmm_(masked.T, rows, alpha=self._scale ** 2 * weight)
+            self._count(layer.name, "gradient", count)
+            self._checks.append((f"{layer.name}: gradient", total.diagonal().sum()))
 
-    def add_rotated_gradient(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
-        """Add one use's ``Q_Gᵀ DW_b Q_A`` to this batch's per-example buffer (uses add up before squaring)."""
-        eigen = self.eigen[layer.name]
-        key = self._key(activations, id(eigen["activation_eigenvectors"]), layer.has_bias)
-        if key not in self._shared:  # Q_Aᵀ a, shared by the layers with this input and this eigenbasis
-            source = activations
-            activations = activations.to(self.dtype)
-            if activations.ndim == 2:  # (N, d): one example of N tokens
-                activations = activations.unsqueeze(0)
-            if self._mask is not None and self._mask.shape[0] == activations.shape[0] * activations.shape[1]:
-                activations = activations * self._mask.view(*activations.shape[:2], 1)
-            if layer.has_bias:
-                activations = append_bias_column(activations)
-            self._shared[key] = (source, activations @ eigen["activation_eigenvectors"])
-        rotated_activations = self._shared[key][1]  # (B, T, in)
-        gradients = gradients.to(self.dtype)
-        if gradients.ndim == 2:
-            gradients = gradients.unsqueeze(0)
-        rotated_gradients = gradients @ eigen["gradient_eigenvectors"]  # (B, T, out)
-        rotated = per_example_gradient(rotated_activations, rotated_gradients)  # (B, out, in)
-        buffer = self._batch_rotated.get(layer.name)
-        self._batch_rotated[layer.name] = rotated if buffer is None else buffer.add_(rotated)
+    def add_rotated_gradient(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor,
+                             last: bool = False) -> None:
+        """Add one use's ``Q_Gᵀ DW_b Q_A`` to this batch's per-example buffer (uses add up before squaring).
+
+        ``last``: this is the layer's last use in the batch, so its buffer is squared into the sum and
+        freed now, not at :meth:`end_batch` (only one layer's per-example buffer is then held at a time).
+        """
+        with self._no_autocast():
+            eigen = self.eigen[layer.name]
+            key = self._key(activations, id(eigen["activation_eigenvectors"]), layer.has_bias)
+            if key not in self._shared:  # Q_Aᵀ a, shared by the layers with this input and this eigenbasis
+                source = activations
+                activations = activations.to(self.dtype)
+                if activations.ndim == 2:  # (N, d): one example of N tokens
+                    activations = activations.unsqueeze(0)
+                if self._mask is not None and self._mask.shape[0] == activations.shape[0] * activations.shape[1]:
+                    activations = activations * self._mask.view(*activations.shape[:2], 1)
+                if layer.has_bias:
+                    activations = append_bias_column(activations)
+                self._shared[key] = (source, activations @ eigen["activation_eigenvectors"])
+            rotated_activations = self._shared[key][1]  # (B, T, in)
+            gradients = gradients.to(self.dtype)
+            if gradients.ndim == 2:
+                gradients = gradients.unsqueeze(0)
+            rotated_gradients = (gradients @ eigen["gradient_eigenvectors"]).mT  # (B, out, T)
+            buffer = self._batch_rotated.get(layer.name)
+            if buffer is not None:  # a later use of a layer used several times
+                buffer.baddbmm_(rotated_gradients, rotated_activations)
+            elif last:  # the only use: into a workspace reused by every layer of this shape
+                workspace = self._workspace(rotated_gradients.shape[0], layer.gradient_shape)
+                buffer = torch.bmm(rotated_gradients, rotated_activations, out=workspace)
+            else:
+                buffer = self._batch_rotated[layer.name] = torch.bmm(rotated_gradients, rotated_activations)
+            if last:
+                self._batch_rotated.pop(layer.name, None)
+                self._square(layer.name, buffer)
+
+    def _workspace(self, size: int, shape: tuple[int, int]) -> torch.Tensor:
+        """A ``(size, out, in)`` buffer kept across layers and batches: a fresh one for every layer would leave
+        the allocator's heap fragmented by the long-lived sums allocated between them (RSS grows by a buffer
+        per layer)."""
+        held = self._workspaces.get(shape)
+        if held is None or held.shape[0] < size:
+            held = self._workspaces[shape] = torch.empty(size, *shape, dtype=self.dtype, device=self._device)
+        return held[:size]
+
+    def _square(self, name: str, rotated: torch.Tensor) -> None:
+        """Add one batch's ``Σ_b (Q_Gᵀ DW_b Q_A)²`` of layer ``name`` (example by example: no temporary)."""
+        total = self._buffer(name, "lambda", tuple(rotated.shape[1:]))
+        for example in rotated:
+            total.addcmul_(example, example, value=self._scale ** 2)
+        self._count(name, "lambda", rotated.shape[0])
+        self._checks.append((f"{name}: lambda", total.sum()))
 
     def end_batch(self) -> list[str]:
         """Square the batch's per-example rotated gradients into ``Σ (Q_Gᵀ DW Q_A)²``; return what went non-finite.
@@ -189,11 +227,8 @@ class KFACAccumulator:
         Returns:
             ``layer: quantity`` of every sum that holds a NaN or Inf after this batch (one sync), in model order.
         """
-        for name, rotated in self._batch_rotated.items():
-            total = self._buffer(name, "lambda", tuple(rotated.shape[1:]))
-            total.add_(rotated.square().sum(0), alpha=self._scale ** 2)
-            self._count(name, "lambda", rotated.shape[0])
-            self._checks.append((f"{name}: lambda", total.sum()))
+        for name, rotated in self._batch_rotated.items():  # layers whose last use was not marked
+            self._square(name, rotated)
         self._batch_rotated.clear()
         self._shared.clear()
         checks, self._checks = self._checks, []
@@ -229,45 +264,55 @@ class KFACAccumulator:
                 self.sums[name].pop(key, None)
                 self.counts[name].pop(_COUNT_KEYS[key], None)
 
+    def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``G`` of layer ``name`` in float64: the sums divided by their token counts."""
+        sums, counts = self.sums[name], self.counts[name]
+        if "activation" not in sums or "gradient" not in sums:
+            raise RuntimeError(f"layer '{name}' saw no activations or no gradients in the covariance pass")
+        return (sums["activation"].double() / max(counts["activation_tokens"], 1),
+                sums["gradient"].double() / max(counts["gradient_tokens"], 1))
+
     def eigendecompose(self, names: list[str]) -> None:
-        """Fix ``A`` and ``G`` of ``names`` (after summing across processes) and their float64 eigenbases."""
-        done: list[tuple[torch.Tensor, tuple]] = []  # layers reading one input have equal A: decompose it once
+        """Fix ``A`` and ``G`` of ``names`` (after summing across processes) and their float64 eigenbases.
 
-        def decompose(matrix: torch.Tensor) -> tuple:
-            for seen, result in done:
-                if seen.shape == matrix.shape and torch.equal(seen, matrix):
-                    return result
-            values, vectors = eigendecompose(matrix)
-            result = (values, vectors.to(self.dtype))
-            done.append((matrix, result))
-            return result
-
+        Only the eigenvalues and eigenvectors are kept (the eigenvectors in the accumulation dtype); ``A``
+        and ``G`` are formed again from the sums when the factors are read (:meth:`factors`), so no float64
+        copy of them is held through the lambda pass.
+        """
+        # Layers reading one input have equal A: decompose it once. Told apart by their sums (held anyway)
+        # and token counts, so no float64 matrix is kept for the comparison.
+        done: list[tuple[torch.Tensor, int, tuple]] = []
         for name in names:
-            sums, counts = self.sums[name], self.counts[name]
-            if "activation" not in sums or "gradient" not in sums:
-                raise RuntimeError(f"layer '{name}' saw no activations or no gradients in the covariance pass")
-            activation = sums["activation"].double() / max(counts["activation_tokens"], 1)
-            gradient = sums["gradient"].double() / max(counts["gradient_tokens"], 1)
-            activation_values, activation_vectors = decompose(activation)
+            activation, gradient = self.covariances(name)
+            total, tokens = self.sums[name]["activation"], self.counts[name]["activation_tokens"]
+            for seen, count, result in done:
+                if count == tokens and seen.shape == total.shape and torch.equal(seen, total):
+                    activation_values, activation_vectors = result
+                    break
+            else:
+                activation_values, activation_vectors = eigendecompose(activation)
+                activation_vectors = activation_vectors.to(self.dtype)
+                done.append((total, tokens, (activation_values, activation_vectors)))
+            del activation
             gradient_values, gradient_vectors = eigendecompose(gradient)
-            gradient_vectors = gradient_vectors.to(self.dtype)
+            del gradient
             self.eigen[name] = {
-                "activation_covariance": activation,
-                "gradient_covariance": gradient,
                 "activation_eigenvalues": activation_values,
                 "activation_eigenvectors": activation_vectors,
                 "gradient_eigenvalues": gradient_values,
-                "gradient_eigenvectors": gradient_vectors,
+                "gradient_eigenvectors": gradient_vectors.to(self.dtype),
             }
 
     def factors(self, name: str, strategy: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The saved tensors of one layer (see ``lit_attrib.artifacts.factors``)."""
         eigen = self.eigen[name]
+        activation, gradient = self.covariances(name)
         if strategy == "ekfac":
             lambda_matrix = self.sums[name]["lambda"].double() / max(self.counts[name]["lambda_examples"], 1)
         else:
             lambda_matrix = kfac_lambda(eigen["activation_eigenvalues"], eigen["gradient_eigenvalues"])
-        return {**{key: value.to(dtype) for key, value in eigen.items()}, "lambda": lambda_matrix.to(dtype)}
+        return {"activation_covariance": activation.to(dtype), "gradient_covariance": gradient.to(dtype),
+                **{key: value.to(dtype) for key, value in eigen.items()}, "lambda": lambda_matrix.to(dtype)}
 
     # ------------------------------------------------------------------------------- state
     def state_dict(self) -> dict:
