@@ -113,7 +113,8 @@ def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device
     else:  # only these modules' tensors are read
         wanted = set(names)
         with safe_open(str(path / TENSORS_FILE), framework="pt", device=str(device)) as handle:
-            flat = {key: handle.get_tensor(key) for key in handle.keys() if key.rpartition(".")[0] in wanted}
+            stored = handle.keys()  # a safetensors handle, not a dict
+            flat = {key: handle.get_tensor(key) for key in stored if key.rpartition(".")[0] in wanted}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         name, _, factor = key.rpartition(".")

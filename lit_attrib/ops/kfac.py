@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 __all__ = [
-    "TokenGradients",
     "DEFAULT_DAMPING_FACTOR",
+    "TokenGradients",
     "append_bias_column",
     "default_damping",
     "eigendecompose",
