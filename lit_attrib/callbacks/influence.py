@@ -16,6 +16,7 @@ from lit_attrib.artifacts.scores import save_tensors
 from lit_attrib.callbacks._common import check_context, show_progress
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
 from lit_attrib.engine.data import DataSource, ExampleIds, current_loader, iterate_batches, resolve_loader, source_name
+from lit_attrib.engine.memory import release_freed_memory
 from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.errors import ConfigError, DataError, ModelError, TrainingError
 from lit_attrib.io import write_json, write_jsonl
@@ -221,6 +222,7 @@ class InfluenceCallback(FactorScoringCallback):
                 self.preconditioned[name] = (left, right) if in_order else \
                     (left[order.to(left.device)], right[order.to(right.device)])
             del batches
+        release_freed_memory()  # the preconditioning's temporaries, freed between the kept query gradients
 
     def prepared_tensors(self) -> list[torch.Tensor]:
         return [t for p in self.preconditioned.values() for t in (p if isinstance(p, tuple) else (p,))]

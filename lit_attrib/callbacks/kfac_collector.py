@@ -24,6 +24,7 @@ from lit_attrib.artifacts.factors import METADATA_FILE, factors_exist, load_fact
 from lit_attrib.callbacks._common import DTYPES, show_progress
 from lit_attrib.engine.data import ensure_predict_step, release_predict_step
 from lit_attrib.engine.gradient_pass import TrainLossScale, clone_batch, own_backward, slice_batch
+from lit_attrib.engine.memory import release_freed_memory
 from lit_attrib.engine.task import LossFn, Task, function_name, resolve_task
 from lit_attrib.engine.tracking import LayerTracker, find_layers
 from lit_attrib.errors import ArtifactError, ConfigError, ModelError, TrainingError
@@ -475,6 +476,7 @@ class KFACCollectorCallback(Callback):
         self._accumulator.reduce(names, _PHASE_KEYS[phase], lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         if phase == "covariance":
             self._accumulator.eigendecompose(names)
+            release_freed_memory()  # the float64 temporaries of the eigendecompositions
         self._pass += 1
         self._pass_examples = 0
 

@@ -73,18 +73,19 @@ def token_pairwise_scores(preconditioned: torch.Tensor | LowRank, activations: t
 
 
 def pairwise_scores(preconditioned: torch.Tensor | LowRank, activations: torch.Tensor,
-                    output_gradients: torch.Tensor) -> torch.Tensor:
+                    output_gradients: torch.Tensor, workspace: torch.Tensor | None = None) -> torch.Tensor:
     """``S[q, b] = Σ_t g_{b,t}ᵀ P_q a_{b,t} = ⟨P_q, DW_b⟩``, ``(Q, B)``, by the cheaper contraction.
 
     A low-rank ``P`` goes through the tokens (``B·T·Q·r·(out + in)`` operations, nothing of size
     ``out × in`` per example). A full-rank ``P`` with several queries goes through the batch's
     gradients of this one layer (``B·T·out·in + Q·B·out·in``, against ``Q·B·T·out·in`` through the
-    tokens); they live only for this call.
+    tokens); they live only for this call, in ``workspace`` when given (a ``(B, out, in)`` buffer the caller
+    reuses across layers, so that the heap is not fragmented by one such allocation per layer).
     """
     if isinstance(preconditioned, tuple) or preconditioned.shape[0] == 1:
         return token_pairwise_scores(preconditioned, activations, output_gradients).sum(-1)
     # Plain matrix products: einsum would copy both operands into its own layout first.
-    example_gradients = torch.bmm(output_gradients.mT, activations)  # (B, out, in)
+    example_gradients = torch.bmm(output_gradients.mT, activations, out=workspace)  # (B, out, in)
     return preconditioned.flatten(1) @ example_gradients.flatten(1).T
 
 
@@ -117,6 +118,7 @@ class PairwiseScores:
         self._expanded_bytes = 0
         self._decided: set[str] = set()
         self._batch: dict[str, torch.Tensor] = {}
+        self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
 
     def begin_batch(self) -> None:
         self._batch = {}
@@ -132,7 +134,8 @@ class PairwiseScores:
             self._add("token_scores", tokens)
             self._add("scores", tokens.sum(-1))
         else:
-            self._add("scores", pairwise_scores(preconditioned, a, g))
+            through_gradients = not isinstance(preconditioned, tuple) and preconditioned.shape[0] > 1
+            self._add("scores", pairwise_scores(preconditioned, a, g, self._workspace(a, g) if through_gradients else None))
 
     def end_batch(self) -> dict[str, torch.Tensor]:
         """The batch's ``scores (B, Q)`` (and ``token_scores (B, Q, T)``), the example first."""
@@ -141,6 +144,14 @@ class PairwiseScores:
             result["token_scores"] = self._batch["token_scores"].transpose(0, 1)
         self._batch = {}
         return result
+
+    def _workspace(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        """A ``(B, out, in)`` buffer for a batch's gradients of one layer, reused by every layer of this shape."""
+        size, shape = activations.shape[0], (gradients.shape[-1], activations.shape[-1])
+        held = self._workspaces.get(shape)
+        if held is None or held.shape[0] < size or held.dtype != activations.dtype:
+            held = self._workspaces[shape] = activations.new_empty(size, *shape)
+        return held[:size]
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         self._batch[key] = self._batch[key] + value if key in self._batch else value
