@@ -199,8 +199,25 @@ class InfluenceCallback(FactorScoringCallback):
         self._scores = None
         # Each layer's batch of query gradients is preconditioned (and cut to rank r, and cast to query_dtype)
         # as soon as its backward is done, so that only one layer's per-example gradients are ever held.
+        # Full-rank gradients in the compute dtype go straight into one buffer per layer, rows in reading
+        # order (no concatenation afterwards: that was a copy of every query gradient).
+        capacity = loader_rows(self._query_loader, self._task)[0] if self.query_gradient_rank is None and \
+            self.query_dtype == self.dtype else 0
+        buffers: dict[str, torch.Tensor] = {}
+        filled: dict[str, int] = {}
+
+        def precondition(layer: LayerInfo, gradients: TokenGradients) -> torch.Tensor | LowRank:
+            start, size = filled.get(layer.name, 0), gradients.shape[0]
+            if start + size > capacity:  # more rows than the loader said: kept per batch, joined below
+                return self.precondition(layer, gradients)
+            if layer.name not in buffers:
+                buffers[layer.name] = torch.empty(capacity, *layer.gradient_shape, dtype=self.dtype,
+                                                  device=gradients.activations.device)
+            filled[layer.name] = start + size
+            return self.precondition(layer, gradients, out=buffers[layer.name][start:start + size])
+
         parts, indices, texts, _ = self.example_gradients(
-            trainer, pl_module, self._query_loader, "queries", per_example=self.precondition,
+            trainer, pl_module, self._query_loader, "queries", per_example=precondition,
             layers={name: self.layers[name] for name in names}, label=source_name(self.queries))
         if len(indices.unique()) != len(indices):
             raise DataError(f"{type(self).__name__}[{self.name}]: the queries repeat example ids; each query needs "
@@ -214,7 +231,10 @@ class InfluenceCallback(FactorScoringCallback):
         in_order = torch.equal(order, torch.arange(len(order)))
         for name in names:  # one layer's batches concatenated at a time
             batches = parts.pop(name)
-            if self.query_gradient_rank is None:
+            if name in buffers and filled[name] == len(indices):  # every batch written into the buffer
+                joined = buffers.pop(name)[:len(indices)]
+                self.preconditioned[name] = joined if in_order else joined[order.to(joined.device)]
+            elif self.query_gradient_rank is None:
                 joined = torch.cat(batches)
                 self.preconditioned[name] = joined if in_order else joined[order.to(joined.device)]
             else:
@@ -234,10 +254,11 @@ class InfluenceCallback(FactorScoringCallback):
         if self._scores is not None:  # keep what it decided (``expanded``), drop the query gradients
             self._scores.preconditioned = {}
 
-    def precondition(self, layer: LayerInfo, gradients: TokenGradients) -> torch.Tensor | LowRank:
+    def precondition(self, layer: LayerInfo, gradients: TokenGradients,
+                     out: torch.Tensor | None = None) -> torch.Tensor | LowRank:
         """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set, in
-        ``query_dtype``."""
-        preconditioned = factors_inverse_hvp(self.factors[layer.name], gradients, self.damping)
+        ``query_dtype`` (full rank in the compute dtype: written into ``out`` when given)."""
+        preconditioned = factors_inverse_hvp(self.factors[layer.name], gradients, self.damping, out=out)
         if self.query_gradient_rank is not None:
             try:
                 preconditioned = low_rank(preconditioned, self.query_gradient_rank)

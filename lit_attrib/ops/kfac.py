@@ -108,7 +108,7 @@ def kfac_lambda(activation_eigenvalues: torch.Tensor, gradient_eigenvalues: torc
 
 def default_damping(lambda_matrix: torch.Tensor, factor: float = DEFAULT_DAMPING_FACTOR) -> float:
     """``factor · mean(Λ)``, the damping used when none is given."""
-    return factor * float(lambda_matrix.double().mean())
+    return factor * float(lambda_matrix.mean(dtype=torch.float64))
 
 
 def ekfac_inverse_hvp(
@@ -117,6 +117,7 @@ def ekfac_inverse_hvp(
     gradient_eigenvectors: torch.Tensor,
     lambda_matrix: torch.Tensor,
     damping: float | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(H + λI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` for ``V (..., out, in)``.
 
@@ -127,6 +128,7 @@ def ekfac_inverse_hvp(
         gradient_eigenvectors: ``Q_G (out, out)``.
         lambda_matrix: ``Λ (out, in)``: EKFAC's corrected eigenvalues or :func:`kfac_lambda`.
         damping: ``λ``; ``None`` for :func:`default_damping`.
+        out: where to write the result (shaped like ``vector``'s gradients), e.g. rows of a larger buffer.
 
     Raises:
         ValueError: shapes that do not fit together, or a damping that leaves ``Λ + λ`` non-positive.
@@ -140,13 +142,13 @@ def ekfac_inverse_hvp(
     if not bool((denominator > 0).all()):
         raise ValueError(f"damping {damping} leaves non-positive entries in Λ + λ; use a larger damping")
     rotated = rotate_gradient(vector, activation_eigenvectors, gradient_eigenvectors)
-    return gradient_eigenvectors @ (rotated / denominator) @ activation_eigenvectors.T
+    return torch.matmul(gradient_eigenvectors @ rotated.div_(denominator), activation_eigenvectors.T, out=out)
 
 
 def factors_inverse_hvp(factors: dict[str, torch.Tensor], vector: torch.Tensor | TokenGradients,
-                        damping: float | None = None) -> torch.Tensor:
+                        damping: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`ekfac_inverse_hvp` with one layer's saved factors (``activation_eigenvectors``,
     ``gradient_eigenvectors``, ``lambda``), cast to ``vector``'s dtype."""
     dtype = vector.dtype
     return ekfac_inverse_hvp(vector, factors["activation_eigenvectors"].to(dtype),
-                             factors["gradient_eigenvectors"].to(dtype), factors["lambda"].to(dtype), damping)
+                             factors["gradient_eigenvectors"].to(dtype), factors["lambda"].to(dtype), damping, out)
