@@ -507,7 +507,7 @@ def test_release_freed_memory_returns_freed_heap_pages():
         return
 
     def resident_mb() -> float:
-        return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20  # noqa: SIM115
+        return int(Path("/proc/self/statm").read_text().split()[1]) * 4096 / 2**20
 
     big = torch.ones(2**23)  # freeing a 32 MiB mapping raises glibc's mmap threshold: what follows is heap
     del big
