@@ -476,6 +476,9 @@ class KFACCollectorCallback(Callback):
         self._accumulator.reduce(names, _PHASE_KEYS[phase], lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         if phase == "covariance":
             self._accumulator.eigendecompose(names)
+            if self.strategy == "ekfac":  # A and G sums wait on disk until the factors are written
+                folder = self._folder(trainer)
+                self._accumulator.spill(names, folder / f".covariance-sums-group{group}-rank{trainer.global_rank}.tmp")
             release_freed_memory()  # the float64 temporaries of the eigendecompositions
         self._pass += 1
         self._pass_examples = 0
@@ -594,9 +597,13 @@ class KFACCollectorCallback(Callback):
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         release_predict_step(pl_module, self)
+        if self._accumulator is not None:
+            self._accumulator.drop_spilled()
 
     @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._tracker is not None:
             self._tracker.detach()
         release_predict_step(pl_module, self)
+        if self._accumulator is not None:  # spilled sums live until here: a checkpoint may still read them
+            self._accumulator.drop_spilled()

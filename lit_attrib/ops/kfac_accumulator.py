@@ -7,10 +7,14 @@ counts only when read.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
+from lit_attrib.io import save_tensors_streaming
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.kfac import (
     append_bias_column,
@@ -57,6 +61,7 @@ class KFACAccumulator:
         self.eigen: dict[str, dict[str, torch.Tensor]] = {}
         self._batch_rotated: dict[str, torch.Tensor] = {}
         self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
+        self._spilled: dict[str, Path] = {}  # layer -> the file holding its A and G sums (see spill)
         self._mask: torch.Tensor | None = None  # (B * T, 1) in self.dtype, or None when every token counts
         self._tokens = 0  # real tokens in the batch (with a mask)
         self._scale = 1.0
@@ -263,14 +268,47 @@ class KFACAccumulator:
             for key in keys:
                 self.sums[name].pop(key, None)
                 self.counts[name].pop(_COUNT_KEYS[key], None)
+            if "activation" in keys:
+                self._spilled.pop(name, None)
 
     def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``A`` and ``G`` of layer ``name`` in float64: the sums divided by their token counts."""
-        sums, counts = self.sums[name], self.counts[name]
+        sums, counts = self._covariance_sums(name), self.counts[name]
         if "activation" not in sums or "gradient" not in sums:
             raise RuntimeError(f"layer '{name}' saw no activations or no gradients in the covariance pass")
         return (sums["activation"].double() / max(counts["activation_tokens"], 1),
                 sums["gradient"].double() / max(counts["gradient_tokens"], 1))
+
+    # ----------------------------------------------------------------------------- spilling
+    def spill(self, names: list[str], path: str | os.PathLike) -> None:
+        """Move the summed ``a aᵀ`` and ``g gᵀ`` of ``names`` to a file (after the eigendecomposition they
+        are needed only when the factors are written): the lambda pass then holds the eigenbases and ``Λ``
+        only. :meth:`covariances` and :meth:`state_dict` read them back; :meth:`drop_spilled` deletes the files.
+        """
+        path = Path(path)
+        pairs = ((f"{name}.{key}", self.sums[name][key]) for name in names for key in ("activation", "gradient")
+                 if key in self.sums[name])
+        save_tensors_streaming(path, pairs)
+        for name in names:
+            for key in ("activation", "gradient"):
+                self.sums[name].pop(key, None)
+            self._spilled[name] = path
+
+    def _covariance_sums(self, name: str) -> dict[str, torch.Tensor]:
+        """The sums of layer ``name``, the spilled ones read back."""
+        if name not in self._spilled:
+            return self.sums[name]
+        with safe_open(str(self._spilled[name]), framework="pt", device=str(self._device)) as handle:
+            stored = set(handle.keys())
+            read = {key: handle.get_tensor(f"{name}.{key}") for key in ("activation", "gradient")
+                    if f"{name}.{key}" in stored}
+        return {**self.sums[name], **read}
+
+    def drop_spilled(self) -> None:
+        """Delete the spill files (the sums in them are gone)."""
+        for path in set(self._spilled.values()):
+            path.unlink(missing_ok=True)
+        self._spilled.clear()
 
     def eigendecompose(self, names: list[str]) -> None:
         """Fix ``A`` and ``G`` of ``names`` (after summing across processes) and their float64 eigenbases.
@@ -319,7 +357,7 @@ class KFACAccumulator:
         # Copies, never views: a checkpoint must not change when the running sums do (or vice versa).
         cpu = lambda d: {k: v.detach().to("cpu", copy=True) for k, v in d.items()}  # noqa: E731
         return {
-            "sums": {name: cpu(sums) for name, sums in self.sums.items()},
+            "sums": {name: cpu(self._covariance_sums(name)) for name in self.sums},
             "counts": {name: dict(counts) for name, counts in self.counts.items()},
             "eigen": {name: cpu(eigen) for name, eigen in self.eigen.items()},
         }
@@ -327,5 +365,6 @@ class KFACAccumulator:
     def load_state_dict(self, state: dict, device: torch.device | str = "cpu") -> None:
         self.sums = {name: {k: v.to(device) for k, v in state.get("sums", {}).get(name, {}).items()}
                      for name in self.layers}
+        self._spilled.clear()
         self.counts = {name: dict(state.get("counts", {}).get(name, {})) for name in self.layers}
         self.eigen = {name: {k: v.to(device) for k, v in eigen.items()} for name, eigen in state.get("eigen", {}).items()}
