@@ -293,6 +293,35 @@ def test_streaming_writer_keeps_every_dtype_and_leaves_nothing_on_failure(tmp_pa
         save_tensors_streaming(tmp_path / "v.safetensors", [("a", base), ("a", base)])
 
 
+def test_covariance_sums_wait_on_disk_through_the_lambda_pass(tmp_path, module, rows, monkeypatch):
+    """EKFAC spills A and G sums after the eigendecomposition: the lambda pass holds none of them, the written
+    factors are the reference ones, and no spill file is left; an interrupted lambda pass leaves none either."""
+    from lit_attrib.ops.kfac_accumulator import KFACAccumulator
+
+    seen = []
+    add = KFACAccumulator.add_rotated_gradient
+
+    def watching(self, layer, activations, gradients, last=False):
+        seen.append((any("activation" in sums or "gradient" in sums for sums in self.sums.values()),
+                     sorted(p.name for p in (tmp_path / "factors").glob(".covariance-sums-*"))))
+        add(self, layer, activations, gradients, last=last)
+
+    monkeypatch.setattr(KFACAccumulator, "add_rotated_gradient", watching)
+    factors = collect(tmp_path, module, RowsDataModule(rows, batch_size=8))
+    assert seen and all(not held and files == [".covariance-sums-group0-rank0.tmp"] for held, files in seen)
+    reference = reference_covariances(module.net, rows)
+    torch.testing.assert_close(factors["net.conv"]["activation_covariance"], reference["conv"]["A"], atol=1e-10, rtol=0)
+    assert sorted(p.name for p in (tmp_path / "factors").iterdir()) == ["factors.json", "factors.safetensors"]
+
+    def interrupted(self, layer, activations, gradients, last=False):
+        raise RuntimeError("stopped in the lambda pass")
+
+    monkeypatch.setattr(KFACAccumulator, "add_rotated_gradient", interrupted)
+    with pytest.raises(RuntimeError, match="stopped in the lambda pass"):
+        collect(tmp_path, module, RowsDataModule(rows, batch_size=8), name="stopped")
+    assert not list((tmp_path / "stopped").glob(".covariance-sums-*"))
+
+
 # ----------------------------------------------------------------------------------- bad input
 def test_pattern_matching_nothing_lists_candidates(tmp_path, module, rows):
     with pytest.raises(ModelError, match=r"pattern 'net.mlp' matches no module; supported layers are named like: "

@@ -30,7 +30,7 @@ from lit_attrib.ops.influence import (
     partition_layers,
     partition_need,
 )
-from lit_attrib.ops.kfac import TokenGradients, factors_inverse_hvp
+from lit_attrib.ops.kfac import TokenGradients, default_damping, factors_inverse_hvp
 
 __all__ = ["InfluenceCallback"]
 
@@ -158,6 +158,7 @@ class InfluenceCallback(FactorScoringCallback):
         self.query_dtype = self.dtype if query_dtype is None else QUERY_DTYPES[query_dtype]
         self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget, "memory_budget")
         self.memory: dict = {}
+        self._damping: dict[str, float] = {}  # each layer's default damping, computed once
         self.storage_error = 0.0
         self.preconditioned: dict[str, torch.Tensor | LowRank] = {}
         self._scores: PairwiseScores | None = None
@@ -258,7 +259,14 @@ class InfluenceCallback(FactorScoringCallback):
                      out: torch.Tensor | None = None) -> torch.Tensor | LowRank:
         """``(H + λI)⁻¹ ∇L(z_q)`` of one layer for every query, cut to ``query_gradient_rank`` if set, in
         ``query_dtype`` (full rank in the compute dtype: written into ``out`` when given)."""
-        preconditioned = factors_inverse_hvp(self.factors[layer.name], gradients, self.damping, out=out)
+        factors = self.factors[layer.name]
+        if self.damping is None:  # the default, once per layer (not per query batch)
+            damping = self._damping.get(layer.name)
+            if damping is None:
+                damping = self._damping[layer.name] = default_damping(factors["lambda"].to(self.dtype))
+        else:
+            damping = self.damping
+        preconditioned = factors_inverse_hvp(factors, gradients, damping, out=out)
         if self.query_gradient_rank is not None:
             try:
                 preconditioned = low_rank(preconditioned, self.query_gradient_rank)
