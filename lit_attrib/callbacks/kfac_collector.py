@@ -479,6 +479,7 @@ class KFACCollectorCallback(Callback):
             if self.strategy == "ekfac":  # A and G sums wait on disk until the factors are written
                 folder = self._folder(trainer)
                 self._accumulator.spill(names, folder / f".covariance-sums-group{group}-rank{trainer.global_rank}.tmp")
+                self._accumulator.allocate_lambda(names)
             release_freed_memory()  # the float64 temporaries of the eigendecompositions
         self._pass += 1
         self._pass_examples = 0

@@ -24,6 +24,9 @@ from lit_attrib.ops.kfac import (
 
 __all__ = ["KFACAccumulator"]
 
+_SHARED_INPUTS = 4
+"""Inputs whose products :class:`KFACAccumulator` keeps for the layers sharing them (see ``_share``)."""
+
 _COUNT_KEYS = {"activation": "activation_tokens", "gradient": "gradient_tokens", "lambda": "lambda_examples"}
 
 
@@ -67,7 +70,7 @@ class KFACAccumulator:
         self._scale = 1.0
         self._checks: list[tuple[str, torch.Tensor]] = []
         # Layers that read the same input in one forward (q/k/v, gate/up) share its products: keyed by
-        # the input's memory, which the cache keeps alive (and so unique) until the batch ends.
+        # the input's memory, which the cache keeps alive (and so unique) while cached (see _share).
         self._shared: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._fraction = 1.0
         self._generator: torch.Generator | None = None
@@ -127,6 +130,15 @@ class KFACAccumulator:
             return rows, rows * self._mask, self._tokens, 1.0
         return rows, rows, rows.shape[0], 1.0
 
+    def _share(self, key: tuple, value: tuple[torch.Tensor, ...]) -> None:
+        """Cache one input's products for the layers that read it. Those layers' gradients arrive one after
+        another in the backward (q/k/v, gate/up), so the last few inputs are kept, not the whole batch's
+        (every layer's ``A`` product at once was 400 MB on SmolLM2); an evicted input is recomputed, never
+        confused with another (the entry holds the input, so its memory is not reused while cached)."""
+        self._shared[key] = value
+        while len(self._shared) > _SHARED_INPUTS:
+            del self._shared[next(iter(self._shared))]
+
     def _no_autocast(self) -> torch.autocast:
         """The products run in the accumulation dtype even when the hooks fire inside an autocast region
         (bf16-mixed): autocast would compute them in bfloat16."""
@@ -151,7 +163,7 @@ class KFACAccumulator:
             key = self._key(activations, "covariance")
             if key not in self._shared:
                 rows, masked, count, weight = self._rows(activations)
-                self._shared[key] = (activations, masked.T @ rows, masked.sum(0), count, weight)
+                self._share(key, (activations, masked.T @ rows, masked.sum(0), count, weight))
             _, product, column, count, weight = self._shared[key]
             width = product.shape[0]
             total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
@@ -191,7 +203,7 @@ class KFACAccumulator:
                     activations = activations * self._mask.view(*activations.shape[:2], 1)
                 if layer.has_bias:
                     activations = append_bias_column(activations)
-                self._shared[key] = (source, activations @ eigen["activation_eigenvectors"])
+                self._share(key, (source, activations @ eigen["activation_eigenvectors"]))
             rotated_activations = self._shared[key][1]  # (B, T, in)
             gradients = gradients.to(self.dtype)
             if gradients.ndim == 2:
@@ -208,6 +220,13 @@ class KFACAccumulator:
             if last:
                 self._batch_rotated.pop(layer.name, None)
                 self._square(layer.name, buffer)
+
+    def allocate_lambda(self, names: list[str]) -> None:
+        """Allocate the ``Λ`` sums of ``names`` now, one after another, before the lambda pass: allocated by
+        its first batch, between that batch's temporaries, they left the heap fragmented (0.8 GB on SmolLM2)."""
+        with torch.inference_mode(False):  # the pass adds to them outside inference mode
+            for name in names:
+                self._buffer(name, "lambda", tuple(self.layers[name].gradient_shape))
 
     def _workspace(self, size: int, shape: tuple[int, int]) -> torch.Tensor:
         """A ``(size, out, in)`` buffer kept across layers and batches: a fresh one for every layer would leave
