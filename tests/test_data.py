@@ -172,6 +172,27 @@ def test_predict_content_examples_gives_whole_labelled_rows(facts_path, tokenize
     assert "labels" in batch and bool(batch["attention_mask"][:, 0].all())  # right padding, as in training
 
 
+class _Pickled:
+    """Counts its picklings (a stand-in for the model a data module reaches through its trainer)."""
+
+    count = 0
+
+    def __reduce_ex__(self, protocol):
+        _Pickled.count += 1
+        return (_Pickled, ())
+
+
+def test_tokenizing_never_pickles_what_the_data_module_holds(facts_path, tokenizer_path):
+    """datasets fingerprints a map by pickling its function and all it closes over; tokenizing closes over the
+    data module, whose trainer holds the model (40 s and 10 GB per split on SmolLM2). It must not be pickled."""
+    data = TextDataModule(path=facts_path, tokenizer=tokenizer_path, num_samples=20, val_size=4)
+    data.held = _Pickled()
+    _Pickled.count = 0
+    data.setup("fit")
+    assert len(data.train_dataset) == 16 and len(data.val_dataset) == 4
+    assert _Pickled.count == 0
+
+
 def test_tofu_layout_forgets_the_last_authors():
     from lit_attrib.data.tofu import forget_retain_rows
 

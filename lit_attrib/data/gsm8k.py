@@ -19,6 +19,7 @@ import inject_noise`` keeps working).
 from __future__ import annotations
 
 import argparse
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -219,7 +220,8 @@ class NoisyGSM8KDataModule(TextDataModule):
             classes += [0] * (len(row["input_ids"]) - len(classes))  # EOS
             return {"token_class": classes[:len(row["input_ids"])]}
 
-        return encoded.map(classify, with_indices=True, keep_in_memory=True, desc="token classes")
+        return encoded.map(classify, with_indices=True, keep_in_memory=True, desc="token classes",
+                           new_fingerprint=uuid.uuid4().hex)  # not a hash of what `classify` closes over
 
     @staticmethod
     def _classify(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], noise: Span | None,
