@@ -192,14 +192,12 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         accumulator = ExampleGradients(layers, self.dtype, per_example=per_example is not None,
                                        device=pl_module.device, tokens=per_example is not None)
         parts: dict[str, list[Any]] = {name: [] for name in layers}
-        received: dict[str, int] = {}
 
         def on_gradient(layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
             accumulator.add(layer, activations, gradients)
             if per_example is None:
                 return
-            received[layer.name] = received.get(layer.name, 0) + 1
-            if received[layer.name] == self._tracker.uses.get(layer.name):  # the forward's last use is in
+            if self._tracker.last_use(layer.name):  # the forward's last use is in
                 parts[layer.name].append(per_example(layer, accumulator.take(layer.name)))
 
         indices, texts = [], []
@@ -216,7 +214,6 @@ class FactorScoringCallback(ArtifactCallback, ABC):
                 check_context(self._task, batch, self._context, f"an example of the {what}")
                 rows = ids(batch)
                 accumulator.begin_batch(len(rows))
-                received.clear()
                 losses = self.backward(trainer, pl_module, batch, on_gradient)
                 if not bool(torch.isfinite(losses).all()):
                     raise TrainingError(f"{type(self).__name__}[{self.name}]: non-finite loss in the {what} "

@@ -191,7 +191,6 @@ class KFACCollectorCallback(Callback):
         self._train_scale: TrainLossScale | None = None
         self._checked_layers = False
         self._batch_idx = 0
-        self._received: dict[str, int] = {}  # uses of each layer through the batch's backward (lambda pass)
 
     # ------------------------------------------------------------------------------ identity
     @property
@@ -301,9 +300,8 @@ class KFACCollectorCallback(Callback):
             self._accumulator.add_activations(layer, activations)
             self._accumulator.add_gradients(layer, gradients)
         else:  # the layer's last use squares its per-example buffer into Λ's sum and frees it
-            self._received[layer.name] = self._received.get(layer.name, 0) + 1
-            last = self._received[layer.name] == self._tracker.uses.get(layer.name)
-            self._accumulator.add_rotated_gradient(layer, activations, gradients, last=last)
+            self._accumulator.add_rotated_gradient(layer, activations, gradients,
+                                                   last=self._tracker.last_use(layer.name))
 
     # ----------------------------------------------------------------------------- fit
     @override
@@ -441,7 +439,6 @@ class KFACCollectorCallback(Callback):
         else:
             self._accumulator.begin_batch(self._task.padding_mask(batch), gradient_scale)
         self._pass_examples += size
-        self._received.clear()
         return batch
 
     def _token_generator(self, trainer: Trainer, *position: int) -> torch.Generator:

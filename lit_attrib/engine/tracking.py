@@ -141,6 +141,7 @@ class LayerTracker:
         self.active = True
         self.force_grad = False
         self.uses: dict[str, int] = {}
+        self.received: dict[str, int] = {}  # gradients delivered per layer since reset (see last_use)
         self.calls: list[str] = []
         self.outputs: list[torch.Tensor] = []
         self.reached: set[str] = set()
@@ -160,6 +161,7 @@ class LayerTracker:
     def reset(self) -> None:
         """Start counting uses afresh and forget kept outputs (call before each forward pass)."""
         self.uses.clear()
+        self.received.clear()
         self.calls.clear()
         self.outputs.clear()
         self.reached.clear()
@@ -199,7 +201,13 @@ class LayerTracker:
 
     def _gradient(self, layer: LayerInfo, use: int, activation: torch.Tensor, grad: torch.Tensor) -> None:
         self.reached.add(layer.name)
+        self.received[layer.name] = self.received.get(layer.name, 0) + 1
         self.on_gradient(layer, use, activation, grad.detach())
+
+    def last_use(self, name: str) -> bool:
+        """Inside ``on_gradient``: whether every use of layer ``name`` in the forward since :meth:`reset` has
+        now delivered its gradient (a per-example buffer of the layer can be finished and freed)."""
+        return self.received.get(name, 0) == self.uses.get(name)
 
     def check_seen(self, what: str = "the loss") -> None:
         """Raise a :class:`ConfigError` naming the enabled layers that were never called through ``forward``

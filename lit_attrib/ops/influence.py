@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.gradients import layer_inputs
+from lit_attrib.ops.gradients import Workspaces, layer_inputs
 
 __all__ = ["LayerMemory", "LowRank", "PairwiseScores", "check_rank", "layer_memory", "low_rank", "pairwise_scores",
            "partition_layers", "partition_need", "token_pairwise_scores"]
@@ -119,7 +119,7 @@ class PairwiseScores:
         self._expanded_bytes = 0
         self._decided: set[str] = set()
         self._batch: dict[str, torch.Tensor] = {}
-        self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
+        self._workspaces = Workspaces()
 
     def begin_batch(self) -> None:
         self._batch = {}
@@ -136,7 +136,8 @@ class PairwiseScores:
             self._add("scores", tokens.sum(-1))
         else:
             through_gradients = not isinstance(preconditioned, tuple) and preconditioned.shape[0] > 1
-            self._add("scores", pairwise_scores(preconditioned, a, g, self._workspace(a, g) if through_gradients else None))
+            workspace = self._workspaces.get(a.shape[0], (g.shape[-1], a.shape[-1]), a) if through_gradients else None
+            self._add("scores", pairwise_scores(preconditioned, a, g, workspace))
 
     def end_batch(self) -> dict[str, torch.Tensor]:
         """The batch's ``scores (B, Q)`` (and ``token_scores (B, Q, T)``), the example first."""
@@ -145,14 +146,6 @@ class PairwiseScores:
             result["token_scores"] = self._batch["token_scores"].transpose(0, 1)
         self._batch = {}
         return result
-
-    def _workspace(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        """A ``(B, out, in)`` buffer for a batch's gradients of one layer, reused by every layer of this shape."""
-        size, shape = activations.shape[0], (gradients.shape[-1], activations.shape[-1])
-        held = self._workspaces.get(shape)
-        if held is None or held.shape[0] < size or held.dtype != activations.dtype:
-            held = self._workspaces[shape] = activations.new_empty(size, *shape)
-        return held[:size]
 
     def _add(self, key: str, value: torch.Tensor) -> None:
         self._batch[key] = self._batch[key] + value if key in self._batch else value

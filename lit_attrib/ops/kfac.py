@@ -79,9 +79,6 @@ class TokenGradients:
         """``DW (B, out, in)``."""
         return per_example_gradient(self.activations, self.gradients)
 
-    def to(self, dtype: torch.dtype) -> TokenGradients:
-        return TokenGradients(self.activations.to(dtype), self.gradients.to(dtype))
-
 
 def rotate_gradient(
     gradient: torch.Tensor | TokenGradients, activation_eigenvectors: torch.Tensor, gradient_eigenvectors: torch.Tensor

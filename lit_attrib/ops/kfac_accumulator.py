@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 from lit_attrib.io import save_tensors_streaming
 from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.gradients import Workspaces
 from lit_attrib.ops.kfac import (
     append_bias_column,
     eigendecompose,
@@ -63,7 +64,7 @@ class KFACAccumulator:
         self.counts: dict[str, dict[str, int]] = {name: {} for name in layers}
         self.eigen: dict[str, dict[str, torch.Tensor]] = {}
         self._batch_rotated: dict[str, torch.Tensor] = {}
-        self._workspaces: dict[tuple[int, int], torch.Tensor] = {}
+        self._workspaces = Workspaces()  # the single-use layers' rotated gradients (see add_rotated_gradient)
         self._spilled: dict[str, Path] = {}  # layer -> the file holding its A and G sums (see spill)
         self._mask: torch.Tensor | None = None  # (B * T, 1) in self.dtype, or None when every token counts
         self._tokens = 0  # real tokens in the batch (with a mask)
@@ -213,7 +214,7 @@ class KFACAccumulator:
             if buffer is not None:  # a later use of a layer used several times
                 buffer.baddbmm_(rotated_gradients, rotated_activations)
             elif last:  # the only use: into a workspace reused by every layer of this shape
-                workspace = self._workspace(rotated_gradients.shape[0], layer.gradient_shape)
+                workspace = self._workspaces.get(rotated_gradients.shape[0], layer.gradient_shape, rotated_gradients)
                 buffer = torch.bmm(rotated_gradients, rotated_activations, out=workspace)
             else:
                 buffer = self._batch_rotated[layer.name] = torch.bmm(rotated_gradients, rotated_activations)
@@ -227,15 +228,6 @@ class KFACAccumulator:
         with torch.inference_mode(False):  # the pass adds to them outside inference mode
             for name in names:
                 self._buffer(name, "lambda", tuple(self.layers[name].gradient_shape))
-
-    def _workspace(self, size: int, shape: tuple[int, int]) -> torch.Tensor:
-        """A ``(size, out, in)`` buffer kept across layers and batches: a fresh one for every layer would leave
-        the allocator's heap fragmented by the long-lived sums allocated between them (RSS grows by a buffer
-        per layer)."""
-        held = self._workspaces.get(shape)
-        if held is None or held.shape[0] < size:
-            held = self._workspaces[shape] = torch.empty(size, *shape, dtype=self.dtype, device=self._device)
-        return held[:size]
 
     def _square(self, name: str, rotated: torch.Tensor) -> None:
         """Add one batch's ``Σ_b (Q_Gᵀ DW_b Q_A)²`` of layer ``name`` (example by example: no temporary)."""
