@@ -180,7 +180,7 @@ def test_query_gradients_hold_one_layers_per_example_gradients_at_a_time(setup, 
 
     def counting_add(self, layer, activations, gradients):
         add(self, layer, activations, gradients)
-        held.append(len(self._batch) + len(self._uses) if self.per_example else 0)
+        held.append(len(self._uses) if self.per_example else 0)
 
     monkeypatch.setattr(ExampleGradients, "add", counting_add)
     scores, _, _ = run(folder, module, RowsDataModule(rows, batch_size=6, queries=rows[:4]), "streamed")
@@ -195,19 +195,19 @@ def test_take_hands_a_layer_over_and_end_batch_gives_the_rest():
     a, g = torch.randn(1, 4, 3, dtype=torch.float64), torch.randn(1, 4, 2, dtype=torch.float64)
     accumulator.add(layers["a"], a, g)
     taken = accumulator.take("a")
-    torch.testing.assert_close(taken[0], g[0].T @ a[0])
+    torch.testing.assert_close(taken.full()[0], g[0].T @ a[0])
     rest = accumulator.end_batch()
-    assert list(rest) == ["b"] and rest["b"].abs().sum() == 0 and accumulator.count == 1
+    assert list(rest) == ["b"] and rest["b"].full().abs().sum() == 0 and accumulator.count == 1
 
 
 def test_token_gradients_join_every_use_and_rotate_like_the_full_gradient():
-    """``tokens=True`` hands over each layer's uses as tokens; rotating them into an eigenbasis, token by
+    """Per-example gradients are handed over as each layer's uses' tokens; rotating them into an eigenbasis, token by
     token (few tokens) or multiplied out (many), equals ``Q_Gᵀ DW Q_A`` of the explicit ``DW``."""
     from lit_attrib.ops.kfac import TokenGradients, rotate_gradient
 
     torch.manual_seed(0)
     layers = {name: type("L", (), {"name": name, "has_bias": False, "gradient_shape": (5, 6)})() for name in "ab"}
-    accumulator = ExampleGradients(layers, torch.float64, per_example=True, tokens=True)
+    accumulator = ExampleGradients(layers, torch.float64, per_example=True)
     accumulator.begin_batch(3)
     uses = [(torch.randn(3, 4, 6, dtype=torch.float64), torch.randn(3, 4, 5, dtype=torch.float64)) for _ in range(2)]
     for a, g in uses:

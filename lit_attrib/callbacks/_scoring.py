@@ -190,7 +190,7 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         """
         layers = self.layers if layers is None else layers
         accumulator = ExampleGradients(layers, self.dtype, per_example=per_example is not None,
-                                       device=pl_module.device, tokens=per_example is not None)
+                                       device=pl_module.device)
         parts: dict[str, list[Any]] = {name: [] for name in layers}
 
         def on_gradient(layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:

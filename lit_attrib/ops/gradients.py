@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.kfac import TokenGradients, append_bias_column, per_example_gradient
+from lit_attrib.ops.kfac import TokenGradients, append_bias_column
 
 __all__ = ["ExampleGradients", "Workspaces", "layer_inputs"]
 
@@ -48,8 +48,8 @@ def layer_inputs(layer: LayerInfo, activations: torch.Tensor, gradients: torch.T
 
 
 class ExampleGradients:
-    """Each tracked layer's per-example gradient ``DW (B, out, in)`` over one batch, or the running sum
-    ``Σ_examples DW (out, in)``.
+    """Each tracked layer's per-example gradients over one batch, as :class:`TokenGradients` (``DW_b =
+    Σ_t g_{b,t} a_{b,t}ᵀ`` kept as its tokens), or the running sum ``Σ_examples DW (out, in)``.
 
     Interface of every accumulator: :meth:`begin_batch`; :meth:`add` one use of one layer; :meth:`end_batch`;
     :meth:`reduce` across processes; :meth:`state_dict`. With ``per_example``, :meth:`take` hands over a
@@ -59,31 +59,27 @@ class ExampleGradients:
     Args:
         layers: the tracked layers, by name.
         dtype: the dtype of the gradients (inputs are cast to it).
-        per_example: keep each example's gradient for the batch (returned by :meth:`end_batch`) instead of
-            adding them to the running sums.
+        per_example: keep each example's gradient for the batch instead of adding them to the running
+            sums, as :class:`TokenGradients` (every use's ``a`` and ``g`` joined along the tokens): nothing
+            of size ``out × in`` per example is formed, and a caller that rotates them does so through the
+            tokens (``.full()`` multiplies them out).
         device: where the sums live.
-        tokens: with ``per_example``, hand each layer's gradients over as :class:`TokenGradients` (every use's
-            ``a`` and ``g`` joined along the tokens) instead of ``DW (B, out, in)``: nothing of size
-            ``out × in`` per example is formed, and a caller that rotates them does so through the tokens.
     """
 
     def __init__(self, layers: dict[str, LayerInfo], dtype: torch.dtype = torch.float32, per_example: bool = False,
-                 device: torch.device | str = "cpu", tokens: bool = False) -> None:
+                 device: torch.device | str = "cpu") -> None:
         self.layers = layers
         self.device = torch.device(device)
         self.dtype = dtype
         self.per_example = per_example
-        self.tokens = tokens
         self._uses: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.sums: dict[str, torch.Tensor] = {}
         self.count = 0
-        self._batch: dict[str, torch.Tensor] = {}
         self._taken: set[str] = set()
         self._size = 0
 
     def begin_batch(self, size: int) -> None:
         """Start a batch of ``size`` examples."""
-        self._batch = {}
         self._uses = {}
         self._taken = set()
         self._size = size
@@ -91,44 +87,33 @@ class ExampleGradients:
     def add(self, layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor) -> None:
         """Add one use of ``layer``: ``a (B, T, in)`` as it entered the layer, ``g (B, T, out)`` of the summed loss."""
         a, g = layer_inputs(layer, activations, gradients, self.dtype)
-        if self.per_example and self.tokens:
+        if self.per_example:
             self._uses.setdefault(layer.name, []).append((a, g))
-        elif self.per_example:
-            update = per_example_gradient(a, g)  # (B, out, in)
-            held = self._batch.get(layer.name)
-            self._batch[layer.name] = update if held is None else held.add_(update)
         else:
             update = g.flatten(0, 1).T @ a.flatten(0, 1)  # (out, in): the batch's sum
             held = self.sums.get(layer.name)
             self.sums[layer.name] = update if held is None else held.add_(update)
 
-    def take(self, name: str) -> torch.Tensor | TokenGradients:
-        """With ``per_example``: layer ``name``'s ``DW (B, out, in)`` (or :class:`TokenGradients`) of this
-        batch, handed over and no longer held (call it once every use of the layer is in); :meth:`end_batch`
-        leaves it out."""
+    def take(self, name: str) -> TokenGradients:
+        """With ``per_example``: layer ``name``'s gradients of this batch, handed over and no longer held (call
+        it once every use of the layer is in); :meth:`end_batch` leaves it out."""
         self._taken.add(name)
-        if self.tokens:
-            uses = self._uses.pop(name, [])
-            out_features, in_features = self.layers[name].gradient_shape
-            if not uses:  # no use reached: no tokens, a zero gradient
-                return TokenGradients(torch.zeros(self._size, 0, in_features, dtype=self.dtype, device=self.device),
-                                      torch.zeros(self._size, 0, out_features, dtype=self.dtype, device=self.device))
-            if len(uses) == 1:
-                return TokenGradients(*uses[0])
-            return TokenGradients(torch.cat([a for a, _ in uses], 1), torch.cat([g for _, g in uses], 1))
-        held = self._batch.pop(name, None)
-        if held is None:
-            held = torch.zeros(self._size, *self.layers[name].gradient_shape, dtype=self.dtype, device=self.device)
-        return held
+        uses = self._uses.pop(name, [])
+        out_features, in_features = self.layers[name].gradient_shape
+        if not uses:  # no use reached: no tokens, a zero gradient
+            return TokenGradients(torch.zeros(self._size, 0, in_features, dtype=self.dtype, device=self.device),
+                                  torch.zeros(self._size, 0, out_features, dtype=self.dtype, device=self.device))
+        if len(uses) == 1:
+            return TokenGradients(*uses[0])
+        return TokenGradients(torch.cat([a for a, _ in uses], 1), torch.cat([g for _, g in uses], 1))
 
-    def end_batch(self) -> dict[str, torch.Tensor | TokenGradients]:
-        """Finish the batch; with ``per_example``, each layer's ``DW (B, out, in)`` (zeros for a layer the
-        loss did not reach in this batch) that was not handed over by :meth:`take`, else an empty dict."""
+    def end_batch(self) -> dict[str, TokenGradients]:
+        """Finish the batch; with ``per_example``, the gradients of each layer (no tokens for a layer the loss
+        did not reach in this batch) that were not handed over by :meth:`take`, else an empty dict."""
         self.count += self._size
         if not self.per_example:
             return {}
         batch = {name: self.take(name) for name in self.layers if name not in self._taken}
-        self._batch = {}
         self._uses = {}
         self._taken = set()
         return batch
