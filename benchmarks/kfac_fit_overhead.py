@@ -42,23 +42,27 @@ from lit_attrib.data import TextDataModule
 from lit_attrib.engine.gradient_pass import TrainLossScale
 from lit_attrib.engine.tracking import LayerTracker
 from lit_attrib.modules import CausalLMModule
-from lit_attrib.ops.kfac_accumulator import KFACAccumulator
+from lit_attrib.ops.kfac_accumulator import KFACAccumulator, inclusion_probabilities
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, TOKENIZER = str(ROOT / "data/facts/facts.jsonl"), str(ROOT / "data/facts/tokenizer")
 RESULTS = ROOT / "benchmarks" / "results" / "kfac_fit_overhead.json"
 
 
-Setting = tuple[int, float]  # (every_n_batches, token_fraction)
+Setting = tuple[int, float, str]  # (every_n_batches, token_fraction, token_sampling)
 
 
 def parse_setting(text: str) -> Setting:
-    every, _, fraction = text.partition(":")
-    return int(every), float(fraction or 1)
+    """``n``, ``n:p`` or ``n:p:sampling`` (``norm``, the default, or ``uniform``)."""
+    every, _, rest = text.partition(":")
+    fraction, _, sampling = rest.partition(":")
+    if (sampling or "norm") not in ("norm", "uniform"):
+        raise argparse.ArgumentTypeError(f"token sampling must be norm or uniform; got {sampling!r} in {text!r}")
+    return int(every), float(fraction or 1), sampling or "norm"
 
 
 def label(setting: Setting) -> str:
-    return f"{setting[0]}:{setting[1]:g}"
+    return f"{setting[0]}:{setting[1]:g}" + (f":{setting[2]}" if setting[1] < 1 else "")
 
 
 def fit(args, setting: Setting | None, folder: str) -> tuple[list[float], dict | None]:
@@ -73,7 +77,8 @@ def fit(args, setting: Setting | None, folder: str) -> tuple[list[float], dict |
     callbacks = [timer]
     if setting is not None:
         callbacks.append(KFACCollectorCallback(target_modules=["*.mlp.*", "*.self_attn.*_proj"], strategy="kfac",
-                                               every_n_batches=setting[0], token_fraction=setting[1], plots=False,
+                                               every_n_batches=setting[0], token_fraction=setting[1],
+                                               token_sampling=setting[2], plots=False,
                                                output_dir=folder, overwrite=True))
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                       enable_model_summary=False, max_steps=args.steps, limit_val_batches=0, callbacks=callbacks)
@@ -142,7 +147,7 @@ class TokenSpread:
                 rows = rows[accumulator._padding]  # real tokens only
             if key == "gradient":
                 rows = rows * accumulator._scale
-            entry = (rows.T @ rows, float((rows.square().sum(1) ** 2).sum()), rows.shape[0])
+            entry = (rows.T @ rows, float((rows.square().sum(1) ** 2).sum()), rows.shape[0], rows.square().sum(1))
             self.batches.setdefault((layer.name, key), []).append(entry)
             return original(accumulator, layer, values)
         return add
@@ -158,16 +163,24 @@ class TokenSpread:
         for name, original in self._saved:
             setattr(KFACAccumulator, name, original)
 
-    def predicted_error(self, fraction: float) -> dict[str, float]:
-        """Expected ‖Ŝ − S‖_F / ‖S‖_F of the Horvitz–Thompson sum over a sample of ``round(p·n)`` of each
-        batch's ``n`` tokens, without replacement: Var_b = n² (1 − k/n) / k · s²_b, s²_b the tokens' variance."""
+    def predicted_error(self, fraction: float, sampling: str) -> dict[str, float]:
+        """Expected ‖Ŝ − S‖_F / ‖S‖_F of the Horvitz–Thompson sum over each batch's token sample.
+
+        ``uniform``: ``round(p·n)`` of ``n`` tokens without replacement, Var_b = n² (1 − k/n) / k · s²_b, s²_b
+        the tokens' variance. ``norm``: each token kept independently with π_t (the collector's), Var_b =
+        Σ_t (1/π_t − 1)‖x_t‖⁴."""
         worst = {"activation": 0.0, "gradient": 0.0}
         for (_, key), batches in self.batches.items():
             variance, total = 0.0, 0
-            for product, fourth, n in batches:
-                k = max(1, round(fraction * n))
-                spread = (fourth - float(product.square().sum()) / n) / max(n - 1, 1)
-                variance += n * n * (1 - k / n) / k * spread
+            for product, fourth, n, norms in batches:
+                if sampling == "norm":
+                    weights = 0.9 * norms / norms.sum() + 0.1 / n
+                    chances = inclusion_probabilities(weights, fraction * n)
+                    variance += float(((1 / chances - 1) * norms.square()).sum())
+                else:
+                    k = max(1, round(fraction * n))
+                    spread = (fourth - float(product.square().sum()) / n) / max(n - 1, 1)
+                    variance += n * n * (1 - k / n) / k * spread
                 total = total + product
             worst[key] = max(worst[key], (variance / float(total.square().sum())) ** 0.5)
         return worst
@@ -176,9 +189,10 @@ class TokenSpread:
 def error_model(args, fractions: list[float], folder: str) -> list[dict]:
     """Predicted worst-layer A and G error per token fraction, from one full-rate fit's per-token spread."""
     with TokenSpread() as spread:
-        fit(args, (1, 1.0), folder)
-    return [{"token_fraction": p, **{f"predicted_{key}_error": round(value, 4)
-                                     for key, value in spread.predicted_error(p).items()}} for p in fractions]
+        fit(args, (1, 1.0, "norm"), folder)
+    return [{"token_fraction": p, "token_sampling": sampling,
+             **{f"predicted_{key}_error": round(value, 4) for key, value in spread.predicted_error(p, sampling).items()}}
+            for sampling in ("norm", "uniform") for p in fractions]
 
 
 def profile(args, setting: Setting, plain: float, folder: str) -> dict:
@@ -204,9 +218,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=48, help="training steps of each fit")
     parser.add_argument("--settings", type=parse_setting, nargs="+",
-                        default=[parse_setting(s) for s in ("1:1", "1:0.5", "1:0.25", "1:0.1", "2:1", "2:0.5",
-                                                            "2:0.25", "4:1", "4:0.25")],
-                        help="every_n_batches:token_fraction pairs; the first is the full-rate reference (1:1)")
+                        default=[parse_setting(s) for s in ("1:1", "1:0.5", "1:0.25", "1:0.1", "1:0.5:uniform", "2:1",
+                                                            "2:0.5", "4:1")],
+                        help="every_n_batches:token_fraction[:token_sampling] (norm or uniform, default norm); the "
+                             "first is the full-rate reference (1:1)")
     parser.add_argument("--profile", action="store_true", help="also time the collector's parts")
     parser.add_argument("--profile_settings", type=parse_setting, nargs="+",
                         default=[parse_setting(s) for s in ("1:1", "1:0.1")])
@@ -221,7 +236,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     load = {"before": os.getloadavg()[0]}
-    if args.settings[0] != (1, 1.0):
+    if args.settings[0][:2] != (1, 1.0):
         parser.error(f"the first setting is the full-rate reference and must be 1:1; got {label(args.settings[0])}")
     runs: dict = {"plain": []} | {setting: [] for setting in args.settings}
     factors = {}
@@ -245,19 +260,21 @@ def main() -> None:
     rows = []
     print(f"llama width {args.width}, {args.layers} layers, batch {args.batch_size}, {args.steps} steps; "
           f"plain step {plain * 1e3:.1f} ms\n")
-    print("| every_n_batches | token_fraction | step time ÷ plain | spread over repeats | first step ÷ plain first step "
-          "| A error | G error |")
-    print("|---|---|---|---|---|---|---|")
+    print("| every_n_batches | token_fraction | token_sampling | step time ÷ plain | spread over repeats "
+          "| first step ÷ plain first step | A error | G error |")
+    print("|---|---|---|---|---|---|---|---|")
     reference = factors[args.settings[0]]
     for setting in args.settings:
         ratios = sorted(statistics.mean(times[1:]) / plain for times in runs[setting])
         first = min(times[0] for times in runs[setting]) / first_plain
         a_error = relative_error(factors[setting], reference, "activation_covariance")
         g_error = relative_error(factors[setting], reference, "gradient_covariance")
-        rows.append({"every_n_batches": setting[0], "token_fraction": setting[1], "step_ratio": round(ratios[0], 3),
+        rows.append({"every_n_batches": setting[0], "token_fraction": setting[1], "token_sampling": setting[2],
+                     "step_ratio": round(ratios[0], 3),
                      "step_ratios_all_repeats": [round(r, 3) for r in ratios], "first_step_ratio": round(first, 2),
                      "activation_error": round(a_error, 4), "gradient_error": round(g_error, 4)})
-        print(f"| {setting[0]} | {setting[1]:g} | {ratios[0]:.2f} | {ratios[0]:.2f}–{ratios[-1]:.2f} | {first:.2f} "
+        sampling = setting[2] if setting[1] < 1 else ""
+        print(f"| {setting[0]} | {setting[1]:g} | {sampling} | {ratios[0]:.2f} | {ratios[0]:.2f}–{ratios[-1]:.2f} | {first:.2f} "
               f"| {a_error:.1%} | {g_error:.1%} |")
     for result in profiles:
         print(f"\nprofile of {result['setting']}: overhead {result['overhead_ms_per_step']:.2f} ms per step "
@@ -266,9 +283,9 @@ def main() -> None:
             print(f"  {part}: {value:.3f}")
     if predictions:
         print("\npredicted error of the token sample alone (every batch, from the full-rate fit's per-token spread):")
-        print("| token_fraction | predicted A error | predicted G error |\n|---|---|---|")
+        print("| token_fraction | token_sampling | predicted A error | predicted G error |\n|---|---|---|---|")
         for row in predictions:
-            print(f"| {row['token_fraction']:g} | {row['predicted_activation_error']:.1%} "
+            print(f"| {row['token_fraction']:g} | {row['token_sampling']} | {row['predicted_activation_error']:.1%} "
                   f"| {row['predicted_gradient_error']:.1%} |")
     report_load(load, args.threads)
     write_results({"error_model": predictions, "commit": lit_attrib_commit(), "arguments": {k: str(v) for k, v in vars(args).items()},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch import Callback
@@ -14,7 +15,7 @@ from torch import nn
 from lit_attrib.callbacks import KFACCollectorCallback
 from lit_attrib.errors import ConfigError
 from lit_attrib.layers import layer_info
-from lit_attrib.ops.kfac_accumulator import KFACAccumulator
+from lit_attrib.ops.kfac_accumulator import KFACAccumulator, inclusion_probabilities
 from lit_attrib.ops.loss import token_nll
 
 SHORT = {"net.inp": "inp", "net.shared": "shared", "net.conv": "conv", "net.head": "head"}
@@ -45,13 +46,13 @@ def _batch(seed: int, padding: list[int]):
 BATCHES = [_batch(1, [0, 3, 5, 1]), _batch(2, [2, 0, 7, 4, 0])]
 
 
-def _accumulate(fraction: float, seed: int, scale: float = 0.5):
+def _accumulate(fraction: float, seed: int, scale: float = 0.5, sampling: str = "uniform", batches=BATCHES):
     layers = _projections()
     accumulator = KFACAccumulator(layers, torch.float64)
     samples = []
-    for batch_index, (mask, uses) in enumerate(BATCHES):
+    for batch_index, (mask, uses) in enumerate(batches):
         generator = torch.Generator().manual_seed(1000 * seed + batch_index)
-        accumulator.begin_batch(mask, scale, fraction, generator)
+        accumulator.begin_batch(mask, scale, fraction, generator, sampling)
         for name, (a, g) in uses.items():
             accumulator.add_activations(layers[name], a)
             accumulator.add_gradients(layers[name], g)
@@ -150,7 +151,8 @@ def _fit(tmp_path, module, rows, name, **kwargs):
 
 def test_fit_factors_equal_an_autograd_reference_on_the_sampled_tokens(tmp_path):
     rows, module = make_rows(), TinyModule().double()
-    factors, seen = _fit(tmp_path, copy.deepcopy(module), rows, "sampled", token_fraction=0.5, seed=11)
+    factors, seen = _fit(tmp_path, copy.deepcopy(module), rows, "sampled", token_fraction=0.5, seed=11,
+                         token_sampling="uniform")
     assert factors.metadata["arguments"]["token_fraction"] == 0.5
     # Reference: each example alone, unpadded, by autograd; the sampled (example, position) pairs picked out.
     sums = {short: {"A": 0, "G": 0, "tokens": 0} for short in BIAS}
@@ -177,13 +179,95 @@ def test_fit_factors_equal_an_autograd_reference_on_the_sampled_tokens(tmp_path)
         torch.testing.assert_close(factors[name]["activation_covariance"], sums[short]["A"] / tokens, atol=1e-10, rtol=1e-9)
         torch.testing.assert_close(factors[name]["gradient_covariance"], sums[short]["G"] / tokens, atol=1e-10, rtol=1e-9)
     # the same seed draws the same tokens; a full-rate fit differs
-    again, _ = _fit(tmp_path, copy.deepcopy(module), rows, "again", token_fraction=0.5, seed=11)
+    again, _ = _fit(tmp_path, copy.deepcopy(module), rows, "again", token_fraction=0.5, seed=11, token_sampling="uniform")
     full = collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=6), stage="fit", name="full",
                    strategy="kfac", trainer_kwargs={"max_epochs": 1, "limit_val_batches": 0})
     torch.testing.assert_close(again["net.head"]["gradient_covariance"], factors["net.head"]["gradient_covariance"],
                                atol=0, rtol=0)
     assert not torch.allclose(full["net.head"]["gradient_covariance"], factors["net.head"]["gradient_covariance"])
     assert "token_fraction" not in full.metadata["arguments"]
+
+
+def test_inclusion_probabilities_are_proportional_capped_at_one_and_sum_to_the_expected_count():
+    weights = torch.cat([torch.tensor([50.0, 20.0]), torch.rand(30, generator=torch.Generator().manual_seed(0)) + 0.1]).double()
+    weights = weights.numpy()
+    # expected 0.5: nothing capped; 2: the 50 capped, the rest share 1 in proportion; 3: raising c caps the 20 too
+    for expected, exact in ((0.5, True), (2.0, True), (10.0, False), (3.0, False)):
+        chances = torch.from_numpy(inclusion_probabilities(weights, expected))
+        assert float(chances.max()) <= 1.0 and float(chances.sum()) <= expected + 1e-9
+        if exact:
+            assert abs(float(chances.sum()) - expected) < 1e-9
+        else:  # the tokens capped in the second round lose their excess only
+            assert float(chances.sum()) > 0.8 * expected
+        free = chances < 1
+        ratio = chances[free] / torch.from_numpy(weights)[free]  # one c for every token below the cap ...
+        torch.testing.assert_close(ratio, ratio[:1].expand_as(ratio), atol=0, rtol=1e-9)
+        if (~free).any():  # ... and the capped ones are the largest weights
+            assert float(weights[~free].min()) >= float(weights[free].max())
+    assert float(inclusion_probabilities(weights, 2.0)[0]) == 1.0
+    torch.testing.assert_close(torch.from_numpy(inclusion_probabilities(np.ones(8), 2.0)), torch.full((8,), 0.25, dtype=torch.float64))
+
+
+def _heavy_batches():
+    """Batches whose gradients have a few tokens with 30× the norm of the rest (as G's tokens do in training);
+    the padding holds huge values that must never be sampled."""
+    batches = []
+    for seed in (5, 6):
+        mask, uses = _batch(seed, [1, 4, 0])
+        generator = torch.Generator().manual_seed(seed)
+        for a, g in uses.values():
+            heavy = torch.rand(g.shape[:2], generator=generator) < 0.08
+            g[heavy] *= 30
+            a[~mask], g[~mask] = 1e6, 1e6
+        batches.append((mask, uses))
+    return batches
+
+
+def test_norm_sampling_is_unbiased_and_beats_uniform_on_heavy_tailed_gradients():
+    """``"norm"``: the mean over seeds is the full-rate A and G (no bias, padding never drawn), and on
+    gradients with a heavy tail its error is a fraction of uniform sampling's at the same fraction."""
+    batches = _heavy_batches()
+    _, _, full = _accumulate(1.0, seed=0, batches=batches)
+    draws = {sampling: [_accumulate(0.3, seed=seed, sampling=sampling, batches=batches)[2] for seed in range(96)]
+             for sampling in ("norm", "uniform")}
+    for name in full:
+        for key in ("A", "G"):
+            values = torch.stack([draw[name][key] for draw in draws["norm"]])  # (96, d, d)
+            error = values.std(0) / 96 ** 0.5
+            z = (values.mean(0) - full[name][key]).abs() / error.clamp(min=1e-12)
+            assert float(z.max()) < 4.5, f"{name}.{key}: the mean over seeds is {float(z.max()):.1f} SE off"
+            assert float((values[0] - full[name][key]).norm()) > 3 * float((values.mean(0) - full[name][key]).norm())
+        mse = {sampling: sum(float((draw[name]["G"] - full[name]["G"]).square().sum()) for draw in draws[sampling])
+               for sampling in draws}
+        assert mse["norm"] < 0.25 * mse["uniform"], f"{name}: G's squared error {mse}"
+
+
+def test_norm_sampling_shares_an_input_sample_and_counts_every_real_token():
+    accumulator, _, _ = _accumulate(0.3, seed=2, sampling="norm")
+    # q and k read one input: one sample, so the same A (q's has the bias row and column on top)
+    torch.testing.assert_close(accumulator.sums["q"]["activation"][:6, :6], accumulator.sums["k"]["activation"],
+                               atol=0, rtol=0)
+    real = sum(int(mask.sum()) for mask, _ in BATCHES)
+    for name in ("q", "k", "o"):
+        assert accumulator.counts[name] == {"activation_tokens": real, "gradient_tokens": real}
+    assert accumulator.sums["q"]["activation"][6, 6] == real  # the bias corner counts tokens, not samples
+
+
+def test_fit_with_norm_sampling_is_reproducible_and_recorded(tmp_path):
+    rows, module = make_rows(), TinyModule().double()
+    first, _ = _fit(tmp_path, copy.deepcopy(module), rows, "norm", token_fraction=0.5, seed=3)
+    again, _ = _fit(tmp_path, copy.deepcopy(module), rows, "norm_again", token_fraction=0.5, seed=3)
+    uniform, _ = _fit(tmp_path, copy.deepcopy(module), rows, "uniform", token_fraction=0.5, seed=3,
+                      token_sampling="uniform")
+    assert first.metadata["arguments"]["token_sampling"] == "norm"
+    for name in SHORT:
+        torch.testing.assert_close(again[name]["gradient_covariance"], first[name]["gradient_covariance"], atol=0, rtol=0)
+    assert not torch.allclose(uniform["net.head"]["gradient_covariance"], first["net.head"]["gradient_covariance"])
+
+
+def test_invalid_token_sampling():
+    with pytest.raises(ConfigError, match="token_sampling must be 'norm' or 'uniform'"):
+        KFACCollectorCallback(token_fraction=0.5, token_sampling="importance")
 
 
 @pytest.mark.parametrize("fraction", [0, -0.5, 1.5, float("nan"), "half", True])

@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -23,12 +24,28 @@ from lit_attrib.ops.kfac import (
     kfac_lambda,
 )
 
-__all__ = ["KFACAccumulator"]
+__all__ = ["KFACAccumulator", "inclusion_probabilities"]
 
 _SHARED_INPUTS = 4
 """Inputs whose products :class:`KFACAccumulator` keeps for the layers sharing them (see ``_share``)."""
 
 _COUNT_KEYS = {"activation": "activation_tokens", "gradient": "gradient_tokens", "lambda": "lambda_examples"}
+
+
+def inclusion_probabilities(weights: np.ndarray, expected: float) -> np.ndarray:
+    """``π_t = min(1, c·w_t)`` for positive ``weights``, with ``Σ π_t ≈ expected`` (``≤ len(weights)``).
+
+    ``c = expected / Σ w`` first; the tokens that reach 1 are kept for sure and ``c`` is raised once so
+    that the others share the rest of the expected count in proportion (exact unless that raise caps
+    more tokens, which then stay at 1: ``Σ π_t`` falls a little short). NumPy: these are a few hundred
+    numbers per layer and batch, where a dozen small torch ops would cost more than the products saved.
+    """
+    chances = weights * (expected / weights.sum())
+    capped = chances >= 1
+    if not capped.any():
+        return chances
+    rest = np.where(capped, 0.0, weights)
+    return np.where(capped, 1.0, np.minimum(rest * ((expected - capped.sum()) / rest.sum()), 1.0))
 
 
 class KFACAccumulator:
@@ -39,13 +56,24 @@ class KFACAccumulator:
     column of ``a`` is never materialised (its row of ``A`` is a running sum of ``a``), padding is
     removed by multiplying with the mask, and finiteness is checked once per batch.
 
-    With ``token_fraction`` ``p < 1`` in :meth:`begin_batch`, ``A`` and ``G`` of the batch come from a
-    random subset of ``k = round(p·n)`` of its ``n`` real tokens, gathered (``index_select``) before the
-    products so that they cost ``p`` of the full ones; the subset's sums are weighted by ``n / k`` and
-    ``n`` tokens are counted, so each batch's contribution is an unbiased estimate of its full one
-    (Horvitz–Thompson) and the normalised ``A`` and ``G`` are unbiased for the full-rate ones. One
-    subset per batch (per row count, see :meth:`sampled_rows`) serves every layer and every use, so
-    ``A`` and ``G`` of a use cover the same tokens and layers reading one input get equal ``A``.
+    With ``token_fraction`` ``p < 1`` in :meth:`begin_batch`, ``A`` and ``G`` of the batch come from
+    about ``p·n`` of its ``n`` real tokens, gathered (``index_select``) before the products so that they
+    cost ``p`` of the full ones; each sampled token's product is weighted by ``1 / π_t``, its chance of
+    being sampled, and ``n`` tokens are counted, so each batch's contribution is an unbiased estimate
+    of its full one (Horvitz–Thompson) and the normalised ``A`` and ``G`` are unbiased for the
+    full-rate ones. Two samplings:
+
+    - ``"norm"``: token ``t`` of an input (for ``A``) or of a layer's output gradient (for ``G``) is
+      kept when the batch's uniform draw ``u_t < π_t = min(1, c·w_t)``, ``Σ π_t ≈ p·n`` (see
+      :func:`inclusion_probabilities`), with ``w_t`` ``‖x_t‖²`` mixed with 10 % of the uniform weight.
+      ``π_t ∝ ‖x_t‖² = ‖x_t x_tᵀ‖_F`` minimises the estimate's expected squared Frobenius error (its
+      variance is ``Σ_t (1/π_t − 1)‖x_t‖⁴``), and the few tokens that carry most of ``‖g‖²`` are
+      always kept; the uniform part bounds every weight (by ``10 / p``). Layers reading one input share
+      its sample (equal ``A``); ``A`` and ``G`` of a use have their own ``π_t``.
+    - ``"uniform"``: one random subset of ``k = round(p·n)`` real tokens per batch (per row count, see
+      :meth:`sampled_rows`), weighted by ``n / k``, serves every layer and use, so ``A`` and ``G`` of
+      a use cover the same tokens.
+
     The lambda pass (:meth:`add_rotated_gradient`) is per example and never sampled.
 
     Args:
@@ -74,20 +102,27 @@ class KFACAccumulator:
         # the input's memory, which the cache keeps alive (and so unique) while cached (see _share).
         self._shared: dict[tuple, tuple[torch.Tensor, ...]] = {}
         self._fraction = 1.0
+        self._sampling = "uniform"
         self._generator: torch.Generator | None = None
         self._padding: torch.Tensor | None = None  # (B, T) bool of the batch, kept to sample real tokens from
+        self._real: np.ndarray | None = None  # its real positions (see _real_positions)
+        self._draws: dict[int, np.ndarray] = {}  # real row count -> uniform draws (see _uniforms)
         # Row count -> (sorted row indices, weight n/k, n): this batch's token sample (see sampled_rows).
         self._samples: dict[int, tuple[torch.Tensor, float, int]] = {}
 
     # --------------------------------------------------------------------------------- updates
     def begin_batch(self, mask: torch.Tensor | None, gradient_scale: float = 1.0, token_fraction: float = 1.0,
-                    generator: torch.Generator | None = None) -> None:
+                    generator: torch.Generator | None = None, sampling: str = "uniform") -> None:
         """Start a batch: ``mask (B, T)`` marks the tokens that count (``None``: all of them).
 
         ``gradient_scale`` turns the observed output gradients into those of the summed loss.
         ``token_fraction < 1`` samples that fraction of the real tokens for ``A`` and ``G`` with
-        ``generator`` (a CPU generator; the subset is drawn when the first layer reports).
+        ``generator`` (a CPU generator; draws happen as the layers report), by ``sampling``
+        (``"norm"`` or ``"uniform"``, see the class).
         """
+        if sampling not in ("norm", "uniform"):
+            raise ValueError(f"sampling must be 'norm' or 'uniform'; got {sampling!r}")
+        self._sampling = sampling
         padded = mask is not None and not bool(mask.all())
         self._mask = mask.reshape(-1, 1).to(self.dtype) if padded else None
         self._tokens = int(mask.sum()) if padded else 0
@@ -96,6 +131,8 @@ class KFACAccumulator:
         self._fraction = token_fraction
         self._generator = generator
         self._padding = mask.reshape(-1) if padded else None
+        self._real = None
+        self._draws.clear()
         self._samples.clear()
 
     def sampled_rows(self, count: int) -> tuple[torch.Tensor, float, int]:
@@ -121,6 +158,8 @@ class KFACAccumulator:
         """``(B, T, d) -> (N, d)`` rows, the same rows with padding zeroed, the number of real rows, and
         the weight of the rows' products (``n / k`` for a token sample of ``k`` rows, else 1)."""
         rows = x.reshape(-1, x.shape[-1])  # (N, d)
+        if self._fraction < 1.0 and self._sampling == "norm":
+            return self._norm_sample(rows)
         if self._fraction < 1.0:
             # Gather before casting and multiplying: the products then cost k/N of the full ones.
             indices, weight, count = self.sampled_rows(rows.shape[0])
@@ -130,6 +169,40 @@ class KFACAccumulator:
         if self._mask is not None and self._mask.shape[0] == rows.shape[0]:
             return rows, rows * self._mask, self._tokens, 1.0
         return rows, rows, rows.shape[0], 1.0
+
+    def _norm_sample(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
+        """``_rows`` for ``"norm"`` sampling: the kept real rows, the same rows times ``1 / π_t``, and ``n``."""
+        norms = rows.float().square().sum(1).cpu().double().numpy()  # (N,)
+        real = self._real_positions(rows.shape[0])
+        if real is not None:
+            norms = norms[real]  # (n,): real tokens only
+        n, total = norms.size, norms.sum()
+        if n == 0 or total == 0:  # nothing to add (a zero row adds nothing to x xᵀ)
+            rows = rows[:0].to(self.dtype)
+            return rows, rows, n, 1.0
+        chances = inclusion_probabilities(norms * (0.9 / total) + 0.1 / n, self._fraction * n)
+        kept = np.flatnonzero(self._uniforms(n) < chances)  # among the real tokens
+        positions = torch.from_numpy(kept if real is None else real[kept]).to(rows.device)
+        rows = rows.index_select(0, positions).to(self.dtype)  # (k, d)
+        weights = torch.from_numpy(1.0 / chances[kept]).to(rows.device, self.dtype)
+        return rows, rows * weights.unsqueeze(1), n, 1.0
+
+    def _uniforms(self, count: int) -> np.ndarray:
+        """One uniform draw per token, shared by every layer of the batch with ``count`` real rows: each
+        layer's sample is then still independent across tokens with its own ``π_t``, for one draw per batch
+        (on the CPU generator, so the sample is the same on any device)."""
+        if count not in self._draws:
+            self._draws[count] = torch.rand(count, generator=self._generator, dtype=torch.float64).numpy()
+        return self._draws[count]
+
+    def _real_positions(self, count: int) -> np.ndarray | None:
+        """The positions of the batch's real tokens among its ``count`` flattened ``(B·T)`` rows (computed once
+        per batch), or ``None`` when every row counts."""
+        if self._padding is None or self._padding.numel() != count:
+            return None
+        if self._real is None:
+            self._real = self._padding.cpu().numpy().nonzero()[0]
+        return self._real
 
     def _share(self, key: tuple, value: tuple[torch.Tensor, ...]) -> None:
         """Cache one input's products for the layers that read it. Those layers' gradients arrive one after
