@@ -294,12 +294,26 @@ def test_streaming_writer_keeps_every_dtype_and_leaves_nothing_on_failure(tmp_pa
 
 
 def test_covariance_sums_wait_on_disk_through_the_lambda_pass(tmp_path, module, rows, monkeypatch):
-    """EKFAC spills A and G sums after the eigendecomposition: the lambda pass holds none of them, the written
-    factors are the reference ones, and no spill file is left; an interrupted lambda pass leaves none either."""
+    """EKFAC spills A and G sums before the eigendecompositions: neither they (which read one layer back at a
+    time) nor the lambda pass hold any of them, the written factors are the reference ones, and no spill file
+    is left; an interrupted lambda pass leaves none either."""
+    import lit_attrib.ops.kfac_accumulator as accumulator_module
     from lit_attrib.ops.kfac_accumulator import KFACAccumulator
 
-    seen = []
-    add = KFACAccumulator.add_rotated_gradient
+    seen, decomposing, held_while_decomposing = [], [], []
+    add, decompose_all, decompose = KFACAccumulator.add_rotated_gradient, KFACAccumulator.eigendecompose, \
+        accumulator_module.eigendecompose
+
+    def decompose_all_watching(self, names):
+        decomposing.append(self)
+        decompose_all(self, names)
+
+    def decompose_watching(matrix):
+        held_while_decomposing.append(sum("activation" in sums or "gradient" in sums for sums in decomposing[-1].sums.values()))
+        return decompose(matrix)
+
+    monkeypatch.setattr(KFACAccumulator, "eigendecompose", decompose_all_watching)
+    monkeypatch.setattr(accumulator_module, "eigendecompose", decompose_watching)
 
     def watching(self, layer, activations, gradients, last=False):
         seen.append((any("activation" in sums or "gradient" in sums for sums in self.sums.values()),
@@ -309,6 +323,7 @@ def test_covariance_sums_wait_on_disk_through_the_lambda_pass(tmp_path, module, 
     monkeypatch.setattr(KFACAccumulator, "add_rotated_gradient", watching)
     factors = collect(tmp_path, module, RowsDataModule(rows, batch_size=8))
     assert seen and all(not held and files == [".covariance-sums-group0-rank0.tmp"] for held, files in seen)
+    assert held_while_decomposing and not any(held_while_decomposing)
     reference = reference_covariances(module.net, rows)
     torch.testing.assert_close(factors["net.conv"]["activation_covariance"], reference["conv"]["A"], atol=1e-10, rtol=0)
     assert sorted(p.name for p in (tmp_path / "factors").iterdir()) == ["factors.json", "factors.safetensors"]

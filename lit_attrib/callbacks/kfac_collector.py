@@ -483,10 +483,12 @@ class KFACCollectorCallback(Callback):
         names = self._groups[group]
         self._accumulator.reduce(names, _PHASE_KEYS[phase], lambda t: trainer.strategy.reduce(t, reduce_op="sum"))
         if phase == "covariance":
-            self._accumulator.eigendecompose(names)
-            if self.strategy == "ekfac":  # A and G sums wait on disk until the factors are written
+            if self.strategy == "ekfac":  # A and G sums wait on disk (read back one layer at a time) until written
                 folder = self._folder(trainer)
                 self._accumulator.spill(names, folder / f".covariance-sums-group{group}-rank{trainer.global_rank}.tmp")
+                release_freed_memory()  # the sums
+            self._accumulator.eigendecompose(names)
+            if self.strategy == "ekfac":
                 self._accumulator.allocate_lambda(names)
             release_freed_memory()  # the float64 temporaries of the eigendecompositions
         self._pass += 1

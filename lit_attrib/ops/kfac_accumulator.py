@@ -355,9 +355,10 @@ class KFACAccumulator:
             if "activation" in keys:
                 self._spilled.pop(name, None)
 
-    def covariances(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` and ``G`` of layer ``name`` in float64: the sums divided by their token counts."""
-        sums, counts = self._covariance_sums(name), self.counts[name]
+    def covariances(self, name: str, sums: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A`` and ``G`` of layer ``name`` in float64: the sums (``sums``, or its own, read back if spilled)
+        divided by their token counts."""
+        sums, counts = self._covariance_sums(name) if sums is None else sums, self.counts[name]
         if "activation" not in sums or "gradient" not in sums:
             raise RuntimeError(f"layer '{name}' saw no activations or no gradients in the covariance pass")
         return (sums["activation"].double() / max(counts["activation_tokens"], 1),
@@ -365,9 +366,11 @@ class KFACAccumulator:
 
     # ----------------------------------------------------------------------------- spilling
     def spill(self, names: list[str], path: str | os.PathLike) -> None:
-        """Move the summed ``a aᵀ`` and ``g gᵀ`` of ``names`` to a file (after the eigendecomposition they
-        are needed only when the factors are written): the lambda pass then holds the eigenbases and ``Λ``
-        only. :meth:`covariances` and :meth:`state_dict` read them back; :meth:`drop_spilled` deletes the files.
+        """Move the summed ``a aᵀ`` and ``g gᵀ`` of ``names`` to a file: the eigendecompositions read them back
+        one layer at a time, and after them they are needed only when the factors are written, so neither the
+        eigendecompositions nor the lambda pass hold every layer's sums next to the eigenbases.
+        :meth:`covariances`, :meth:`eigendecompose` and :meth:`state_dict` read them back; :meth:`drop_spilled`
+        deletes the files.
         """
         path = Path(path)
         pairs = ((f"{name}.{key}", self.sums[name][key]) for name in names for key in ("activation", "gradient")
@@ -401,21 +404,23 @@ class KFACAccumulator:
         and ``G`` are formed again from the sums when the factors are read (:meth:`factors`), so no float64
         copy of them is held through the lambda pass.
         """
-        # Layers reading one input have equal A: decompose it once. Told apart by their sums (held anyway)
-        # and token counts, so no float64 matrix is kept for the comparison.
-        done: list[tuple[torch.Tensor, int, tuple]] = []
+        # Layers reading one input have equal A: decompose it once. They come one after another (q/k/v,
+        # gate/up), so each layer's sums are compared with the last two distinct ones only (sums and token
+        # counts: no float64 matrix kept for the comparison, and no sums of every layer held at once).
+        recent: list[tuple[torch.Tensor, int, tuple]] = []
         for name in names:
-            activation, gradient = self.covariances(name)
-            total, tokens = self.sums[name]["activation"], self.counts[name]["activation_tokens"]
-            for seen, count, result in done:
+            sums = self._covariance_sums(name)
+            activation, gradient = self.covariances(name, sums)
+            total, tokens = sums["activation"], self.counts[name]["activation_tokens"]
+            for seen, count, result in recent:
                 if count == tokens and seen.shape == total.shape and torch.equal(seen, total):
                     activation_values, activation_vectors = result
                     break
             else:
                 activation_values, activation_vectors = eigendecompose(activation)
                 activation_vectors = activation_vectors.to(self.dtype)
-                done.append((total, tokens, (activation_values, activation_vectors)))
-            del activation
+                recent = [*recent[-1:], (total, tokens, (activation_values, activation_vectors))]
+            del activation, sums
             gradient_values, gradient_vectors = eigendecompose(gradient)
             del gradient
             self.eigen[name] = {
