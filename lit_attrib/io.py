@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -15,7 +16,7 @@ import shutil
 import struct
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,7 +24,10 @@ import torch
 
 from lit_attrib.errors import ArtifactError
 
-__all__ = ["atomic_open", "atomic_path", "default_permissions", "load_checkpoint", "load_state_checked", "read_jsonl", "write_json", "write_jsonl"]
+__all__ = ["ScratchTensors", "atomic_open", "atomic_path", "default_permissions", "load_checkpoint", "load_state_checked",
+           "read_jsonl", "save_tensors_streaming", "write_json", "write_jsonl"]
+
+_IO_CHUNK = 1 << 30  # bytes per pread/pwrite call (Linux moves at most ~2 GiB per call)
 
 
 def default_permissions(path: str | os.PathLike, mode: int = 0o666) -> None:
@@ -131,6 +135,85 @@ def save_tensors_streaming(path: str | os.PathLike, tensors: Iterable[tuple[str,
                 shutil.copyfileobj(data, out, 16 * 2**20)
         finally:
             os.unlink(moved)
+
+
+class ScratchTensors(Mapping[str, torch.Tensor]):
+    """Named fixed-shape tensors in one scratch file: written in row ranges, read back one at a time.
+
+    Only the tensor being read is resident: each read goes into a buffer kept per shape and dtype (so a
+    returned tensor is valid until the next read of that shape and dtype), and the file's pages stay in the
+    OS's page cache, outside the process's memory. Reads and writes are plain ``pread``/``pwrite``: a
+    memory map would count the pages it touches in the resident set. :meth:`close` deletes the file.
+
+    Args:
+        path: the file (created, or truncated).
+        layouts: ``name -> (shape, dtype)`` of each tensor; the first axis is the rows.
+        device: where read tensors are returned (through a buffer there, also kept per shape and dtype).
+    """
+
+    def __init__(self, path: str | os.PathLike, layouts: dict[str, tuple[tuple[int, ...], torch.dtype]],
+                 device: torch.device | str = "cpu") -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._layouts: dict[str, tuple[tuple[int, ...], torch.dtype, int]] = {}
+        offset = 0
+        for name, (shape, dtype) in layouts.items():
+            self._layouts[name] = (tuple(shape), dtype, offset)
+            offset += math.prod(shape) * dtype.itemsize
+        self._device = torch.device(device)
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.ftruncate(self._fd, offset)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        shape, dtype, offset = self._layout(name)
+        buffer = self._buffers.get((shape, dtype, "cpu"))
+        if buffer is None:
+            buffer = self._buffers[(shape, dtype, "cpu")] = torch.empty(shape, dtype=dtype)
+        view = memoryview(buffer.view(-1).view(torch.uint8).numpy())
+        done = 0
+        while done < len(view):
+            read = os.preadv(self._fd, [view[done:done + _IO_CHUNK]], offset + done)
+            if read == 0:
+                raise ArtifactError(f"scratch file '{self.path}' ended early reading '{name}' (was it truncated?)")
+            done += read
+        if self._device.type == "cpu":
+            return buffer
+        held = self._buffers.get((shape, dtype, "device"))
+        if held is None:
+            held = self._buffers[(shape, dtype, "device")] = torch.empty(shape, dtype=dtype, device=self._device)
+        return held.copy_(buffer)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layouts)
+
+    def __len__(self) -> int:
+        return len(self._layouts)
+
+    def write(self, name: str, start: int, rows: torch.Tensor) -> None:
+        """Put ``rows (k, *shape[1:])`` at rows ``start … start + k`` of tensor ``name``."""
+        shape, dtype, offset = self._layout(name)
+        if tuple(rows.shape[1:]) != shape[1:] or not 0 <= start <= start + len(rows) <= shape[0]:
+            raise ValueError(f"rows of shape {tuple(rows.shape)} at {start} do not fit '{name}' of shape {shape}")
+        data = rows.detach().to("cpu", dtype).contiguous()
+        view = memoryview(data.view(-1).view(torch.uint8).numpy())
+        position = offset + start * math.prod(shape[1:]) * dtype.itemsize
+        done = 0
+        while done < len(view):
+            done += os.pwrite(self._fd, view[done:done + _IO_CHUNK], position + done)
+
+    def _layout(self, name: str) -> tuple[tuple[int, ...], torch.dtype, int]:
+        if self._fd is None:
+            raise RuntimeError(f"scratch file '{self.path}' is closed")
+        return self._layouts[name]
+
+    def close(self) -> None:
+        """Delete the file and drop the buffers (safe to call twice)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        self.path.unlink(missing_ok=True)
+        self._buffers.clear()
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

@@ -172,6 +172,91 @@ def test_unknown_query_dtype_is_refused():
         InfluenceCallback(factors="f", query_dtype="int8")
 
 
+# --------------------------------------------------------------------------- on disk
+@pytest.mark.parametrize("query_dtype", [None, "bfloat16"])
+def test_query_gradients_on_disk_give_the_scores_of_memory_one_layer_resident(setup, rows, monkeypatch, query_dtype):
+    """``query_storage: disk``: the same scores as in memory (and as the reference), the queries read out of
+    order; during the training pass no layer's query gradients are held but the one being scored (the file
+    is read into one buffer per shape), so a budget that would split the layers in memory runs in one pass;
+    the scratch file is gone afterwards."""
+    from lit_attrib.io import ScratchTensors
+    from lit_attrib.ops.influence import PairwiseScores
+
+    folder, module, factors = setup
+    queries = [rows[5], rows[1], rows[3]]
+    narrow = {} if query_dtype is None else {"query_dtype": query_dtype}
+    memory, memory_meta, _ = run(folder, module, RowsDataModule(rows, batch_size=5, queries=queries), f"in-memory-{query_dtype}",
+                                 memory_budget="1GB", **narrow)
+    # A budget under which the query gradients in memory would need layer groups: on disk, one pass fits.
+    budget = grouping_budget(memory_meta["memory"])
+    assert budget < memory_meta["memory"]["need"]
+    held, add = [], PairwiseScores.add
+
+    def watching_add(self, layer, activations, gradients):
+        assert isinstance(self.preconditioned, ScratchTensors)
+        held.append(len(self.preconditioned._buffers))
+        add(self, layer, activations, gradients)
+
+    monkeypatch.setattr(PairwiseScores, "add", watching_add)
+    disk, meta, callback = run(folder, module, RowsDataModule(rows, batch_size=5, queries=queries), f"on-disk-{query_dtype}",
+                               query_storage="disk", memory_budget=budget, **narrow)
+    assert meta["memory"]["query_storage"] == "disk" and "query_storage" not in meta["arguments"]
+    assert meta["memory"]["partitions"] == [LAYERS] and meta["memory"]["need"] <= budget
+    shapes = {tuple(layer.gradient_shape) for layer in callback.layers.values()}
+    assert held and max(held) <= len(shapes)  # one buffer per layer shape, never every layer's gradients
+    torch.testing.assert_close(disk["scores"], memory["scores"], rtol=0, atol=0)
+    torch.testing.assert_close(disk["query_indices"], torch.tensor([1, 3, 5]))
+    if query_dtype is None:
+        in_order = [rows[1], rows[3], rows[5]]  # the scores' rows are the queries in dataset index order
+        torch.testing.assert_close(disk["scores"], reference_scores(module, factors, in_order, rows), rtol=1e-8, atol=0)
+    assert not list((folder / f"on-disk-{query_dtype}").glob(".query-gradients-*"))
+    assert callback.preconditioned == {}
+
+
+def test_query_gradients_on_disk_are_deleted_when_the_pass_fails(setup, rows, monkeypatch):
+    from lit_attrib.ops.influence import PairwiseScores
+
+    folder, module, _ = setup
+
+    def failing_add(self, layer, activations, gradients):
+        assert list((folder / "failing").glob(".query-gradients-rank0.tmp"))  # written before the training pass
+        raise RuntimeError("stopped in the training pass")
+
+    monkeypatch.setattr(PairwiseScores, "add", failing_add)
+    with pytest.raises(RuntimeError, match="stopped in the training pass"):
+        run(folder, module, RowsDataModule(rows, queries=rows[:2]), "failing", query_storage="disk")
+    assert not list((folder / "failing").glob(".query-gradients-*"))
+
+
+def test_query_storage_arguments_are_checked():
+    with pytest.raises(ConfigError, match="query_storage must be 'memory' or 'disk'"):
+        InfluenceCallback(factors="f", query_storage="ssd")
+    with pytest.raises(ConfigError, match="query_storage 'disk' is for full-rank query gradients"):
+        InfluenceCallback(factors="f", query_storage="disk", query_gradient_rank=2)
+
+
+def test_scratch_tensors_write_row_ranges_and_read_back(tmp_path):
+    from lit_attrib.io import ScratchTensors
+
+    store = ScratchTensors(tmp_path / "s.tmp", {"a": ((5, 3, 4), torch.float32), "b": ((2, 7), torch.bfloat16),
+                                                "c": ((5, 3, 4), torch.float32)})
+    a, b, c = torch.randn(5, 3, 4), torch.randn(2, 7).bfloat16(), torch.randn(5, 3, 4)
+    store.write("a", 3, a[3:])
+    store.write("a", 0, a[:3])
+    store.write("b", 0, b)
+    store.write("c", 0, c.double())  # cast to the layout's dtype
+    assert torch.equal(store["a"], a) and torch.equal(store["b"], b) and torch.equal(store["c"], c)
+    assert store["a"].data_ptr() == store["c"].data_ptr()  # one buffer per shape and dtype
+    assert list(store) == ["a", "b", "c"] and (tmp_path / "s.tmp").stat().st_size == (2 * 60 * 4 + 14 * 2)
+    with pytest.raises(ValueError, match="do not fit 'a'"):
+        store.write("a", 4, a[:2])
+    store.close()
+    store.close()
+    assert not (tmp_path / "s.tmp").exists()
+    with pytest.raises(RuntimeError, match="closed"):
+        store["a"]
+
+
 # --------------------------------------------------------------------- one layer at a time
 def test_query_gradients_hold_one_layers_per_example_gradients_at_a_time(setup, rows, monkeypatch):
     folder, module, factors = setup

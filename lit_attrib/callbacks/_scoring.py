@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -312,8 +312,9 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         """Compute what every batch needs; return what the scores depend on beyond the arguments."""
 
     @abstractmethod
-    def prepared_tensors(self) -> list[torch.Tensor]:
-        """What :meth:`prepare` computed, for the resume fingerprint."""
+    def prepared_tensors(self) -> Iterable[torch.Tensor]:
+        """What :meth:`prepare` computed, for the resume fingerprint (read one at a time: an iterator may
+        reuse one buffer for several)."""
 
     @abstractmethod
     def release(self) -> None:

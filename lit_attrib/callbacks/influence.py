@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
+from typing_extensions import override
 
 from lit_attrib.artifacts.scores import save_tensors
 from lit_attrib.callbacks._common import check_context, show_progress
@@ -19,9 +21,11 @@ from lit_attrib.engine.data import DataSource, ExampleIds, current_loader, itera
 from lit_attrib.engine.memory import release_freed_memory
 from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.errors import ConfigError, DataError, ModelError, TrainingError
-from lit_attrib.io import write_json, write_jsonl
+from lit_attrib.io import ScratchTensors, write_json, write_jsonl
 from lit_attrib.layers import LayerInfo
+from lit_attrib.ops.gradients import Workspaces
 from lit_attrib.ops.influence import (
+    LayerMemory,
     LowRank,
     PairwiseScores,
     check_rank,
@@ -57,7 +61,8 @@ class InfluenceCallback(FactorScoringCallback):
     Memory: per-example gradients are held one layer at a time (each layer's are preconditioned as
     soon as its last use is through the backward); the stored query gradients ``P`` (``Q × params``
     of the tracked layers, or ``Q·r·(out + in)`` per layer at rank r) are what grows. ``query_dtype``
-    stores them narrower; ``memory_budget`` splits the tracked layers into consecutive groups whose
+    stores them narrower; ``query_storage: disk`` keeps them in a scratch file and reads one layer's at a
+    time during the training pass; ``memory_budget`` splits the tracked layers into consecutive groups whose
     query gradients and per-batch working memory fit the budget, and runs the pass once per group
     (scores are a sum over layers, so the groups' scores add up to those of one pass; the queries'
     gradients and the training data are computed once per group, the predict loop's batches serving
@@ -93,6 +98,13 @@ class InfluenceCallback(FactorScoringCallback):
             inherit at about that relative size. The largest relative (Frobenius) rounding error seen is
             logged and recorded in ``scores.json``; a value that overflows, or a layer that loses more
             than 1 % (float16 flushing tiny gradients to zero), is an error rather than a wrong score.
+        query_storage: ``memory`` (default) holds every layer's preconditioned query gradients for the
+            training pass; ``disk`` writes them to a hidden scratch file in the output folder
+            (``.query-gradients-rank<r>.tmp``, deleted when the pass ends or fails) and reads each layer's
+            back when the training backward reaches it, into one buffer per layer shape: only one layer's
+            are resident, the rest stay in the OS's page cache (not the process's memory), for one read of
+            ``Q × params × bytes`` per training batch (memory speed while the page cache holds the file).
+            Full rank only (rank-r query gradients are small). Scores are the same as in memory.
         memory_budget: bytes (an int) or a string such as ``"4GB"`` / ``"512MB"`` (KB, MB, GB, TB are
             powers of 1024, like ``expand_low_rank_gb``) for what the pass holds beyond the model's own
             forward and backward: the stored query gradients plus the largest per-layer working memory
@@ -138,6 +150,7 @@ class InfluenceCallback(FactorScoringCallback):
         task: Task | None = None,
         query_dtype: str | None = None,
         memory_budget: str | int | float | None = None,
+        query_storage: Literal["memory", "disk"] = "memory",
     ) -> None:
         if query_gradient_rank is not None and query_gradient_rank < 1:
             raise ConfigError(f"query_gradient_rank must be at least 1 (or null for full rank); got {query_gradient_rank}")
@@ -148,6 +161,11 @@ class InfluenceCallback(FactorScoringCallback):
         if query_dtype is not None and query_dtype not in QUERY_DTYPES:
             raise ConfigError(f"query_dtype must be one of {list(QUERY_DTYPES)} (or null for dtype); "
                               f"got '{query_dtype}'")
+        if query_storage not in ("memory", "disk"):
+            raise ConfigError(f"query_storage must be 'memory' or 'disk'; got {query_storage!r}")
+        if query_storage == "disk" and query_gradient_rank is not None:
+            raise ConfigError("query_storage 'disk' is for full-rank query gradients; rank-r ones "
+                              f"(query_gradient_rank={query_gradient_rank}) are small: keep them in memory")
         super().__init__(factors, target_modules, damping, dtype, loss_fn, output_dir, name, chunk_size, overwrite,
                          task=task)
         self.queries = queries
@@ -157,10 +175,11 @@ class InfluenceCallback(FactorScoringCallback):
         self.expand_low_rank_gb = expand_low_rank_gb
         self.query_dtype = self.dtype if query_dtype is None else QUERY_DTYPES[query_dtype]
         self.memory_budget = None if memory_budget is None else parse_bytes(memory_budget, "memory_budget")
+        self.query_storage = query_storage
         self.memory: dict = {}
         self._damping: dict[str, float] = {}  # each layer's default damping, computed once
         self.storage_error = 0.0
-        self.preconditioned: dict[str, torch.Tensor | LowRank] = {}
+        self.preconditioned: dict[str, torch.Tensor | LowRank] | ScratchTensors = {}
         self._scores: PairwiseScores | None = None
         self._partitions: list[list[str]] = []
         self._partial: dict[int, dict[str, torch.Tensor]] = {}
@@ -196,8 +215,12 @@ class InfluenceCallback(FactorScoringCallback):
 
     def _compute_queries(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
         """The preconditioned query gradients of the layers ``names``, in dataset index order."""
+        self._close_scratch()
         self.preconditioned = {}
         self._scores = None
+        if self.query_storage == "disk":
+            self._compute_queries_to_disk(trainer, pl_module, names)
+            return
         # Each layer's batch of query gradients is preconditioned (and cut to rank r, and cast to query_dtype)
         # as soon as its backward is done, so that only one layer's per-example gradients are ever held.
         # Full-rank gradients in the compute dtype go straight into one buffer per layer, rows in reading
@@ -220,15 +243,7 @@ class InfluenceCallback(FactorScoringCallback):
         parts, indices, texts, _ = self.example_gradients(
             trainer, pl_module, self._query_loader, "queries", per_example=precondition,
             layers={name: self.layers[name] for name in names}, label=source_name(self.queries))
-        if len(indices.unique()) != len(indices):
-            raise DataError(f"{type(self).__name__}[{self.name}]: the queries repeat example ids; each query needs "
-                            f"its own")
-        order = torch.argsort(indices)  # queries in dataset index order, like the training examples
-        if len(self.query_indices) and not torch.equal(indices[order], self.query_indices):
-            raise DataError(f"{type(self).__name__}[{self.name}]: the query loader gave other examples on its second "
-                            f"reading (needed for memory_budget's layer groups); it must give the same rows each time")
-        self.query_indices = indices[order]
-        self.query_texts = [texts[i] for i in order.tolist()] if texts else texts
+        order = self._order_queries(indices, texts)
         in_order = torch.equal(order, torch.arange(len(order)))
         for name in names:  # one layer's batches concatenated at a time
             batches = parts.pop(name)
@@ -245,10 +260,76 @@ class InfluenceCallback(FactorScoringCallback):
             del batches
         release_freed_memory()  # the preconditioning's temporaries, freed between the kept query gradients
 
-    def prepared_tensors(self) -> list[torch.Tensor]:
-        return [t for p in self.preconditioned.values() for t in (p if isinstance(p, tuple) else (p,))]
+    def _compute_queries_to_disk(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
+        """:meth:`_compute_queries` for ``query_storage: disk``: each layer's batch of preconditioned query
+        gradients is computed into a buffer reused per layer shape and written to the scratch file at its rows."""
+        owner = f"{type(self).__name__}[{self.name}]"
+        capacity = loader_rows(self._query_loader, self._task)[0]
+        if not capacity:
+            raise ConfigError(f"{owner}: query_storage 'disk' needs a query loader whose number of rows is known "
+                              f"before reading it (a map-style dataset); use query_storage 'memory'")
+        device = next((p.device for p in pl_module.parameters()), torch.device("cpu"))
+        store = ScratchTensors(self.folder(trainer) / f".query-gradients-rank{trainer.global_rank}.tmp",
+                               {name: ((capacity, *self.layers[name].gradient_shape), self.query_dtype) for name in names},
+                               device)
+        self.preconditioned = store  # closed by release / on_exception / teardown, also if this fails
+        workspaces = Workspaces()
+        filled: dict[str, int] = {}
+
+        def precondition(layer: LayerInfo, gradients: TokenGradients) -> None:
+            start, size = filled.get(layer.name, 0), gradients.shape[0]
+            if start + size > capacity:
+                raise DataError(f"{owner}: the query loader gave more than the {capacity} rows it said it has")
+            out = workspaces.get(size, layer.gradient_shape, gradients.activations.new_empty(0, dtype=self.dtype)) \
+                if self.query_dtype == self.dtype else None
+            store.write(layer.name, start, self.precondition(layer, gradients, out=out))
+            filled[layer.name] = start + size
+
+        _, indices, texts, _ = self.example_gradients(
+            trainer, pl_module, self._query_loader, "queries", per_example=precondition,
+            layers={name: self.layers[name] for name in names}, label=source_name(self.queries))
+        self._order_queries(indices, texts)
+        if any(filled.get(name, 0) != len(indices) for name in names) or len(indices) != capacity:
+            raise DataError(f"{owner}: the query loader gave {len(indices)} rows, not the {capacity} it said it has")
+        order = torch.argsort(indices)
+        if not torch.equal(order, torch.arange(len(order))):
+            for name in names:  # one layer at a time, in dataset index order
+                store.write(name, 0, store[name][order.to(store[name].device)])
+        release_freed_memory()
+
+    def _order_queries(self, indices: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Check the queries' ids and keep them (and their texts) in dataset index order; return that order."""
+        if len(indices.unique()) != len(indices):
+            raise DataError(f"{type(self).__name__}[{self.name}]: the queries repeat example ids; each query needs "
+                            f"its own")
+        order = torch.argsort(indices)  # queries in dataset index order, like the training examples
+        if len(self.query_indices) and not torch.equal(indices[order], self.query_indices):
+            raise DataError(f"{type(self).__name__}[{self.name}]: the query loader gave other examples on its second "
+                            f"reading (needed for memory_budget's layer groups); it must give the same rows each time")
+        self.query_indices = indices[order]
+        self.query_texts = [texts[i] for i in order.tolist()] if texts else texts
+        return order
+
+    def prepared_tensors(self) -> Iterator[torch.Tensor]:
+        # A generator: query gradients on disk are read (into a reused buffer) one layer at a time.
+        return (t for p in self.preconditioned.values() for t in (p if isinstance(p, tuple) else (p,)))
+
+    def _close_scratch(self) -> None:
+        if isinstance(self.preconditioned, ScratchTensors):
+            self.preconditioned.close()
+
+    @override
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close_scratch()
+        super().on_exception(trainer, pl_module, exception)
+
+    @override
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._close_scratch()
+        super().teardown(trainer, pl_module, stage)
 
     def release(self) -> None:
+        self._close_scratch()
         self.preconditioned = {}
         self._partial = {}
         self._query_loader = None
@@ -307,7 +388,7 @@ class InfluenceCallback(FactorScoringCallback):
         everything fits; otherwise as few consecutive groups as fit. Reads the loaders' sizes only."""
         names = list(self.layers)
         self.memory = {"query_dtype": str(self.query_dtype).replace("torch.", ""), "budget": self.memory_budget,
-                       "partitions": [names]}
+                       "query_storage": self.query_storage, "partitions": [names]}
         if self.memory_budget is None:
             return [names]
         owner = f"{type(self).__name__}[{self.name}]"
@@ -322,6 +403,8 @@ class InfluenceCallback(FactorScoringCallback):
         memory = {name: layer_memory(layer.gradient_shape, queries, min(query_batch, queries), train_batch, tokens,
                                      self.query_gradient_rank, compute, stored, self.token_scores)
                   for name, layer in self.layers.items()}
+        if self.query_storage == "disk":  # a layer's query gradients are resident only while it is scored
+            memory = {name: LayerMemory(0, m.working + m.query) for name, m in memory.items()}
         need = partition_need(memory, names)
         # Later groups add to the scores of earlier ones: those partial sums are held for this process's rows.
         partial = train_rows * queries * compute * (1 + (tokens if self.token_scores else 0))

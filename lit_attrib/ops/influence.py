@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_attrib.io import ScratchTensors
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.gradients import Workspaces, layer_inputs
 
@@ -109,9 +110,11 @@ class PairwiseScores:
         expand_bytes: memory for expanded rank-r layers (0: never expand).
     """
 
-    def __init__(self, preconditioned: dict[str, torch.Tensor | LowRank], dtype: torch.dtype = torch.float32,
+    def __init__(self, preconditioned: dict[str, torch.Tensor | LowRank] | ScratchTensors, dtype: torch.dtype = torch.float32,
                  token_scores: bool = False, expand_bytes: float = 0.0) -> None:
-        self.preconditioned = dict(preconditioned)
+        # A copy (rank-r layers expanded below replace their entry), except of query gradients on disk: those
+        # are read one layer at a time and are full rank.
+        self.preconditioned = preconditioned if isinstance(preconditioned, ScratchTensors) else dict(preconditioned)
         self.dtype = dtype
         self.token_scores = token_scores
         self.expand_bytes = expand_bytes
