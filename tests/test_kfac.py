@@ -260,6 +260,14 @@ def test_streamed_factors_file_loads_like_safetensors_and_by_module(tmp_path, mo
     assert list(part.modules) == ["net.conv"] and part.metadata == factors.metadata
     for key in FACTOR_KEYS:
         assert torch.equal(part["net.conv"][key], factors["net.conv"][key])
+    keys = ("activation_eigenvectors", "lambda")
+    some = load_factors(tmp_path / "factors", keys=keys)
+    assert list(some.modules) == list(factors.modules)
+    for name in factors:
+        assert sorted(some[name]) == sorted(keys) and all(torch.equal(some[name][k], factors[name][k]) for k in keys)
+    assert list(load_factors(tmp_path / "factors", names=["net.conv"], keys=["lambda"]).modules["net.conv"]) == ["lambda"]
+    with pytest.raises(ValueError, match="unknown factor keys"):
+        load_factors(tmp_path / "factors", keys=["eigenvectors"])
 
 
 @pytest.mark.parametrize("room", [None, 64])  # the header in its room; a header too large for it (moved)

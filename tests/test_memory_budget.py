@@ -213,6 +213,23 @@ def test_query_gradients_on_disk_give_the_scores_of_memory_one_layer_resident(se
     assert callback.preconditioned == {}
 
 
+def test_the_training_pass_holds_no_factors_once_the_queries_are_preconditioned(setup, rows, monkeypatch):
+    """Only the eigenbases and Λ are loaded, and they are dropped once the query gradients are preconditioned:
+    the training pass needs only those (on SmolLM2 the factors file is 2.9 GB)."""
+    folder, module, factors = setup
+    seen = []
+    score = InfluenceCallback._score
+
+    def watching(self, trainer, pl_module, batch):
+        seen.append((sum(len(tensors) for tensors in self.factors.modules.values()), set(self.factors.modules)))
+        return score(self, trainer, pl_module, batch)
+
+    monkeypatch.setattr(InfluenceCallback, "_score", watching)
+    scores, _, callback = run(folder, module, RowsDataModule(rows, queries=rows[:2]), "no-factors")
+    assert seen and all(count == 0 and names == set(LAYERS) for count, names in seen)
+    torch.testing.assert_close(scores["scores"], reference_scores(module, factors, rows[:2], rows), rtol=1e-8, atol=0)
+
+
 def test_query_gradients_on_disk_are_deleted_when_the_pass_fails(setup, rows, monkeypatch):
     from lit_attrib.ops.influence import PairwiseScores
 

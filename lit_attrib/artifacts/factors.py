@@ -30,11 +30,13 @@ from lit_attrib.errors import ArtifactError
 from lit_attrib.io import save_tensors_streaming, write_json
 from lit_attrib.layers import is_supported, layer_info
 
-__all__ = ["FACTOR_KEYS", "Factors", "factors_exist", "load_factors", "save_factors"]
+__all__ = ["FACTOR_KEYS", "PRECONDITIONING_KEYS", "Factors", "factors_exist", "load_factors", "save_factors"]
 
 TENSORS_FILE = "factors.safetensors"
 METADATA_FILE = "factors.json"
 FORMAT = "lit_attrib.factors/1"
+PRECONDITIONING_KEYS = ("activation_eigenvectors", "gradient_eigenvectors", "lambda")
+"""What :func:`lit_attrib.ops.kfac.factors_inverse_hvp` reads of a module's factors."""
 FACTOR_KEYS = (
     "activation_covariance",
     "gradient_covariance",
@@ -62,6 +64,12 @@ class Factors:
     def __len__(self) -> int:
         return len(self.modules)
 
+    def release(self, names: Iterable[str]) -> None:
+        """Drop the tensors of modules ``names`` (once their use is over; the metadata stays)."""
+        for name in names:
+            if name in self.modules:
+                self.modules[name] = {}
+
 
 def factors_exist(path: str | os.PathLike) -> bool:
     """Whether ``path`` holds a complete factors artifact."""
@@ -86,7 +94,7 @@ def save_factors(path: str | os.PathLike,
 
 
 def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device: str | torch.device = "cpu",
-                 names: Iterable[str] | None = None) -> Factors:
+                 names: Iterable[str] | None = None, keys: Iterable[str] | None = None) -> Factors:
     """Load factors, and check them against ``model`` if one is given.
 
     Args:
@@ -95,6 +103,8 @@ def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device
             and shapes must match the saved ones.
         device: where to put the tensors.
         names: load only these modules' tensors (the metadata still lists every module).
+        keys: load only these of each module's tensors (of :data:`FACTOR_KEYS`; preconditioning needs
+            ``activation_eigenvectors``, ``gradient_eigenvectors`` and ``lambda``, half of the file).
 
     Raises:
         ArtifactError: the artifact is missing or incomplete, or differs from ``model`` (every
@@ -108,21 +118,25 @@ def load_factors(path: str | os.PathLike, model: nn.Module | None = None, device
     metadata = json.loads((path / METADATA_FILE).read_text())
     if metadata.get("format") != FORMAT:
         raise ArtifactError(f"'{path / METADATA_FILE}' is format {metadata.get('format')!r}, expected {FORMAT!r}")
-    if names is None:
+    wanted_keys = FACTOR_KEYS if keys is None else tuple(keys)
+    if unknown := [key for key in wanted_keys if key not in FACTOR_KEYS]:
+        raise ValueError(f"unknown factor keys {unknown}; choose among {list(FACTOR_KEYS)}")
+    wanted = None if names is None else set(names)
+    if names is None and keys is None:
         flat = load_file(str(path / TENSORS_FILE), device=str(device))
-    else:  # only these modules' tensors are read
-        wanted = set(names)
+    else:  # only these modules' (and keys') tensors are read
         with safe_open(str(path / TENSORS_FILE), framework="pt", device=str(device)) as handle:
             stored = handle.keys()  # a safetensors handle, not a dict
-            flat = {key: handle.get_tensor(key) for key in stored if key.rpartition(".")[0] in wanted}
+            flat = {key: handle.get_tensor(key) for key in stored
+                    if (wanted is None or key.rpartition(".")[0] in wanted) and key.rpartition(".")[2] in wanted_keys}
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in flat.items():
         name, _, factor = key.rpartition(".")
         modules.setdefault(name, {})[factor] = tensor
     order = list(metadata.get("modules", {}))
     modules = {name: modules[name] for name in order if name in modules} | modules  # model order, as saved
-    missing = [f"{name}.{key}" for name in metadata.get("modules", {}) for key in FACTOR_KEYS
-               if (names is None or name in wanted) and key not in modules.get(name, {})]
+    missing = [f"{name}.{key}" for name in metadata.get("modules", {}) for key in wanted_keys
+               if (wanted is None or name in wanted) and key not in modules.get(name, {})]
     if missing:
         raise ArtifactError(f"'{path / TENSORS_FILE}' lacks tensors {missing[:8]}; the artifact is damaged, recompute it")
     factors = Factors(modules, metadata)

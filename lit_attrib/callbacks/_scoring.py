@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from tqdm.auto import tqdm
 from typing_extensions import override
 
-from lit_attrib.artifacts.factors import Factors, load_factors
+from lit_attrib.artifacts.factors import PRECONDITIONING_KEYS, Factors, load_factors
 from lit_attrib.artifacts.scores import ChunkStore
 from lit_attrib.callbacks._common import (
     DTYPES,
@@ -112,7 +112,8 @@ class FactorScoringCallback(ArtifactCallback, ABC):
         require_one_loader(trainer, owner)
         folder = self.folder(trainer)
         self.check_overwrite(trainer)
-        self.factors = load_factors(self.factors_path, pl_module, device=pl_module.device)
+        # The eigenbases and Λ only: the covariances and eigenvalues (half of the file) are not used here.
+        self.factors = load_factors(self.factors_path, pl_module, device=pl_module.device, keys=PRECONDITIONING_KEYS)
         self.layers = self._select_layers(pl_module)
         self._tracker = LayerTracker(self.layers, on_gradient=self._dispatch_gradient).attach()
         self._tracker.active = False

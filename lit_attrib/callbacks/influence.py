@@ -258,6 +258,7 @@ class InfluenceCallback(FactorScoringCallback):
                 self.preconditioned[name] = (left, right) if in_order else \
                     (left[order.to(left.device)], right[order.to(right.device)])
             del batches
+        self.factors.release(names)  # preconditioned: the training pass needs only P
         release_freed_memory()  # the preconditioning's temporaries, freed between the kept query gradients
 
     def _compute_queries_to_disk(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
@@ -295,6 +296,7 @@ class InfluenceCallback(FactorScoringCallback):
         if not torch.equal(order, torch.arange(len(order))):
             for name in names:  # one layer at a time, in dataset index order
                 store.write(name, 0, store[name][order.to(store[name].device)])
+        self.factors.release(names)  # preconditioned: the training pass needs only P
         release_freed_memory()
 
     def _order_queries(self, indices: torch.Tensor, texts: list[str]) -> torch.Tensor:
