@@ -23,7 +23,7 @@ from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.errors import ConfigError, DataError, ModelError, TrainingError
 from lit_attrib.io import ScratchTensors, write_json, write_jsonl
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.gradients import Workspaces
+from lit_attrib.ops.workspaces import Workspaces
 from lit_attrib.ops.influence import (
     LayerMemory,
     LowRank,
@@ -178,6 +178,7 @@ class InfluenceCallback(FactorScoringCallback):
         self.query_storage = query_storage
         self.memory: dict = {}
         self._damping: dict[str, float] = {}  # each layer's default damping, computed once
+        self._workspaces = Workspaces()  # the preconditioning's intermediates and the disk path's results
         self.storage_error = 0.0
         self.preconditioned: dict[str, torch.Tensor | LowRank] | ScratchTensors = {}
         self._scores: PairwiseScores | None = None
@@ -259,6 +260,7 @@ class InfluenceCallback(FactorScoringCallback):
                     (left[order.to(left.device)], right[order.to(right.device)])
             del batches
         self.factors.release(names)  # preconditioned: the training pass needs only P
+        self._workspaces = Workspaces()
         release_freed_memory()  # the preconditioning's temporaries, freed between the kept query gradients
 
     def _compute_queries_to_disk(self, trainer: Trainer, pl_module: LightningModule, names: list[str]) -> None:
@@ -274,15 +276,14 @@ class InfluenceCallback(FactorScoringCallback):
                                {name: ((capacity, *self.layers[name].gradient_shape), self.query_dtype) for name in names},
                                device)
         self.preconditioned = store  # closed by release / on_exception / teardown, also if this fails
-        workspaces = Workspaces()
         filled: dict[str, int] = {}
 
         def precondition(layer: LayerInfo, gradients: TokenGradients) -> None:
             start, size = filled.get(layer.name, 0), gradients.shape[0]
             if start + size > capacity:
                 raise DataError(f"{owner}: the query loader gave more than the {capacity} rows it said it has")
-            out = workspaces.get(size, layer.gradient_shape, gradients.activations.new_empty(0, dtype=self.dtype)) \
-                if self.query_dtype == self.dtype else None
+            like = gradients.activations.new_empty(0, dtype=self.dtype)
+            out = self._workspaces.get(size, layer.gradient_shape, like) if self.query_dtype == self.dtype else None
             store.write(layer.name, start, self.precondition(layer, gradients, out=out))
             filled[layer.name] = start + size
 
@@ -297,6 +298,7 @@ class InfluenceCallback(FactorScoringCallback):
             for name in names:  # one layer at a time, in dataset index order
                 store.write(name, 0, store[name][order.to(store[name].device)])
         self.factors.release(names)  # preconditioned: the training pass needs only P
+        self._workspaces = Workspaces()
         release_freed_memory()
 
     def _order_queries(self, indices: torch.Tensor, texts: list[str]) -> torch.Tensor:
@@ -349,7 +351,7 @@ class InfluenceCallback(FactorScoringCallback):
                 damping = self._damping[layer.name] = default_damping(factors["lambda"].to(self.dtype))
         else:
             damping = self.damping
-        preconditioned = factors_inverse_hvp(factors, gradients, damping, out=out)
+        preconditioned = factors_inverse_hvp(factors, gradients, damping, out=out, workspaces=self._workspaces)
         if self.query_gradient_rank is not None:
             try:
                 preconditioned = low_rank(preconditioned, self.query_gradient_rank)

@@ -14,26 +14,7 @@ import torch
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.kfac import TokenGradients, append_bias_column
 
-__all__ = ["ExampleGradients", "Workspaces", "layer_inputs"]
-
-
-class Workspaces:
-    """``(B, out, in)`` buffers kept across layers and batches, one per layer shape.
-
-    A pass that makes one such temporary per layer, freed between long-lived tensors allocated in the
-    meantime (sums, query gradients), leaves glibc's heap fragmented: the resident set grew by one buffer
-    per MLP layer and batch on SmolLM2. Reusing one buffer per shape avoids it.
-    """
-
-    def __init__(self) -> None:
-        self._held: dict[tuple[int, int], torch.Tensor] = {}
-
-    def get(self, size: int, shape: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """A ``(size, *shape)`` buffer with ``like``'s dtype and device (contents undefined)."""
-        held = self._held.get(shape)
-        if held is None or held.shape[0] < size or held.dtype != like.dtype or held.device != like.device:
-            held = self._held[shape] = like.new_empty(size, *shape)
-        return held[:size]
+__all__ = ["ExampleGradients", "layer_inputs"]
 
 
 def layer_inputs(layer: LayerInfo, activations: torch.Tensor, gradients: torch.Tensor,

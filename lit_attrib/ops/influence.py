@@ -15,7 +15,8 @@ import torch
 
 from lit_attrib.io import ScratchTensors
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.gradients import Workspaces, layer_inputs
+from lit_attrib.ops.gradients import layer_inputs
+from lit_attrib.ops.workspaces import Workspaces
 
 __all__ = ["LayerMemory", "LowRank", "PairwiseScores", "check_rank", "layer_memory", "low_rank", "pairwise_scores",
            "partition_layers", "partition_need", "token_pairwise_scores"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_attrib.ops.workspaces import Workspaces
+
 __all__ = [
     "DEFAULT_DAMPING_FACTOR",
     "TokenGradients",
@@ -81,9 +83,10 @@ class TokenGradients:
 
 
 def rotate_gradient(
-    gradient: torch.Tensor | TokenGradients, activation_eigenvectors: torch.Tensor, gradient_eigenvectors: torch.Tensor
+    gradient: torch.Tensor | TokenGradients, activation_eigenvectors: torch.Tensor, gradient_eigenvectors: torch.Tensor,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``Q_Gᵀ V Q_A`` for ``V (..., out, in)``, or for a batch of :class:`TokenGradients`.
+    """``Q_Gᵀ V Q_A`` for ``V (..., out, in)``, or for a batch of :class:`TokenGradients` (into ``out`` if given).
 
     Token gradients are rotated token by token, ``Σ_t (Q_Gᵀ g_t)(Q_Aᵀ a_t)ᵀ``, when that is the cheaper
     way (``T·(out² + in²) < out·in·(out + in)``: fewer tokens than about the layer's width), else
@@ -93,9 +96,10 @@ def rotate_gradient(
         out_features, in_features = gradient.shape[-2:]
         tokens = gradient.activations.shape[-2]
         if tokens * (out_features ** 2 + in_features ** 2) < out_features * in_features * (out_features + in_features):
-            return (gradient.gradients @ gradient_eigenvectors).mT @ (gradient.activations @ activation_eigenvectors)
+            return torch.matmul((gradient.gradients @ gradient_eigenvectors).mT,
+                                gradient.activations @ activation_eigenvectors, out=out)
         gradient = gradient.full()
-    return gradient_eigenvectors.T @ gradient @ activation_eigenvectors
+    return torch.matmul(gradient_eigenvectors.T @ gradient, activation_eigenvectors, out=out)
 
 
 def kfac_lambda(activation_eigenvalues: torch.Tensor, gradient_eigenvalues: torch.Tensor) -> torch.Tensor:
@@ -115,6 +119,7 @@ def ekfac_inverse_hvp(
     lambda_matrix: torch.Tensor,
     damping: float | None = None,
     out: torch.Tensor | None = None,
+    workspaces: Workspaces | None = None,
 ) -> torch.Tensor:
     """``(H + λI)⁻¹ V = Q_G [(Q_Gᵀ V Q_A) / (Λ + λ)] Q_Aᵀ`` for ``V (..., out, in)``.
 
@@ -126,6 +131,8 @@ def ekfac_inverse_hvp(
         lambda_matrix: ``Λ (out, in)``: EKFAC's corrected eigenvalues or :func:`kfac_lambda`.
         damping: ``λ``; ``None`` for :func:`default_damping`.
         out: where to write the result (shaped like ``vector``'s gradients), e.g. rows of a larger buffer.
+        workspaces: buffers reused for the two ``(B, out, in)`` intermediates of a batch (one pass over many
+            layers then frees no such temporary between other allocations: that fragments the heap).
 
     Raises:
         ValueError: shapes that do not fit together, or a damping that leaves ``Λ + λ`` non-positive.
@@ -138,14 +145,21 @@ def ekfac_inverse_hvp(
     denominator = lambda_matrix + damping
     if not bool((denominator > 0).all()):
         raise ValueError(f"damping {damping} leaves non-positive entries in Λ + λ; use a larger damping")
-    rotated = rotate_gradient(vector, activation_eigenvectors, gradient_eigenvectors)
-    return torch.matmul(gradient_eigenvectors @ rotated.div_(denominator), activation_eigenvectors.T, out=out)
+    first = second = None
+    if workspaces is not None and len(vector.shape) == 3:
+        like = activation_eigenvectors.new_empty(0)
+        first, second = (workspaces.get(vector.shape[0], (out_features, in_features), like, slot) for slot in (1, 2))
+    rotated = rotate_gradient(vector, activation_eigenvectors, gradient_eigenvectors, out=first)
+    middle = torch.matmul(gradient_eigenvectors, rotated.div_(denominator), out=second)
+    return torch.matmul(middle, activation_eigenvectors.T, out=out)
 
 
 def factors_inverse_hvp(factors: dict[str, torch.Tensor], vector: torch.Tensor | TokenGradients,
-                        damping: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                        damping: float | None = None, out: torch.Tensor | None = None,
+                        workspaces: Workspaces | None = None) -> torch.Tensor:
     """:func:`ekfac_inverse_hvp` with one layer's saved factors (``activation_eigenvectors``,
     ``gradient_eigenvectors``, ``lambda``), cast to ``vector``'s dtype."""
     dtype = vector.dtype
     return ekfac_inverse_hvp(vector, factors["activation_eigenvectors"].to(dtype),
-                             factors["gradient_eigenvectors"].to(dtype), factors["lambda"].to(dtype), damping, out)
+                             factors["gradient_eigenvectors"].to(dtype), factors["lambda"].to(dtype), damping, out,
+                             workspaces)

@@ -17,12 +17,12 @@ from safetensors import safe_open
 
 from lit_attrib.io import save_tensors_streaming
 from lit_attrib.layers import LayerInfo
-from lit_attrib.ops.gradients import Workspaces
 from lit_attrib.ops.kfac import (
     append_bias_column,
     eigendecompose,
     kfac_lambda,
 )
+from lit_attrib.ops.workspaces import Workspaces
 
 __all__ = ["KFACAccumulator", "inclusion_probabilities"]
 
