@@ -301,7 +301,8 @@ def _predict_worker(args, module, folder: Path) -> dict:
         callback = InfluenceCallback(factors=str(factors), queries="query", top_k=5, dtype="float32",
                                      query_gradient_rank=32 if name == "pairwise_r32" else None,
                                      query_storage=args.query_storage if name == "pairwise" else "memory",
-                                     query_dtype=args.query_dtype, output_dir=str(out), overwrite=True)
+                                     query_dtype=args.query_dtype, precondition_dtype=args.precondition_dtype,
+                                     output_dir=str(out), overwrite=True)
         methods = ["prepare", "on_predict_end"]
     elif name == "token":
         data = _tofu_data(args)
@@ -386,6 +387,7 @@ def _run_worker(name: str, args, folder: str, profile: bool = False) -> dict:
                 "max_length", "threads", "checkpoints", "sketch_dim", "sdi_every"):
         command += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     command += ["--query-storage", args.query_storage] + (["--query-dtype", args.query_dtype] if args.query_dtype else [])
+    command += ["--precondition-dtype", args.precondition_dtype] if args.precondition_dtype else []
     if profile:
         command.append("--profile-run")
     path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
@@ -446,6 +448,8 @@ def main() -> None:
                         help="InfluenceCallback's query_storage for the full-rank pairwise pass")
     parser.add_argument("--query-dtype", choices=["float32", "bfloat16", "float16"], default=None,
                         help="InfluenceCallback's query_dtype for the pairwise passes (default: float32, as computed)")
+    parser.add_argument("--precondition-dtype", choices=["bfloat16", "float16"], default=None,
+                        help="InfluenceCallback's precondition_dtype for the pairwise passes (default: float32)")
     parser.add_argument("--factors", type=Path, help="reuse these EKFAC factors (a KFACCollectorCallback folder of "
                         "the same model and targets) instead of fitting them first")
     parser.add_argument("--output", type=Path, help="default benchmarks/results/analysis_floor_<model>.json")

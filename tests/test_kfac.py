@@ -23,7 +23,8 @@ from lit_attrib.artifacts import load_factors
 from lit_attrib.artifacts.factors import FACTOR_KEYS
 from lit_attrib.callbacks import KFACCollectorCallback
 from lit_attrib.errors import ArtifactError, ModelError, TrainingError
-from lit_attrib.ops.kfac import ekfac_inverse_hvp, factors_inverse_hvp
+from lit_attrib.ops.kfac import ERROR_SAMPLE_ROWS, LargestError, TokenGradients, ekfac_inverse_hvp, factors_inverse_hvp
+from lit_attrib.ops.workspaces import Workspaces
 
 LAYERS = ["net.inp", "net.shared", "net.conv", "net.head"]
 
@@ -161,6 +162,35 @@ def test_inverse_hvp_equals_explicit_inverse(tmp_path, module, rows, strategy):
         torch.testing.assert_close(factors_inverse_hvp(factors[name], vector), expected, atol=1e-9, rtol=1e-7)
         torch.testing.assert_close(factors_inverse_hvp(factors[name], vector[0], damping=damping), expected[0], atol=1e-9,
                                    rtol=1e-7)
+
+
+@pytest.mark.parametrize("out_features", [40, 300], ids=["every-row-checked", "rows-sampled"])
+def test_inverse_hvp_rotated_back_in_bfloat16_reports_its_error(out_features):
+    """``back_dtype``: the result is within bfloat16's rounding of the float64 inverse-HVP, through reused
+    workspaces or not, and the error it reports is the true one (all rows checked) or close to it (64 of
+    300 rows). Token gradients go the same way as full ones."""
+    generator = torch.Generator().manual_seed(0)
+    in_features, batch, tokens = 24, 3, 5
+    q_a = torch.linalg.qr(torch.randn(in_features, in_features, dtype=torch.float64, generator=generator))[0]
+    q_g = torch.linalg.qr(torch.randn(out_features, out_features, dtype=torch.float64, generator=generator))[0]
+    lam = torch.rand(out_features, in_features, dtype=torch.float64, generator=generator) ** 4
+    gradients = TokenGradients(torch.randn(batch, tokens, in_features, dtype=torch.float64, generator=generator),
+                               torch.randn(batch, tokens, out_features, dtype=torch.float64, generator=generator))
+    expected = ekfac_inverse_hvp(gradients.full(), q_a, q_g, lam)
+    for workspaces in (None, Workspaces()):
+        error = LargestError()
+        result = ekfac_inverse_hvp(gradients, q_a, q_g, lam, back_dtype=torch.bfloat16, error=error,
+                                   workspaces=workspaces)
+        assert result.dtype == torch.bfloat16
+        true = float((result.double() - expected).norm() / expected.norm())
+        assert 0 < true < 2.0 ** -7  # bfloat16's unit roundoff 2⁻⁸, a few roundings
+        if out_features <= ERROR_SAMPLE_ROWS:
+            assert error.value == pytest.approx(true, rel=1e-6)
+        else:
+            assert 0.7 * true < error.value < 1.4 * true
+    into = torch.empty(batch, out_features, in_features, dtype=torch.float64)
+    assert ekfac_inverse_hvp(gradients, q_a, q_g, lam, back_dtype=torch.bfloat16, out=into) is into
+    torch.testing.assert_close(into, result.double(), rtol=0, atol=0)
 
 
 def test_inverse_hvp_rejects_bad_shapes_and_damping():

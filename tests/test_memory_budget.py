@@ -156,6 +156,33 @@ def test_narrow_query_storage_agrees_within_its_rounding(setup, rows, query_dtyp
     assert not torch.equal(scores["scores"], expected)
 
 
+@pytest.mark.parametrize("query_storage", ["memory", "disk"])
+def test_rotation_back_in_bfloat16_agrees_within_its_rounding(setup, rows, query_storage):
+    """``precondition_dtype: bfloat16``: scores within bfloat16's rounding of the float64 reference, the measured
+    error recorded (and in the arguments, as it changes the scores); stored in float64 as asked."""
+    folder, module, factors = setup
+    queries = rows[:3]
+    scores, meta, callback = run(folder, module, RowsDataModule(rows, queries=queries), f"rotated-bf16-{query_storage}",
+                                 precondition_dtype="bfloat16", query_storage=query_storage)
+    expected = reference_scores(module, factors, queries, rows)
+    error, unit = meta["memory"]["precondition_error"], 2.0**-8
+    assert meta["arguments"]["precondition_dtype"] == "bfloat16" and meta["memory"]["query_storage_error"] == 0
+    assert 0 < error <= 2 * unit
+    scale = expected.abs().amax(1, keepdim=True)
+    assert ((scores["scores"] - expected).abs() <= 4 * unit * scale).all()
+    assert not torch.equal(scores["scores"], expected)
+    assert scores["scores"].dtype == torch.float64
+
+
+def test_rotation_back_beyond_one_percent_is_refused(setup, rows, monkeypatch):
+    folder, module, _ = setup
+    monkeypatch.setattr("lit_attrib.callbacks.influence.MAX_STORAGE_ERROR", 1e-9)
+    with pytest.raises(ConfigError, match=r"precondition_dtype bfloat16 changes layer 'net\.\w+''s .* null"):
+        run(folder, module, RowsDataModule(rows, queries=rows[:2]), "rotated-refused", precondition_dtype="bfloat16")
+    with pytest.raises(ConfigError, match="precondition_dtype must be"):
+        InfluenceCallback(factors="f", precondition_dtype="int8")
+
+
 def test_query_storage_that_flushes_gradients_to_zero_is_refused():
     callback = InfluenceCallback(factors="f", dtype="float32", query_dtype="float16")
     layer = type("Layer", (), {"name": "net.inp"})()
