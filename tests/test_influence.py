@@ -343,3 +343,24 @@ def test_one_callback_runs_twice_without_leftover_hooks(tmp_path, module, rows, 
         assert all(not m._forward_hooks for m in module.modules())
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
     assert callback.preconditioned == {}  # released after writing
+
+
+def test_skinny_product_either_way_equals_the_explicit_sum(monkeypatch):
+    """``skinny_product`` times both BLAS layouts once per kind and keeps the faster: either layout gives
+    ``Σ_k left[q, k]·right[b, k]``, and later products of that kind reuse the choice."""
+    from lit_attrib.ops import influence
+
+    monkeypatch.setattr(influence, "_skinny_choice", {})
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(5, 1000, dtype=torch.float64, generator=generator)
+    right = torch.randn(3, 1000, dtype=torch.float64, generator=generator)
+    expected = (left.unsqueeze(1) * right.unsqueeze(0)).sum(-1)  # (Q, B), no BLAS
+    for choice in (0, 1):
+        monkeypatch.setattr(influence, "_skinny_choice", {})
+        result = influence.skinny_product(left, right)
+        key = next(iter(influence._skinny_choice))
+        assert key[:2] == ((5, 1000), (3, 1000))
+        torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+        influence._skinny_choice[key] = choice  # the other layout, reused from now on
+        torch.testing.assert_close(influence.skinny_product(left, right), expected, rtol=1e-12, atol=1e-12)
+    assert influence._skinny_choice[key] == 1 and len(influence._skinny_choice) == 1

@@ -9,6 +9,7 @@ training example lowers the query's loss. For a linear layer the training gradie
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from lit_attrib.ops.gradients import layer_inputs
 from lit_attrib.ops.workspaces import Workspaces
 
 __all__ = ["LayerMemory", "LowRank", "PairwiseScores", "check_rank", "layer_memory", "low_rank", "pairwise_scores",
-           "partition_layers", "partition_need", "token_pairwise_scores"]
+           "partition_layers", "partition_need", "skinny_product", "token_pairwise_scores"]
 
 LowRank = tuple[torch.Tensor, torch.Tensor]
 """A rank-r factorisation ``P ≈ left @ right`` with ``left (Q, out, r)`` and ``right (Q, r, in)``."""
@@ -86,10 +87,43 @@ def pairwise_scores(preconditioned: torch.Tensor | LowRank, activations: torch.T
     """
     if isinstance(preconditioned, tuple) or preconditioned.shape[0] == 1:
         return token_pairwise_scores(preconditioned, activations, output_gradients).sum(-1)
-    # Plain matrix products: einsum would copy both operands into its own layout first. The skinny product
-    # is taken as (B, out·in) @ (out·in, Q), the layout BLAS streams fastest (2.2× P @ DWᵀ on SmolLM2's MLP).
+    # Plain matrix products: einsum would copy both operands into its own layout first.
     example_gradients = torch.bmm(output_gradients.mT, activations, out=workspace)  # (B, out, in)
-    return (example_gradients.flatten(1) @ preconditioned.flatten(1).T).T
+    return skinny_product(preconditioned.flatten(1), example_gradients.flatten(1))
+
+
+_SKINNY_FORMS = (lambda p, d: (d @ p.T).T, lambda p, d: p @ d.T)
+_skinny_choice: dict[tuple, int] = {}
+
+
+def skinny_product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """``left @ rightᵀ`` for ``left (Q, K)`` and ``right (B, K)`` with a long ``K``, ``(Q, B)``.
+
+    BLAS libraries stream such a product at very different speeds depending on which operand they see
+    as transposed, and which way is faster depends on the library and the CPU (``(B, K) @ (K, Q)`` was
+    2.2× faster on one machine for SmolLM2's MLP, ``(Q, K) @ (K, B)`` 3.3× faster on another). Both ways
+    are timed on the first product of each shape, dtype and device, and the faster one serves every later
+    product of that kind in this process (same result to round-off; one way per kind, so repeated runs
+    in one process agree bit for bit).
+    """
+    key = (tuple(left.shape), tuple(right.shape), left.dtype, right.dtype, left.device)
+    choice = _skinny_choice.get(key)
+    if choice is None:
+        timings = []
+        for form in _SKINNY_FORMS:
+            form(left, right)  # warm-up
+            _synchronize(left.device)
+            start = time.perf_counter()
+            form(left, right)
+            _synchronize(left.device)
+            timings.append(time.perf_counter() - start)
+        choice = _skinny_choice[key] = timings.index(min(timings))
+    return _SKINNY_FORMS[choice](left, right)
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class PairwiseScores:
