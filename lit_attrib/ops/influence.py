@@ -167,7 +167,13 @@ class PairwiseScores:
         a, g = layer_inputs(layer, activations, gradients, self.dtype)
         if layer.name not in self._decided:
             self._maybe_expand(layer.name, tokens=a.shape[1])
-        preconditioned = _as_dtype(self.preconditioned[layer.name], self.dtype)
+        stored = self.preconditioned[layer.name]
+        if isinstance(stored, torch.Tensor) and stored.dtype != self.dtype:  # cast into a buffer kept per shape:
+            # a fresh (Q, out, in) allocation per use is mapped and page-faulted anew each time (glibc maps
+            # blocks above 32 MB), which cost more than the contraction on SmolLM2.
+            preconditioned = self._workspaces.get(stored.shape[0], stored.shape[1:], a, slot=1).copy_(stored)
+        else:
+            preconditioned = _as_dtype(stored, self.dtype)
         if self.token_scores:
             tokens = token_pairwise_scores(preconditioned, a, g)  # (Q, B, T)
             self._add("token_scores", tokens)
