@@ -162,7 +162,7 @@ def test_rotation_back_in_bfloat16_agrees_within_its_rounding(setup, rows, query
     error recorded (and in the arguments, as it changes the scores); stored in float64 as asked."""
     folder, module, factors = setup
     queries = rows[:3]
-    scores, meta, callback = run(folder, module, RowsDataModule(rows, queries=queries), f"rotated-bf16-{query_storage}",
+    scores, meta, _ = run(folder, module, RowsDataModule(rows, queries=queries), f"rotated-bf16-{query_storage}",
                                  precondition_dtype="bfloat16", query_storage=query_storage)
     expected = reference_scores(module, factors, queries, rows)
     error, unit = meta["memory"]["precondition_error"], 2.0**-8
@@ -252,7 +252,7 @@ def test_the_training_pass_holds_no_factors_once_the_queries_are_preconditioned(
         return score(self, trainer, pl_module, batch)
 
     monkeypatch.setattr(InfluenceCallback, "_score", watching)
-    scores, _, callback = run(folder, module, RowsDataModule(rows, queries=rows[:2]), "no-factors")
+    scores, _, _ = run(folder, module, RowsDataModule(rows, queries=rows[:2]), "no-factors")
     assert seen and all(count == 0 and names == set(LAYERS) for count, names in seen)
     torch.testing.assert_close(scores["scores"], reference_scores(module, factors, rows[:2], rows), rtol=1e-8, atol=0)
 
