@@ -49,20 +49,25 @@ DATA, TOKENIZER = str(ROOT / "data/facts/facts.jsonl"), str(ROOT / "data/facts/t
 RESULTS = ROOT / "benchmarks" / "results" / "kfac_fit_overhead.json"
 
 
-Setting = tuple[int, float, str]  # (every_n_batches, token_fraction, token_sampling)
+Setting = tuple[int, float, str, str]  # (every_n_batches, token_fraction, token_sampling, covariance dtype)
 
 
 def parse_setting(text: str) -> Setting:
-    """``n``, ``n:p`` or ``n:p:sampling`` (``norm``, the default, or ``uniform``)."""
+    """``n``, ``n:p``, ``n:p:sampling`` (``norm``, the default, or ``uniform``) or ``n:p:sampling:bf16``
+    (``covariance_dtype: bfloat16``)."""
     every, _, rest = text.partition(":")
-    fraction, _, sampling = rest.partition(":")
+    fraction, _, rest = rest.partition(":")
+    sampling, _, dtype = rest.partition(":")
     if (sampling or "norm") not in ("norm", "uniform"):
         raise argparse.ArgumentTypeError(f"token sampling must be norm or uniform; got {sampling!r} in {text!r}")
-    return int(every), float(fraction or 1), sampling or "norm"
+    if dtype not in ("", "bf16"):
+        raise argparse.ArgumentTypeError(f"the covariance dtype field must be bf16 or empty; got {dtype!r} in {text!r}")
+    return int(every), float(fraction or 1), sampling or "norm", dtype or "fp32"
 
 
 def label(setting: Setting) -> str:
-    return f"{setting[0]}:{setting[1]:g}" + (f":{setting[2]}" if setting[1] < 1 else "")
+    return (f"{setting[0]}:{setting[1]:g}" + (f":{setting[2]}" if setting[1] < 1 else "")
+            + (f" {setting[3]}" if setting[3] != "fp32" else ""))
 
 
 def fit(args, setting: Setting | None, folder: str) -> tuple[list[float], dict | None]:
@@ -79,6 +84,7 @@ def fit(args, setting: Setting | None, folder: str) -> tuple[list[float], dict |
         callbacks.append(KFACCollectorCallback(target_modules=["*.mlp.*", "*.self_attn.*_proj"], strategy="kfac",
                                                every_n_batches=setting[0], token_fraction=setting[1],
                                                token_sampling=setting[2], plots=False,
+                                               covariance_dtype="bfloat16" if setting[3] == "bf16" else None,
                                                output_dir=folder, overwrite=True))
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                       enable_model_summary=False, max_steps=args.steps, limit_val_batches=0, callbacks=callbacks)
@@ -174,9 +180,10 @@ class TokenSpread:
             variance, total = 0.0, 0
             for product, fourth, n, norms in batches:
                 if sampling == "norm":
-                    weights = 0.9 * norms / norms.sum() + 0.1 / n
+                    values = norms.double().cpu().numpy()  # inclusion_probabilities works in NumPy
+                    weights = 0.9 * values / values.sum() + 0.1 / n
                     chances = inclusion_probabilities(weights, fraction * n)
-                    variance += float(((1 / chances - 1) * norms.square()).sum())
+                    variance += float(((1 / chances - 1) * values ** 2).sum())
                 else:
                     k = max(1, round(fraction * n))
                     spread = (fourth - float(product.square().sum()) / n) / max(n - 1, 1)
@@ -189,7 +196,7 @@ class TokenSpread:
 def error_model(args, fractions: list[float], folder: str) -> list[dict]:
     """Predicted worst-layer A and G error per token fraction, from one full-rate fit's per-token spread."""
     with TokenSpread() as spread:
-        fit(args, (1, 1.0, "norm"), folder)
+        fit(args, (1, 1.0, "norm", "fp32"), folder)
     return [{"token_fraction": p, "token_sampling": sampling,
              **{f"predicted_{key}_error": round(value, 4) for key, value in spread.predicted_error(p, sampling).items()}}
             for sampling in ("norm", "uniform") for p in fractions]
@@ -236,8 +243,8 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     load = {"before": os.getloadavg()[0]}
-    if args.settings[0][:2] != (1, 1.0):
-        parser.error(f"the first setting is the full-rate reference and must be 1:1; got {label(args.settings[0])}")
+    if args.settings[0][:2] != (1, 1.0) or args.settings[0][3] != "fp32":
+        parser.error(f"the first setting is the full-rate reference and must be 1:1 (float32); got {label(args.settings[0])}")
     runs: dict = {"plain": []} | {setting: [] for setting in args.settings}
     factors = {}
 
@@ -270,10 +277,11 @@ def main() -> None:
         a_error = relative_error(factors[setting], reference, "activation_covariance")
         g_error = relative_error(factors[setting], reference, "gradient_covariance")
         rows.append({"every_n_batches": setting[0], "token_fraction": setting[1], "token_sampling": setting[2],
+                     "covariance_dtype": setting[3],
                      "step_ratio": round(ratios[0], 3),
                      "step_ratios_all_repeats": [round(r, 3) for r in ratios], "first_step_ratio": round(first, 2),
                      "activation_error": round(a_error, 4), "gradient_error": round(g_error, 4)})
-        sampling = setting[2] if setting[1] < 1 else ""
+        sampling = ", ".join(([setting[2]] if setting[1] < 1 else []) + ([setting[3]] if setting[3] != "fp32" else []))
         print(f"| {setting[0]} | {setting[1]:g} | {sampling} | {ratios[0]:.2f} | {ratios[0]:.2f}–{ratios[-1]:.2f} | {first:.2f} "
               f"| {a_error:.1%} | {g_error:.1%} |")
     for result in profiles:

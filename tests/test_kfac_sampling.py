@@ -274,3 +274,40 @@ def test_invalid_token_sampling():
 def test_invalid_token_fraction(fraction):
     with pytest.raises(ConfigError, match=r"token_fraction must be a number in \(0, 1\]"):
         KFACCollectorCallback(token_fraction=fraction)
+
+
+# ------------------------------------------------------------------------- bfloat16 products
+def test_bfloat16_products_stay_within_their_rounding_of_the_exact_sums():
+    """``product_dtype=bfloat16``: the sums of every layer (shared input, bias corner, padding, the gradient
+    scale) are within bfloat16's rounding of float64 explicit sums, and the products really ran in bfloat16."""
+    layers = _projections()
+    exact, narrow = KFACAccumulator(layers, torch.float64), KFACAccumulator(layers, torch.float64,
+                                                                           product_dtype=torch.bfloat16)
+    for accumulator in (exact, narrow):
+        for mask, uses in BATCHES:
+            accumulator.begin_batch(mask, 0.5)
+            for name, (a, g) in uses.items():
+                accumulator.add_activations(layers[name], a)
+                accumulator.add_gradients(layers[name], g)
+            accumulator.end_batch()
+    for name in layers:
+        for key in ("activation", "gradient"):
+            reference, result = exact.sums[name][key], narrow.sums[name][key]
+            assert result.dtype == torch.float64 and narrow.counts[name] == exact.counts[name]
+            error = float((result - reference).norm() / reference.norm())
+            assert 0 < error < 2.0 ** -7, (name, key, error)  # rounded (bfloat16's unit 2⁻⁸), but only that
+
+
+def test_fit_with_bfloat16_covariance_products_is_recorded_and_close(tmp_path):
+    rows, module = make_rows(), TinyModule().double()
+    exact = collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=8), name="exact")
+    narrow = collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=8), name="narrow",
+                     covariance_dtype="bfloat16")
+    assert narrow.metadata["arguments"]["covariance_dtype"] == "bfloat16"
+    assert "covariance_dtype" not in exact.metadata["arguments"]
+    for name in LAYERS:
+        for key in ("activation_covariance", "gradient_covariance"):
+            error = float((narrow[name][key] - exact[name][key]).norm() / exact[name][key].norm())
+            assert 0 < error < 2.0 ** -7, (name, key, error)
+    with pytest.raises(ConfigError, match="covariance_dtype must be 'bfloat16' or null"):
+        KFACCollectorCallback(covariance_dtype="float16")

@@ -29,6 +29,9 @@ __all__ = ["KFACAccumulator", "inclusion_probabilities"]
 _SHARED_INPUTS = 4
 """Inputs whose products :class:`KFACAccumulator` keeps for the layers sharing them (see ``_share``)."""
 
+_PRODUCT_ROWS = 64
+"""Row counts of narrow-dtype products are rounded up to a multiple of this (see ``KFACAccumulator._gram``)."""
+
 _COUNT_KEYS = {"activation": "activation_tokens", "gradient": "gradient_tokens", "lambda": "lambda_examples"}
 
 
@@ -81,12 +84,18 @@ class KFACAccumulator:
         dtype: accumulation dtype (float32 or float64); inputs are cast to it, so bf16 activations
             are accumulated in float32.
         device: where the sums live.
+        product_dtype: the dtype of each batch's ``A`` and ``G`` products (e.g. ``torch.bfloat16``: several
+            times faster on CPUs with AMX and on GPUs); the rows are cast to it, the matrix product
+            accumulates in float32 and its result, rounded to ``product_dtype`` (relative 2⁻⁹ per entry), is
+            added to the sums in ``dtype``. Rounding errors of different batches and tokens are independent,
+            so they shrink in the average; ``None``: ``dtype``. The lambda pass is not affected.
     """
 
     def __init__(self, layers: dict[str, LayerInfo], dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+                 device: torch.device | str = "cpu", product_dtype: torch.dtype | None = None) -> None:
         self.layers = layers
         self.dtype = dtype
+        self.product_dtype = dtype if product_dtype is None else product_dtype
         self._device = torch.device(device)
         self.sums: dict[str, dict[str, torch.Tensor]] = {name: {} for name in layers}
         self.counts: dict[str, dict[str, int]] = {name: {} for name in layers}
@@ -224,6 +233,26 @@ class KFACAccumulator:
             buffer = self.sums[name][key] = torch.zeros(shape, dtype=self.dtype, device=self._device)
         return buffer
 
+    def _gram(self, masked: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """``maskedᵀ rows``, multiplied in ``product_dtype``, returned in ``dtype``.
+
+        In a narrower dtype the rows are zero-padded to a multiple of :data:`_PRODUCT_ROWS` (zero rows add
+        nothing): oneDNN compiles a bfloat16 kernel for each new shape, and the row count changes with every
+        batch's padded length (a new shape cost about as much as the product it served)."""
+        if self.product_dtype == self.dtype:
+            return masked.T @ rows
+        count = rows.shape[0]
+        size = -(-count // _PRODUCT_ROWS) * _PRODUCT_ROWS
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            out = x.new_zeros(size, x.shape[1], dtype=self.product_dtype)
+            out[:count] = x
+            return out
+
+        right = padded(rows)
+        # Cast back before adding: an in-place add of a bfloat16 operand into float32 runs 3× slower.
+        return ((right if masked is rows else padded(masked)).T @ right).to(self.dtype)
+
     def _count(self, name: str, key: str, count: int) -> None:
         self.counts[name][_COUNT_KEYS[key]] = self.counts[name].get(_COUNT_KEYS[key], 0) + count
 
@@ -237,7 +266,7 @@ class KFACAccumulator:
             key = self._key(activations, "covariance")
             if key not in self._shared:
                 rows, masked, count, weight = self._rows(activations)
-                self._share(key, (activations, masked.T @ rows, masked.sum(0), count, weight))
+                self._share(key, (activations, self._gram(masked, rows), masked.sum(0), count, weight))
             _, product, column, count, weight = self._shared[key]
             width = product.shape[0]
             total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
@@ -254,7 +283,10 @@ class KFACAccumulator:
         with self._no_autocast():
             rows, masked, count, weight = self._rows(gradients)
             total = self._buffer(layer.name, "gradient", (rows.shape[1],) * 2)
-            total.addmm_(masked.T, rows, alpha=self._scale ** 2 * weight)
+            if self.product_dtype == self.dtype:
+                total.addmm_(masked.T, rows, alpha=self._scale ** 2 * weight)
+            else:
+                total.add_(self._gram(masked, rows), alpha=self._scale ** 2 * weight)
             self._count(layer.name, "gradient", count)
             self._checks.append((f"{layer.name}: gradient", total.diagonal().sum()))
 
