@@ -174,6 +174,19 @@ def test_rotation_back_in_bfloat16_agrees_within_its_rounding(setup, rows, query
     assert scores["scores"].dtype == torch.float64
 
 
+def test_rotation_back_in_bfloat16_then_cut_to_low_rank(setup, rows):
+    """Rank-r query gradients from a bfloat16 rotation back: cut in float64 from the rounded gradients, so the
+    scores are those of rank r within bfloat16's rounding."""
+    folder, module, _ = setup
+    data = RowsDataModule(rows, queries=rows[:3])
+    exact, _, _ = run(folder, module, data, "rank-exact", query_gradient_rank=2)
+    rounded, meta, _ = run(folder, module, data, "rank-bf16", query_gradient_rank=2, precondition_dtype="bfloat16")
+    assert 0 < meta["memory"]["precondition_error"] <= 2.0**-7
+    scale = exact["scores"].abs().amax(1, keepdim=True)
+    assert ((rounded["scores"] - exact["scores"]).abs() <= 2.0**-6 * scale).all()
+    assert rounded["scores"].dtype == torch.float64 and not torch.equal(rounded["scores"], exact["scores"])
+
+
 def test_rotation_back_beyond_one_percent_is_refused(setup, rows, monkeypatch):
     folder, module, _ = setup
     monkeypatch.setattr("lit_attrib.callbacks.influence.MAX_STORAGE_ERROR", 1e-9)
