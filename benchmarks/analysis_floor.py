@@ -295,6 +295,8 @@ def _predict_worker(args, module, folder: Path) -> dict:
         callback = KFACCollectorCallback(target_modules=TARGETS, strategy="ekfac", fisher="empirical",
                                          stages=["predict"], dtype="float32", plots=False, overwrite=True,
                                          covariance_dtype=args.covariance_dtype if name == "factors" else None,
+                                         eigendecomposition_dtype=args.eigendecomposition_dtype if name == "factors"
+                                         else "float64",
                                          output_dir=str(factors if name == "prep_factors" else out))
         methods = ["_finish_pass", "_write"]
     elif name in ("pairwise", "pairwise_r32"):
@@ -390,6 +392,7 @@ def _run_worker(name: str, args, folder: str, profile: bool = False) -> dict:
     command += ["--query-storage", args.query_storage] + (["--query-dtype", args.query_dtype] if args.query_dtype else [])
     command += ["--precondition-dtype", args.precondition_dtype] if args.precondition_dtype else []
     command += ["--covariance-dtype", args.covariance_dtype] if args.covariance_dtype else []
+    command += ["--eigendecomposition-dtype", args.eigendecomposition_dtype]
     if profile:
         command.append("--profile-run")
     path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
@@ -454,6 +457,8 @@ def main() -> None:
                         help="InfluenceCallback's precondition_dtype for the pairwise passes (default: float32)")
     parser.add_argument("--covariance-dtype", choices=["bfloat16"], default=None,
                         help="KFACCollectorCallback's covariance_dtype for the timed factors pass (default: float32)")
+    parser.add_argument("--eigendecomposition-dtype", choices=["float64", "float32"], default="float64",
+                        help="KFACCollectorCallback's eigendecomposition_dtype for the timed factors pass")
     parser.add_argument("--factors", type=Path, help="reuse these EKFAC factors (a KFACCollectorCallback folder of "
                         "the same model and targets) instead of fitting them first")
     parser.add_argument("--output", type=Path, help="default benchmarks/results/analysis_floor_<model>.json")

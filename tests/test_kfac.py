@@ -346,9 +346,9 @@ def test_covariance_sums_wait_on_disk_through_the_lambda_pass(tmp_path, module, 
         decomposing.append(self)
         decompose_all(self, names)
 
-    def decompose_watching(matrix):
+    def decompose_watching(matrix, *args):
         held_while_decomposing.append(sum("activation" in sums or "gradient" in sums for sums in decomposing[-1].sums.values()))
-        return decompose(matrix)
+        return decompose(matrix, *args)
 
     monkeypatch.setattr(KFACAccumulator, "eigendecompose", decompose_all_watching)
     monkeypatch.setattr(accumulator_module, "eigendecompose", decompose_watching)

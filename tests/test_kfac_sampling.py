@@ -15,6 +15,7 @@ from torch import nn
 from lit_attrib.callbacks import KFACCollectorCallback
 from lit_attrib.errors import ConfigError
 from lit_attrib.layers import layer_info
+from lit_attrib.ops.kfac import factors_inverse_hvp
 from lit_attrib.ops.kfac_accumulator import KFACAccumulator, inclusion_probabilities
 from lit_attrib.ops.loss import token_nll
 
@@ -311,3 +312,37 @@ def test_fit_with_bfloat16_covariance_products_is_recorded_and_close(tmp_path):
             assert 0 < error < 2.0 ** -7, (name, key, error)
     with pytest.raises(ConfigError, match="covariance_dtype must be 'bfloat16' or null"):
         KFACCollectorCallback(covariance_dtype="float16")
+
+
+def test_float32_eigendecompositions_are_checked_and_recorded(tmp_path, monkeypatch):
+    """``eigendecomposition_dtype: float32``: every eigenbasis still diagonalises its factor (the residual is
+    recorded per layer and equals an explicit one), the preconditioned result is close to float64's, and a
+    residual above the limit stops the run."""
+    from lit_attrib.errors import TrainingError
+
+    rows, module = make_rows(), TinyModule().double()
+    exact = collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=8), name="f64")
+    narrow = collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=8), name="f32",
+                     eigendecomposition_dtype="float32")
+    record = narrow.metadata["eigendecomposition"]
+    assert narrow.metadata["arguments"]["eigendecomposition_dtype"] == "float32" and record["dtype"] == "float32"
+    assert set(record["relative_residuals"]) == set(LAYERS)
+    for name in LAYERS:
+        residuals = []
+        for side in ("activation", "gradient"):
+            matrix = narrow[name][f"{side}_covariance"]
+            vectors, values = narrow[name][f"{side}_eigenvectors"], narrow[name][f"{side}_eigenvalues"]
+            residuals.append(float((matrix @ vectors - vectors * values).norm() / matrix.norm()))
+            # the factors themselves are float64 and the same; only their eigenbases differ
+            torch.testing.assert_close(matrix, exact[name][f"{side}_covariance"], rtol=0, atol=0)
+        assert 0 < max(residuals) < 1e-5
+        assert record["relative_residuals"][name] == pytest.approx(max(residuals), rel=0.05, abs=1e-7)
+        vector = torch.randn(3, *exact[name]["lambda"].shape, dtype=torch.float64)
+        torch.testing.assert_close(factors_inverse_hvp(narrow[name], vector), factors_inverse_hvp(exact[name], vector),
+                                   rtol=1e-3, atol=1e-6 * float(factors_inverse_hvp(exact[name], vector).abs().max()))
+    monkeypatch.setattr("lit_attrib.callbacks.kfac_collector.MAX_EIGEN_RESIDUAL", 1e-12)
+    with pytest.raises(TrainingError, match=r"float32 eigendecomposition of layer 'net\.\w+' .* eigendecomposition_dtype float64"):
+        collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=8), name="refused",
+                eigendecomposition_dtype="float32")
+    with pytest.raises(ConfigError, match="eigendecomposition_dtype must be 'float64' or 'float32'"):
+        KFACCollectorCallback(eigendecomposition_dtype="float16")

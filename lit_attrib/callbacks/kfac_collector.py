@@ -35,6 +35,8 @@ __all__ = ["KFACCollectorCallback"]
 
 Stage = Literal["fit", "validate", "test", "predict"]
 _PHASE_KEYS = {"covariance": ("activation", "gradient"), "lambda": ("lambda",)}
+MAX_EIGEN_RESIDUAL = 1e-4
+"""The largest relative residual a float32 eigendecomposition may leave (see ``eigendecomposition_dtype``)."""
 
 
 class KFACCollectorCallback(Callback):
@@ -110,6 +112,11 @@ class KFACCollectorCallback(Callback):
             to bfloat16 (2⁻⁹ per entry), errors that average out over batches and tokens
             (``benchmarks/kfac_fit_overhead.py`` reports the factor error next to the overhead). Default
             ``null``: ``dtype``. EKFAC's lambda pass is not affected.
+        eigendecomposition_dtype: ``float64`` (default, like kronfluence's) or ``float32`` for the
+            eigendecompositions of ``A`` and ``G``: about 3× faster (0.14 s against 0.42 s for ``1536 × 1536``
+            on 2 cores), a fixed cost of the factors that does not shrink with fewer examples. The relative
+            residual ``‖C V − V diag(w)‖_F / ‖C‖_F`` of each layer is checked; the largest is logged and
+            written to ``factors.json`` (``eigendecomposition``), and above 1e-4 it is an error.
         inspect_modules: patterns of the layers to plot; default the last tracked ``down_proj``
             (or the last tracked layer).
         plots: write the inspection plots.
@@ -138,6 +145,7 @@ class KFACCollectorCallback(Callback):
         token_fraction: float = 1.0,
         token_sampling: Literal["norm", "uniform"] = "norm",
         covariance_dtype: Literal["bfloat16"] | None = None,
+        eigendecomposition_dtype: Literal["float64", "float32"] = "float64",
         inspect_modules: list[str] | None = None,
         plots: bool = True,
         overwrite: bool = False,
@@ -154,6 +162,8 @@ class KFACCollectorCallback(Callback):
                             f"that K-FAC's A and G are estimated from; 1 for every token); got {token_fraction!r}")
         if token_sampling not in ("norm", "uniform"):
             problems.append(f"token_sampling must be 'norm' or 'uniform'; got {token_sampling!r}")
+        if eigendecomposition_dtype not in ("float64", "float32"):
+            problems.append(f"eigendecomposition_dtype must be 'float64' or 'float32'; got {eigendecomposition_dtype!r}")
         if covariance_dtype not in (None, "bfloat16"):
             problems.append(f"covariance_dtype must be 'bfloat16' or null (dtype); got {covariance_dtype!r}")
         if layers_per_pass is not None and layers_per_pass < 1:
@@ -190,6 +200,7 @@ class KFACCollectorCallback(Callback):
         self.token_fraction = float(token_fraction)
         self.token_sampling = token_sampling
         self.covariance_dtype = covariance_dtype
+        self.eigendecomposition_dtype = eigendecomposition_dtype
         self.inspect_modules = inspect_modules
         self.plots = plots
         self.overwrite = overwrite
@@ -230,6 +241,8 @@ class KFACCollectorCallback(Callback):
             **({"token_fraction": self.token_fraction, "token_sampling": self.token_sampling}
                if self.token_fraction != 1 else {}),
             **({"covariance_dtype": self.covariance_dtype} if self.covariance_dtype else {}),
+            **({"eigendecomposition_dtype": self.eigendecomposition_dtype}
+               if self.eigendecomposition_dtype != "float64" else {}),
         }
 
     @property
@@ -278,7 +291,8 @@ class KFACCollectorCallback(Callback):
             self._layers = find_layers(pl_module, self.target_modules)
             self._groups = self._make_groups(pl_module)
             self._accumulator = KFACAccumulator(self._layers, self.dtype, pl_module.device,
-                                                product_dtype=torch.bfloat16 if self.covariance_dtype else None)
+                                                product_dtype=torch.bfloat16 if self.covariance_dtype else None,
+                                                eigen_dtype=DTYPES[self.eigendecomposition_dtype])
             self._tracker = LayerTracker(self._layers, self._on_activation, self._on_gradient).attach()
             self._tracker.active = False
             self._generator = torch.Generator(device=pl_module.device).manual_seed(self.seed + trainer.global_rank)
@@ -501,6 +515,7 @@ class KFACCollectorCallback(Callback):
                 self._accumulator.spill(names, folder / f".covariance-sums-group{group}-rank{trainer.global_rank}.tmp")
                 release_freed_memory()  # the sums
             self._accumulator.eigendecompose(names)
+            self._check_eigen_residuals(names)
             if self.strategy == "ekfac":
                 self._accumulator.allocate_lambda(names)
             release_freed_memory()  # the float64 temporaries of the eigendecompositions
@@ -538,6 +553,20 @@ class KFACCollectorCallback(Callback):
         return list(iterables) if isinstance(iterables, (list, tuple)) else [iterables]
 
     # --------------------------------------------------------------------------- writing
+    def _check_eigen_residuals(self, names: list[str]) -> None:
+        """With float32 eigendecompositions: log the largest residual, refuse one above ``MAX_EIGEN_RESIDUAL``."""
+        residuals = {name: self._accumulator.eigen_residuals[name] for name in names
+                     if name in self._accumulator.eigen_residuals}
+        if not residuals:
+            return
+        worst = max(residuals, key=residuals.get)
+        if residuals[worst] > MAX_EIGEN_RESIDUAL:
+            raise TrainingError(f"{type(self).__name__}[{self.name}]: the float32 eigendecomposition of layer '{worst}' "
+                                f"is off by {residuals[worst]:.2g} (relative residual, more than {MAX_EIGEN_RESIDUAL:g}); "
+                                f"use eigendecomposition_dtype float64")
+        rank_zero_info(f"{type(self).__name__}[{self.name}]: float32 eigendecompositions of {len(residuals)} layer(s), "
+                       f"largest relative residual {residuals[worst]:.2g} ('{worst}')")
+
     def _write(self, trainer: Trainer) -> None:
         if self._pass < len(self.passes):
             return
@@ -558,6 +587,11 @@ class KFACCollectorCallback(Callback):
                 },
                 "versions": {"torch": torch.__version__, "lightning": lightning.__version__},
             }
+            if self.eigendecomposition_dtype != "float64":
+                residuals = self._accumulator.eigen_residuals
+                metadata["eigendecomposition"] = {"dtype": self.eigendecomposition_dtype,
+                                                  "largest_relative_residual": max(residuals.values(), default=None),
+                                                  "relative_residuals": residuals}
             save_factors(folder, modules, metadata)
             rank_zero_info(f"{type(self).__name__}[{self.name}]: factors of {len(self._layers)} layer(s) written to {folder}")
             if self.plots:

@@ -22,6 +22,7 @@ __all__ = [
     "TokenGradients",
     "append_bias_column",
     "default_damping",
+    "eigen_residual",
     "eigendecompose",
     "ekfac_inverse_hvp",
     "factors_inverse_hvp",
@@ -53,13 +54,20 @@ def append_bias_column(activations: torch.Tensor) -> torch.Tensor:
     return torch.cat([activations, ones], dim=-1)
 
 
-def eigendecompose(covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues ``(d,)`` (ascending) and eigenvectors ``(d, d)`` (columns) in float64.
+def eigendecompose(covariance: torch.Tensor, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues ``(d,)`` (ascending) and eigenvectors ``(d, d)`` (columns), computed and returned in ``dtype``.
 
     The matrix is symmetrised first: sums of outer products are symmetric only up to rounding.
     """
-    matrix = covariance.double()
+    matrix = covariance.to(dtype)
     return torch.linalg.eigh(0.5 * (matrix + matrix.T))
+
+
+def eigen_residual(covariance: torch.Tensor, values: torch.Tensor, vectors: torch.Tensor) -> float:
+    """``‖C V − V diag(w)‖_F / ‖C‖_F``, in ``vectors``' dtype: how far an eigendecomposition is from exact."""
+    matrix = covariance.to(vectors.dtype)
+    norm = float(matrix.norm())
+    return float((matrix @ vectors - vectors * values.to(vectors.dtype)).norm()) / norm if norm > 0 else 0.0
 
 
 def per_example_gradient(activations: torch.Tensor, output_gradients: torch.Tensor) -> torch.Tensor:
