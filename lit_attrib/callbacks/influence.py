@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -10,15 +9,24 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 from typing_extensions import override
 
 from lit_attrib.artifacts.scores import save_tensors
 from lit_attrib.callbacks._common import check_context, show_progress
 from lit_attrib.callbacks._scoring import FactorScoringCallback, markdown_cell, tensorboard_text
-from lit_attrib.engine.data import DataSource, ExampleIds, current_loader, iterate_batches, resolve_loader, source_name
-from lit_attrib.engine.memory import release_freed_memory
+from lit_attrib.engine.data import (
+    DataSource,
+    ExampleIds,
+    batch_tokens,
+    current_loader,
+    fresh_loader,
+    iterate_batches,
+    loader_rows,
+    resolve_loader,
+    source_name,
+)
+from lit_attrib.engine.memory import format_bytes, parse_bytes, release_freed_memory
 from lit_attrib.engine.task import LossFn, Task
 from lit_attrib.errors import ConfigError, DataError, ModelError, TrainingError
 from lit_attrib.io import ScratchTensors, write_json, write_jsonl
@@ -428,7 +436,7 @@ class InfluenceCallback(FactorScoringCallback):
         tokens = self._context or 1
         if self._context is None and (self.token_scores or self.query_gradient_rank or queries == 1):
             # The contraction goes through the tokens: their count from the model, else the first batch's.
-            tokens = _batch_tokens(self._task, first if first is not None else next(iter(train_loader), None))
+            tokens = batch_tokens(self._task, first if first is not None else next(iter(train_loader), None))
         compute, stored = self.dtype.itemsize, self.query_dtype.itemsize
         memory = {name: layer_memory(layer.gradient_shape, queries, min(query_batch, queries), train_batch, tokens,
                                      self.query_gradient_rank, compute, stored, self.token_scores)
@@ -584,80 +592,6 @@ class InfluenceCallback(FactorScoringCallback):
 
 
 # ------------------------------------------------------------------------------ helpers
-_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
-          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
-
-
-def parse_bytes(value: str | int | float, knob: str) -> int:
-    """``4GB``, ``"512 MiB"``, ``1e9`` -> bytes (KB, MB, GB, TB are powers of 1024).
-
-    Raises:
-        ConfigError: not a positive size with a known unit.
-    """
-    number, unit = None, ""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        number = float(value)
-    elif isinstance(value, str):
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", value)
-        if match:
-            number, unit = float(match.group(1)), match.group(2).lower()
-    if number is None or unit not in _UNITS or number <= 0:
-        raise ConfigError(f"{knob} must be a positive size in bytes, or a string such as '4GB' or '512MB' "
-                          f"(units B, KB, MB, GB, TB, powers of 1024); got {value!r}")
-    return int(number * _UNITS[unit])
-
-
-def format_bytes(size: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(size) >= scale:
-            return f"{size / scale:.3g} {unit}"
-    return f"{int(size)} B"
-
-
-def loader_rows(loader: Any, task: Task) -> tuple[int, int, Any]:
-    """``(rows, batch size, first batch or None)`` of a loader, from its lengths where it has them (rows
-    is then an upper bound: whole batches), else by reading it through (collation only, no forward)."""
-    batch = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
-    try:
-        rows = len(loader) * batch if batch else None
-        dataset = getattr(loader, "dataset", None)
-        if rows is not None and dataset is not None and not isinstance(dataset, IterableDataset):
-            rows = min(rows, len(dataset))
-    except TypeError:
-        rows = None
-    if rows is not None:
-        return rows, batch, None
-    rows = batch = 0
-    first = None
-    for item in loader:
-        size = task.batch_size(item)
-        rows, batch, first = rows + size, max(batch, size), item if first is None else first
-    return rows, max(batch, 1), first
-
-
-def fresh_loader(loader: Any) -> Any:
-    """A loader over the same rows, batches and order as ``loader`` whose reading leaves ``loader``'s own
-    iterator alone. Lightning wraps the predict loader's batch sampler in one object whose ``__iter__``
-    resets a single shared iterator, so reading the loader again inside the running pass would end (or
-    restart) the predict loop's own reading; here the wrapped batch sampler is read instead."""
-    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
-        return loader
-    batch_sampler = loader.batch_sampler
-    while type(batch_sampler).__name__ == "_IndexBatchSamplerWrapper":
-        batch_sampler = batch_sampler._batch_sampler
-    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
-    return DataLoader(loader.dataset, batch_sampler=batch_sampler, collate_fn=loader.collate_fn,
-                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
-                      worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
-                      **extra)
-
-
-def _batch_tokens(task: Task, batch: Any) -> int:
-    """A batch's sequence length (1 where it cannot be told: the estimate then leaves tokens out)."""
-    ids = None if batch is None else task.input_ids(batch)
-    return int(ids.shape[-1]) if ids is not None and ids.ndim == 2 else 1
-
-
 def _pad(value: torch.Tensor, width: int) -> torch.Tensor:
     """Zero-pad the last axis of a row's token scores ``(Q, T)`` to ``width`` (sequence scores pass)."""
     if value.ndim < 2 or value.shape[-1] == width:

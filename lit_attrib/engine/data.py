@@ -21,8 +21,8 @@ from lit_attrib.engine.task import Task
 from lit_attrib.errors import ConfigError, DataError
 from lit_attrib.quiet import PREDICT_RETURNED_NONE
 
-__all__ = ["DataSource", "ExampleIds", "current_loader", "example_checksums", "ensure_predict_step", "is_ordered",
-           "is_sharded", "loader_count", "require_one_loader", "source_name",
+__all__ = ["DataSource", "ExampleIds", "batch_tokens", "current_loader", "example_checksums", "ensure_predict_step",
+           "fresh_loader", "is_ordered", "is_sharded", "loader_count", "loader_rows", "require_one_loader", "source_name",
            "iterate_batches", "release_predict_step",
            "resolve_loader"]
 
@@ -273,3 +273,47 @@ def example_checksums(task: Task, batch: Any) -> torch.Tensor:
             digest.update(part.contiguous().numpy().tobytes())
         hashes.append(int.from_bytes(digest.digest(), "little") >> 1)
     return torch.tensor(hashes, dtype=torch.long)
+
+
+def loader_rows(loader: Any, task: Task) -> tuple[int, int, Any]:
+    """``(rows, batch size, first batch or None)`` of a loader, from its lengths where it has them (rows
+    is then an upper bound: whole batches), else by reading it through (collation only, no forward)."""
+    batch = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+    try:
+        rows = len(loader) * batch if batch else None
+        dataset = getattr(loader, "dataset", None)
+        if rows is not None and dataset is not None and not isinstance(dataset, IterableDataset):
+            rows = min(rows, len(dataset))
+    except TypeError:
+        rows = None
+    if rows is not None:
+        return rows, batch, None
+    rows = batch = 0
+    first = None
+    for item in loader:
+        size = task.batch_size(item)
+        rows, batch, first = rows + size, max(batch, size), item if first is None else first
+    return rows, max(batch, 1), first
+
+
+def fresh_loader(loader: Any) -> Any:
+    """A loader over the same rows, batches and order as ``loader`` whose reading leaves ``loader``'s own
+    iterator alone. Lightning wraps the predict loader's batch sampler in one object whose ``__iter__``
+    resets a single shared iterator, so reading the loader again inside the running pass would end (or
+    restart) the predict loop's own reading; here the wrapped batch sampler is read instead."""
+    if not isinstance(loader, DataLoader) or isinstance(loader.dataset, IterableDataset):
+        return loader
+    batch_sampler = loader.batch_sampler
+    while type(batch_sampler).__name__ == "_IndexBatchSamplerWrapper":
+        batch_sampler = batch_sampler._batch_sampler
+    extra = {"prefetch_factor": loader.prefetch_factor} if loader.num_workers > 0 else {}
+    return DataLoader(loader.dataset, batch_sampler=batch_sampler, collate_fn=loader.collate_fn,
+                      num_workers=loader.num_workers, pin_memory=loader.pin_memory, timeout=loader.timeout,
+                      worker_init_fn=loader.worker_init_fn, multiprocessing_context=loader.multiprocessing_context,
+                      **extra)
+
+
+def batch_tokens(task: Task, batch: Any) -> int:
+    """A batch's sequence length (1 where it cannot be told: the estimate then leaves tokens out)."""
+    ids = None if batch is None else task.input_ids(batch)
+    return int(ids.shape[-1]) if ids is not None and ids.ndim == 2 else 1

@@ -201,6 +201,8 @@ def ekfac_inverse_hvp(
             difference = result[..., rows.to(result.device), :].to(reference.dtype) - reference
             error.update(float(difference.norm()) / norm)
     return result if out is None else out.copy_(result)
+
+
 def factors_inverse_hvp(factors: dict[str, torch.Tensor], vector: torch.Tensor | TokenGradients,
                         damping: float | None = None, out: torch.Tensor | None = None,
                         workspaces: Workspaces | None = None, back_dtype: torch.dtype | None = None,

@@ -85,8 +85,8 @@ class KFACAccumulator:
         dtype: accumulation dtype (float32 or float64); inputs are cast to it, so bf16 activations
             are accumulated in float32.
         device: where the sums live.
-        product_dtype: the dtype of each batch's ``A`` and ``G`` products (e.g. ``torch.bfloat16``: several
-            times faster on CPUs with AMX and on GPUs); the rows are cast to it, the matrix product
+        product_dtype: the dtype of each batch's ``A`` and ``G`` products (e.g. ``torch.bfloat16``: the
+            product about 4× faster on a CPU with AMX); the rows are cast to it, the matrix product
             accumulates in float32 and its result, rounded to ``product_dtype`` (relative 2⁻⁹ per entry), is
             added to the sums in ``dtype``. Rounding errors of different batches and tokens are independent,
             so they shrink in the average; ``None``: ``dtype``. The lambda pass is not affected.
