@@ -148,10 +148,12 @@ class BatchClock:
 
         class Start(Callback):
             def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                _synchronize(pl_module.device)
                 clock.starts.append(time.perf_counter())
 
         class End(Callback):
             def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                _synchronize(pl_module.device)
                 clock.ends.append(time.perf_counter())
 
         self.first, self.last = Start(), End()
@@ -193,12 +195,15 @@ def _tofu_data(args):
     return data
 
 
+DEVICE = {"accelerator": "cpu", "precision": "32-true"}  # a worker's --accelerator and --precision
+
+
 def _trainer(callbacks, **kwargs):
     from lightning.pytorch import Trainer
 
     kwargs = {"enable_checkpointing": False, **kwargs}
-    return Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
-                   callbacks=callbacks, **kwargs)
+    return Trainer(devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   callbacks=callbacks, **DEVICE, **kwargs)
 
 
 def _rows(loader) -> int:
@@ -206,11 +211,36 @@ def _rows(loader) -> int:
 
 
 def _forward_backward(module, loader) -> float:
+    """One plain forward + backward per batch, on the pass's device and precision (as Lightning would run it:
+    bf16-mixed is autocast around the forward)."""
+    import torch
+
+    device = next(module.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=DEVICE["precision"] == "bf16-mixed")
+    _synchronize(device)
     start = time.perf_counter()
     for batch in loader:
-        module.per_example_loss(batch).sum().backward()
+        batch = {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
+        with autocast:
+            loss = module.per_example_loss(batch).sum()
+        loss.backward()
         module.zero_grad(set_to_none=True)
+    _synchronize(device)
     return time.perf_counter() - start
+
+
+def _synchronize(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _device_peak_mb() -> float | None:
+    """Peak memory the pass allocated on the GPU (None on the CPU, where the peak RSS says it)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if DEVICE["accelerator"] == "cuda" else None
 
 
 # ----------------------------------------------------------------------------- the workers
@@ -220,6 +250,7 @@ def worker(args) -> dict:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    DEVICE.update(accelerator=args.accelerator, precision=args.precision)
     folder = Path(args.folder)
     name = args.worker
     module = _module(args)
@@ -230,6 +261,8 @@ def worker(args) -> dict:
 
 def _floor_worker(args, module) -> dict:
     module.eval()
+    if args.accelerator == "cuda":
+        module.cuda()
     text, tofu = _text_data(args, args.examples), _tofu_data(args)
     loaders = {"train": text.predict_dataloader(), "query": text.query_dataloader(),
                "forget": tofu.forget_dataloader(), "retain": tofu.retain_dataloader(),
@@ -243,7 +276,7 @@ def _floor_worker(args, module) -> dict:
         warm[key] = _forward_backward(module, loader)
     seconds = {key: min(cold[key], warm[key]) for key in loaders}
     return {"seconds": seconds["train"], "loaders_s": seconds, "cold_s": cold, "warm_s": warm, "rows": rows,
-            "peak_mb": _peak_mb(), "before_mb": before}
+            "peak_mb": _peak_mb(), "before_mb": before, "device_peak_mb": _device_peak_mb()}
 
 
 def _fit_worker(args, module, folder: Path) -> dict:
@@ -280,7 +313,8 @@ def _fit_worker(args, module, folder: Path) -> dict:
     steps = clock.step_times()
     later = steps[1:]
     return {"seconds": seconds, "steps": len(steps), "step_times": steps, "first_step_s": steps[0],
-            "step_s": sum(later) / len(later), "peak_mb": _peak_mb(), "before_mb": before}
+            "step_s": sum(later) / len(later), "peak_mb": _peak_mb(), "before_mb": before,
+            "device_peak_mb": _device_peak_mb()}
 
 
 def _predict_worker(args, module, folder: Path) -> dict:
@@ -334,7 +368,8 @@ def _predict_worker(args, module, folder: Path) -> dict:
         end = time.perf_counter()
     seconds = end - start
     t0, t1 = start - sampler.start, end - sampler.start
-    result = {"seconds": seconds, "peak_mb": _peak_mb(), "before_mb": before, "phases": clock.events,
+    result = {"seconds": seconds, "peak_mb": _peak_mb(), "before_mb": before, "device_peak_mb": _device_peak_mb(),
+              "phases": clock.events,
               "pass_start": t0, "pass_end": t1,
               "rss_timeline": [(round(t, 2), round(mb)) for t, mb in sampler.samples[::max(1, len(sampler.samples) // 200)]]}
     result["phase_s"] = _phases(name, clock.events, t0, t1)
@@ -393,6 +428,7 @@ def _run_worker(name: str, args, folder: str, profile: bool = False) -> dict:
     command += ["--precondition-dtype", args.precondition_dtype] if args.precondition_dtype else []
     command += ["--covariance-dtype", args.covariance_dtype] if args.covariance_dtype else []
     command += ["--eigendecomposition-dtype", args.eigendecomposition_dtype]
+    command += ["--accelerator", args.accelerator, "--precision", args.precision]
     if profile:
         command.append("--profile-run")
     path = os.pathsep.join([str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else []))
@@ -459,6 +495,11 @@ def main() -> None:
                         help="KFACCollectorCallback's covariance_dtype for the timed factors pass (default: float32)")
     parser.add_argument("--eigendecomposition-dtype", choices=["float64", "float32"], default="float64",
                         help="KFACCollectorCallback's eigendecomposition_dtype for the timed factors pass")
+    parser.add_argument("--accelerator", choices=["cpu", "cuda"], default="cpu",
+                        help="where every pass and floor runs (cuda: the floors synchronise before they stop the "
+                             "clock, and the GPU's peak allocation is reported next to the RSS)")
+    parser.add_argument("--precision", choices=["32-true", "bf16-mixed"], default="32-true",
+                        help="Lightning precision of every pass; the floors autocast the same way")
     parser.add_argument("--factors", type=Path, help="reuse these EKFAC factors (a KFACCollectorCallback folder of "
                         "the same model and targets) instead of fitting them first")
     parser.add_argument("--output", type=Path, help="default benchmarks/results/analysis_floor_<model>.json")
@@ -583,11 +624,15 @@ def table(results: dict, args) -> list[dict]:
                      "x_floor": 1.0, "x_all_rows": None, "peak_mb": fit_floor["peak_mb"],
                      "added_mb": fit_floor["peak_mb"] - fit_floor["before_mb"],
                      "rows": f"{fit_floor['steps']} steps of {args.batch_size}"})
+    named = {"forward+backward (train rows)": "floor", "plain fit step": "fit_floor"}
+    for row in rows:
+        row["gpu_peak_mb"] = runs.get(named.get(row["pass"], row["pass"]), {}).get("device_peak_mb")
     return rows
 
 
 def print_report(results: dict, args) -> None:
     print(f"\n{args.model}: {results.get('layers')} layers tracked ({' '.join(TARGETS)}), {args.threads} threads, "
+          f"{args.accelerator} {args.precision}, "
           f"batch {args.batch_size}, max_length {args.max_length}, {args.examples} train rows, {args.queries} queries; "
           f"commit {results['commit']}")
     print(f"{'pass':<30}{'seconds':>9}{'x floor':>9}{'x all rows':>11}{'peak MB':>9}{'added MB':>10}  rows")
@@ -598,8 +643,9 @@ def print_report(results: dict, args) -> None:
         seconds = row.get("step_s", row["seconds"])
         unit = " /step" if "step_s" in row else ""
         allrows = f"{row['x_all_rows']:>11.2f}" if row["x_all_rows"] is not None else f"{'':>11}"
+        gpu = f", GPU peak {row['gpu_peak_mb']:.0f} MB" if row.get("gpu_peak_mb") is not None else ""
         print(f"{row['pass']:<30}{seconds:>9.2f}{row['x_floor']:>9.2f}{allrows}{row['peak_mb']:>9.0f}"
-              f"{row['added_mb']:>10.0f}  {row['rows']}{unit}")
+              f"{row['added_mb']:>10.0f}  {row['rows']}{unit}{gpu}")
     for row in results["table"]:
         if row.get("phases"):
             print(f"  {row['pass']} phases: " + ", ".join(f"{k} {v:.2f} s" for k, v in row["phases"].items()))

@@ -31,6 +31,59 @@ TINY_CONFIGS = {
 }
 
 
+# GPU check (scripts/gpu_check.sh, on a machine with CUDA). Unset (CI, any CPU machine): nothing changes.
+# - LIT_ATTRIB_TEST_DEVICE=cuda runs every Trainer a test builds in this process on one GPU (the tests that ask for
+#   bf16-mixed get it there). The references stay on the CPU: Lightning moves the module back when a run ends.
+# - LIT_ATTRIB_TEST_DEVICE=fsdp runs them under Lightning's FSDP strategy on that GPU. Lightning's FSDP computes in
+#   float32 under "32-true" (it converts the module), so the float64 references hold there to float32's precision
+#   only: assert_close's tolerances are raised to 1e-5 of the largest entry. The run gets a copy of the module (FSDP
+#   leaves the one it wrapped on the GPU), so the tests' references see the module as it was.
+_DEVICE_CHECK = os.environ.get("LIT_ATTRIB_TEST_DEVICE")
+if _DEVICE_CHECK:
+    import copy as _copy
+
+    from lightning.pytorch import Trainer as _Trainer
+
+    if _DEVICE_CHECK not in ("cuda", "fsdp"):
+        raise ValueError(f"LIT_ATTRIB_TEST_DEVICE must be cuda or fsdp, not {_DEVICE_CHECK!r}")
+    _trainer_init = _Trainer.__init__
+
+    def _init_on_the_gpu(self, *args, **kwargs):
+        kwargs.update(accelerator="cuda", devices=1)
+        if _DEVICE_CHECK == "fsdp":
+            kwargs["strategy"] = "fsdp"
+        _trainer_init(self, *args, **kwargs)
+
+    _Trainer.__init__ = _init_on_the_gpu
+    if _DEVICE_CHECK == "fsdp":
+        def _on_a_copy(run):
+            def stage(self, model=None, *args, **kwargs):
+                return run(self, _copy.deepcopy(model), *args, **kwargs)
+            return stage
+
+        for _stage in ("fit", "validate", "test", "predict"):
+            setattr(_Trainer, _stage, _on_a_copy(getattr(_Trainer, _stage)))
+        _assert_close = torch.testing.assert_close
+
+        def _to_float32_precision(actual, expected, *args, rtol=None, atol=None, **kwargs):
+            if isinstance(expected, torch.Tensor) and expected.is_floating_point() and expected.numel():
+                scale = float(expected.detach().abs().max())
+                rtol, atol = max(rtol or 0, 1e-5), max(atol or 0, 1e-5 * scale)
+            return _assert_close(actual, expected, *args, rtol=rtol, atol=atol, **kwargs)
+
+        torch.testing.assert_close = _to_float32_precision
+
+
+def pytest_runtest_logreport(report) -> None:
+    """With LIT_ATTRIB_TEST_FAILURES=FILE, each failure's traceback is appended to FILE as it happens (a run stopped
+    at a time limit, as the GPU check's may be, still says why each test failed). Written once, by the controller
+    under xdist."""
+    path = os.environ.get("LIT_ATTRIB_TEST_FAILURES")
+    if path and report.failed and not os.environ.get("PYTEST_XDIST_WORKER"):
+        with open(path, "a") as handle:
+            handle.write(f"==== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

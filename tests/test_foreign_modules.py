@@ -17,7 +17,6 @@ must be refused); the modules define no ``predict_step``.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from foreign_references import (
     sgd_step,
 )
 from lightning.pytorch import Callback, Trainer
+from lightning_utilities.core.apply_func import apply_to_collection
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
@@ -114,8 +114,8 @@ class Recorder(Callback):
     def __init__(self) -> None:
         self.batches: list = []
 
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.batches.append(copy.deepcopy(batch))
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):  # on the CPU, where the references run
+        self.batches.append(apply_to_collection(batch, torch.Tensor, lambda t: t.detach().cpu().clone()))
 
 
 def training_loss(module, batch, position):
