@@ -70,9 +70,12 @@ class StepTimer(Callback):
     def __init__(self) -> None:
         self.times: list[float] = []
         self._start = 0.0
+        self.in_step = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()
+        self.in_step = True
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.times.append(time.perf_counter() - self._start)
+        self.in_step = False

@@ -34,7 +34,7 @@ from typing import ClassVar, Self
 
 import torch
 from _common import StepTimer, lit_attrib_commit, report_load, write_results
-from lightning.pytorch import Trainer, seed_everything
+from lightning.pytorch import Callback, Trainer, seed_everything
 
 from lit_attrib.artifacts import load_factors
 from lit_attrib.callbacks import KFACCollectorCallback
@@ -49,25 +49,29 @@ DATA, TOKENIZER = str(ROOT / "data/facts/facts.jsonl"), str(ROOT / "data/facts/t
 RESULTS = ROOT / "benchmarks" / "results" / "kfac_fit_overhead.json"
 
 
-Setting = tuple[int, float, str, str]  # (every_n_batches, token_fraction, token_sampling, covariance dtype)
+# (every_n_batches, token_fraction, token_sampling, covariance dtype, deferred_rows or 0)
+Setting = tuple[int, float, str, str, int]
 
 
 def parse_setting(text: str) -> Setting:
-    """``n``, ``n:p``, ``n:p:sampling`` (``norm``, the default, or ``uniform``) or ``n:p:sampling:bf16``
-    (``covariance_dtype: bfloat16``)."""
+    """``n``, ``n:p``, ``n:p:sampling`` (``norm``, the default, or ``uniform``), ``n:p:sampling:bf16``
+    (``covariance_dtype: bfloat16``; the field may be empty) or ``n:p:sampling:dtype:rows`` (``deferred_rows``)."""
     every, _, rest = text.partition(":")
     fraction, _, rest = rest.partition(":")
-    sampling, _, dtype = rest.partition(":")
+    sampling, _, rest = rest.partition(":")
+    dtype, _, deferred = rest.partition(":")
     if (sampling or "norm") not in ("norm", "uniform"):
         raise argparse.ArgumentTypeError(f"token sampling must be norm or uniform; got {sampling!r} in {text!r}")
     if dtype not in ("", "bf16"):
         raise argparse.ArgumentTypeError(f"the covariance dtype field must be bf16 or empty; got {dtype!r} in {text!r}")
-    return int(every), float(fraction or 1), sampling or "norm", dtype or "fp32"
+    if deferred and not deferred.isdigit():
+        raise argparse.ArgumentTypeError(f"the deferred rows field must be a whole number; got {deferred!r} in {text!r}")
+    return int(every), float(fraction or 1), sampling or "norm", dtype or "fp32", int(deferred or 0)
 
 
 def label(setting: Setting) -> str:
     return (f"{setting[0]}:{setting[1]:g}" + (f":{setting[2]}" if setting[1] < 1 else "")
-            + (f" {setting[3]}" if setting[3] != "fp32" else ""))
+            + (f" {setting[3]}" if setting[3] != "fp32" else "") + (f" deferred {setting[4]}" if setting[4] else ""))
 
 
 def fit(args, setting: Setting | None, folder: str) -> tuple[list[float], dict | None]:
@@ -80,16 +84,47 @@ def fit(args, setting: Setting | None, folder: str) -> tuple[list[float], dict |
     data = TextDataModule(path=DATA, tokenizer=TOKENIZER, batch_size=args.batch_size, val_size=0, seed=0)
     timer = StepTimer()
     callbacks = [timer]
+    end = StepEnd(timer)  # last: the collector's own batch-end work (its checks, deferred products) is in the step
     if setting is not None:
         callbacks.append(KFACCollectorCallback(target_modules=["*.mlp.*", "*.self_attn.*_proj"], strategy="kfac",
                                                every_n_batches=setting[0], token_fraction=setting[1],
                                                token_sampling=setting[2], plots=False,
                                                covariance_dtype="bfloat16" if setting[3] == "bf16" else None,
+                                               deferred_rows=setting[4] or None,
                                                output_dir=folder, overwrite=True))
+    callbacks.append(end)
     trainer = Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                       enable_model_summary=False, max_steps=args.steps, limit_val_batches=0, callbacks=callbacks)
-    trainer.fit(module, datamodule=data)
+    # deferred_rows: the rows still waiting when the pass ends are multiplied after the last step; that time is
+    # charged to the last step, so the mean step time holds every product of the fit (the others run inside
+    # the collector's on_train_batch_end, which the step's window holds)
+    outside: list[float] = []
+    flush = KFACAccumulator.flush
+
+    def timed_flush(self) -> None:
+        start = time.perf_counter()
+        flush(self)
+        if not timer.in_step:
+            outside.append(time.perf_counter() - start)
+
+    KFACAccumulator.flush = timed_flush
+    try:
+        trainer.fit(module, datamodule=data)
+    finally:
+        KFACAccumulator.flush = flush
+    timer.times[-1] += sum(outside)
     return timer.times, (load_factors(folder) if setting is not None else None)
+
+
+class StepEnd(Callback):
+    """Ends the step's window after every other callback's ``on_train_batch_end`` (the collector's included)."""
+
+    def __init__(self, timer: StepTimer) -> None:
+        self.timer = timer
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.timer.times[-1] = time.perf_counter() - self.timer._start
+        self.timer.in_step = False
 
 
 class PartTimer:
@@ -243,7 +278,7 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     load = {"before": os.getloadavg()[0]}
-    if args.settings[0][:2] != (1, 1.0) or args.settings[0][3] != "fp32":
+    if args.settings[0][:2] != (1, 1.0) or args.settings[0][3] != "fp32" or args.settings[0][4]:
         parser.error(f"the first setting is the full-rate reference and must be 1:1 (float32); got {label(args.settings[0])}")
     runs: dict = {"plain": []} | {setting: [] for setting in args.settings}
     factors = {}
@@ -277,11 +312,12 @@ def main() -> None:
         a_error = relative_error(factors[setting], reference, "activation_covariance")
         g_error = relative_error(factors[setting], reference, "gradient_covariance")
         rows.append({"every_n_batches": setting[0], "token_fraction": setting[1], "token_sampling": setting[2],
-                     "covariance_dtype": setting[3],
+                     "covariance_dtype": setting[3], "deferred_rows": setting[4] or None,
                      "step_ratio": round(ratios[0], 3),
                      "step_ratios_all_repeats": [round(r, 3) for r in ratios], "first_step_ratio": round(first, 2),
                      "activation_error": round(a_error, 4), "gradient_error": round(g_error, 4)})
-        sampling = ", ".join(([setting[2]] if setting[1] < 1 else []) + ([setting[3]] if setting[3] != "fp32" else []))
+        sampling = ", ".join(([setting[2]] if setting[1] < 1 else []) + ([setting[3]] if setting[3] != "fp32" else [])
+                             + ([f"deferred {setting[4]}"] if setting[4] else []))
         print(f"| {setting[0]} | {setting[1]:g} | {sampling} | {ratios[0]:.2f} | {ratios[0]:.2f}–{ratios[-1]:.2f} | {first:.2f} "
               f"| {a_error:.1%} | {g_error:.1%} |")
     for result in profiles:

@@ -346,3 +346,90 @@ def test_float32_eigendecompositions_are_checked_and_recorded(tmp_path, monkeypa
                 eigendecomposition_dtype="float32")
     with pytest.raises(ConfigError, match="eigendecomposition_dtype must be 'float64' or 'float32'"):
         KFACCollectorCallback(eigendecomposition_dtype="float16")
+
+
+# ------------------------------------------------------------------------- deferred products
+def _sums(deferred_rows, fraction=1.0, sampling="uniform", product_dtype=None, batches=BATCHES * 3):
+    """The sums and counts of every layer over ``batches`` (each batch's sample from its own seeded generator)."""
+    layers = _projections()
+    accumulator = KFACAccumulator(layers, torch.float64, product_dtype=product_dtype, deferred_rows=deferred_rows)
+    for index, (mask, uses) in enumerate(batches):
+        accumulator.begin_batch(mask, 0.5 + index, fraction, torch.Generator().manual_seed(index), sampling)
+        for name, (a, g) in uses.items():
+            accumulator.add_activations(layers[name], a)
+            accumulator.add_gradients(layers[name], g)
+            if name == "q":  # q is used twice (a module called twice in one forward)
+                accumulator.add_activations(layers[name], 2 * a)
+                accumulator.add_gradients(layers[name], -g)
+        assert accumulator.end_batch() == []
+    pending = dict(accumulator._pending)
+    state = accumulator.state_dict()  # multiplies what still waits
+    return state["sums"], state["counts"], pending
+
+
+@pytest.mark.parametrize(("fraction", "sampling"), [(1.0, "uniform"), (0.5, "uniform"), (0.5, "norm")])
+def test_deferred_products_equal_each_batchs_own(fraction, sampling):
+    """``deferred_rows``: products of several batches' rows at once give the same sums and counts as one product
+    per batch (padding, token samples and their weights, gradient scales, bias rows, a shared input, a layer used
+    twice), whatever the threshold; rows still waiting are multiplied before the sums are read."""
+    exact, counts, _ = _sums(None, fraction, sampling)
+    for rows in (1, 40, 10_000):
+        sums, deferred_counts, pending = _sums(rows, fraction, sampling)
+        assert deferred_counts == counts
+        assert bool(pending) == (rows == 10_000)  # the largest threshold never reached: all of it waited
+        for name in exact:
+            for key in ("activation", "gradient"):
+                torch.testing.assert_close(sums[name][key], exact[name][key], rtol=1e-12, atol=1e-12)
+
+
+def test_deferred_products_share_one_input_and_stay_within_bfloat16_rounding():
+    layers = _projections()
+    exact, _, _ = _sums(None)
+    narrow, _, _ = _sums(64, product_dtype=torch.bfloat16)
+    for name in layers:
+        for key in ("activation", "gradient"):
+            error = float((narrow[name][key] - exact[name][key]).norm() / exact[name][key].norm())
+            assert 0 < error < 2.0 ** -7, (name, key, error)
+    # q and k read one input: its waiting rows are held once and multiplied once
+    accumulator = KFACAccumulator(layers, torch.float64, deferred_rows=10_000)
+    mask, uses = BATCHES[0]
+    accumulator.begin_batch(mask)
+    for name, (a, _) in uses.items():
+        accumulator.add_activations(layers[name], a)
+    accumulator.end_batch()
+    assert accumulator._pending[("q", "activation")][0] is accumulator._pending[("k", "activation")][0]
+    real = int(mask.sum())
+    assert accumulator._pending[("q", "activation")][0].shape == (real, 6)  # real tokens only
+    calls = []
+    gram = accumulator._gram
+    accumulator._gram = lambda *args: calls.append(1) or gram(*args)
+    accumulator.flush()
+    assert len(calls) == 2  # one product for q and k, one for o
+    torch.testing.assert_close(accumulator.sums["q"]["activation"][:6, :6], accumulator.sums["k"]["activation"])
+
+
+def test_deferred_rows_with_a_non_finite_input_stop_at_its_batch():
+    layers = _projections()
+    accumulator = KFACAccumulator(layers, torch.float64, deferred_rows=10_000)
+    mask, uses = BATCHES[0]
+    accumulator.begin_batch(mask)
+    a, g = uses["o"]
+    accumulator.add_activations(layers["o"], a)
+    accumulator.add_gradients(layers["o"], g.clone().index_fill_(0, torch.tensor([1]), float("nan")))
+    assert accumulator.end_batch() == ["o: gradient"]
+
+
+def test_fit_with_deferred_products_gives_the_factors_of_every_batch_at_once(tmp_path):
+    rows, module = make_rows(), TinyModule().double()
+    exact = collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=4), name="exact",
+                    strategy="ekfac")
+    for deferred in (1, 25, 10_000):  # every batch, every few batches, only at the end of the pass
+        later = collect(tmp_path, copy.deepcopy(module), RowsDataModule(rows, batch_size=4), name=f"later{deferred}",
+                        strategy="ekfac", deferred_rows=deferred)
+        assert later.metadata["arguments"]["deferred_rows"] == deferred
+        for name in LAYERS:
+            for key in ("activation_covariance", "gradient_covariance", "lambda"):
+                torch.testing.assert_close(later[name][key], exact[name][key], rtol=1e-10, atol=1e-12)
+    for bad in (0, -5, 2.5, True, "many"):
+        with pytest.raises(ConfigError, match="deferred_rows must be a whole number"):
+            KFACCollectorCallback(deferred_rows=bad)

@@ -93,13 +93,24 @@ class KFACAccumulator:
         eigen_dtype: the dtype of the eigendecompositions (float64; float32 is about 3× faster for
             ``1536 × 1536``): with float32 the relative residual ``‖C V − V diag(w)‖_F / ‖C‖_F`` of each
             layer's worse factor is kept in ``eigen_residuals``.
+        deferred_rows: ``A`` and ``G`` products wait until a layer holds this many token rows (from several
+            batches; its real tokens only, each row times the square root of its weight) and are then
+            multiplied at once: the same sums up to round-off, with one ``d × d`` product and one pass over
+            the sums per several batches instead of one per batch. The waiting rows cost about
+            ``deferred_rows × (in + out)`` values per layer; everything that reads the sums (and
+            :meth:`state_dict`) multiplies them first. ``None``: every batch at once.
     """
 
     def __init__(self, layers: dict[str, LayerInfo], dtype: torch.dtype = torch.float32,
                  device: torch.device | str = "cpu", product_dtype: torch.dtype | None = None,
-                 eigen_dtype: torch.dtype = torch.float64) -> None:
+                 eigen_dtype: torch.dtype = torch.float64, deferred_rows: int | None = None) -> None:
         self.layers = layers
         self.dtype = dtype
+        self.deferred_rows = deferred_rows
+        # (layer, "activation" | "gradient") -> waiting weighted rows (see deferred_rows); layers reading one
+        # input hold the same tensors, and their product is made once (see flush)
+        self._pending: dict[tuple[str, str], list[torch.Tensor]] = {}
+        self._pending_rows = 0  # the most rows any layer holds
         self.eigen_dtype = eigen_dtype
         self.eigen_residuals: dict[str, float] = {}  # with eigen_dtype narrower than float64 (see eigendecompose)
         self.product_dtype = dtype if product_dtype is None else product_dtype
@@ -188,6 +199,12 @@ class KFACAccumulator:
 
     def _norm_sample(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, float]:
         """``_rows`` for ``"norm"`` sampling: the kept real rows, the same rows times ``1 / π_t``, and ``n``."""
+        rows, weights, n = self._norm_kept(rows)
+        return rows, rows * weights.unsqueeze(1), n, 1.0
+
+    def _norm_kept(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``"norm"`` sampling of ``(N, d)`` rows: the kept real rows (in ``dtype``), their weights ``1 / π_t``,
+        and the number ``n`` of real rows."""
         norms = rows.float().square().sum(1).cpu().double().numpy()  # (N,)
         real = self._real_positions(rows.shape[0])
         if real is not None:
@@ -195,13 +212,43 @@ class KFACAccumulator:
         n, total = norms.size, norms.sum()
         if n == 0 or total == 0:  # nothing to add (a zero row adds nothing to x xᵀ)
             rows = rows[:0].to(self.dtype)
-            return rows, rows, n, 1.0
+            return rows, rows.new_zeros(0), n
         chances = inclusion_probabilities(norms * (0.9 / total) + 0.1 / n, self._fraction * n)
         kept = np.flatnonzero(self._uniforms(n) < chances)  # among the real tokens
         positions = torch.from_numpy(kept if real is None else real[kept]).to(rows.device)
         rows = rows.index_select(0, positions).to(self.dtype)  # (k, d)
-        weights = torch.from_numpy(1.0 / chances[kept]).to(rows.device, self.dtype)
-        return rows, rows * weights.unsqueeze(1), n, 1.0
+        return rows, torch.from_numpy(1.0 / chances[kept]).to(rows.device, self.dtype), n
+
+    def _weighted_rows(self, x: torch.Tensor, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For deferred products: the real (or sampled) rows of ``x (..., d)``, each times ``scale·√w`` for its
+        product weight ``w`` (so that ``rowsᵀ rows`` is the weighted sum), in ``dtype`` and in memory of their
+        own; the weighted column sum ``Σ_t w_t x_t`` (unscaled); and the number of real tokens counted."""
+        flat = x.reshape(-1, x.shape[-1])  # (N, d)
+        weights = None
+        if self._fraction < 1.0 and self._sampling == "norm":
+            rows, weights, count = self._norm_kept(flat)
+            weight = 1.0
+        elif self._fraction < 1.0:
+            indices, weight, count = self.sampled_rows(flat.shape[0])
+            rows = flat.index_select(0, indices.to(flat.device)).to(self.dtype)
+        else:
+            real = self._real_positions(flat.shape[0])
+            rows = flat if real is None else flat.index_select(0, torch.from_numpy(real).to(flat.device))
+            rows, count, weight = rows.to(self.dtype), rows.shape[0], 1.0
+        column = (rows.T @ weights if weights is not None else rows.sum(0)) * weight
+        factor = scale * weight ** 0.5
+        if weights is not None:
+            rows = rows * (weights.sqrt() * factor).unsqueeze(1)
+        elif factor != 1.0:
+            rows = rows * factor
+        elif rows.data_ptr() == x.data_ptr():
+            rows = rows.clone()  # the model's own tensor: the product waits past this batch
+        return rows, column, count
+
+    def _defer(self, name: str, side: str, rows: torch.Tensor) -> None:
+        waiting = self._pending.setdefault((name, side), [])
+        waiting.append(rows)
+        self._pending_rows = max(self._pending_rows, sum(r.shape[0] for r in waiting))
 
     def _uniforms(self, count: int) -> np.ndarray:
         """One uniform draw per token, shared by every layer of the batch with ``count`` real rows: each
@@ -269,6 +316,8 @@ class KFACAccumulator:
 
     def add_activations(self, layer: LayerInfo, activations: torch.Tensor) -> None:
         """Add ``Σ a aᵀ`` (bias-appended ``a``) over the real tokens of one use of ``layer``."""
+        if self.deferred_rows is not None:
+            return self._add_activations_later(layer, activations)
         with self._no_autocast():
             key = self._key(activations, "covariance")
             if key not in self._shared:
@@ -285,8 +334,34 @@ class KFACAccumulator:
             self._count(layer.name, "activation", count)
             self._checks.append((f"{layer.name}: activation", total[:width, :width].diagonal().sum()))
 
+    def _add_activations_later(self, layer: LayerInfo, activations: torch.Tensor) -> None:
+        """:meth:`add_activations` with the product deferred (see ``deferred_rows``); the bias row and column
+        and the token count are added now."""
+        with self._no_autocast():
+            key = self._key(activations, "deferred")
+            if key not in self._shared:
+                self._share(key, (activations, *self._weighted_rows(activations)))
+            _, rows, column, count = self._shared[key]
+            width = rows.shape[1]
+            total = self._buffer(layer.name, "activation", (width + layer.has_bias,) * 2)
+            self._defer(layer.name, "activation", rows)
+            if layer.has_bias:
+                total[:width, width] += column
+                total[width, :width] += column
+                total[width, width] += count
+            self._count(layer.name, "activation", count)
+            self._checks.append((f"{layer.name}: activation", column.sum()))
+
     def add_gradients(self, layer: LayerInfo, gradients: torch.Tensor) -> None:
         """Add ``Σ g gᵀ`` over the real tokens (``g`` of the sum-reduced loss, after the batch's scale)."""
+        if self.deferred_rows is not None:
+            with self._no_autocast():
+                rows, column, count = self._weighted_rows(gradients, abs(self._scale))
+                self._buffer(layer.name, "gradient", (rows.shape[1],) * 2)
+                self._defer(layer.name, "gradient", rows)
+                self._count(layer.name, "gradient", count)
+                self._checks.append((f"{layer.name}: gradient", column.sum()))
+            return
         with self._no_autocast():
             rows, masked, count, weight = self._rows(gradients)
             total = self._buffer(layer.name, "gradient", (rows.shape[1],) * 2)
@@ -359,6 +434,8 @@ class KFACAccumulator:
             self._square(name, rotated)
         self._batch_rotated.clear()
         self._shared.clear()
+        if self._pending_rows >= (self.deferred_rows or 0):
+            self.flush()
         checks, self._checks = self._checks, []
         if not checks:
             return []
@@ -367,6 +444,28 @@ class KFACAccumulator:
         order = {name: i for i, name in enumerate(self.layers)}  # model order, whatever order the hooks ran in
         return sorted(bad, key=lambda label: (order.get(label.split(": ")[0], len(order)), label))
 
+    def flush(self) -> None:
+        """Multiply every waiting row block into its sums (see ``deferred_rows``): one product per input, added
+        to every layer that reads it."""
+        if not self._pending:
+            return
+        last: tuple[tuple[int, ...], torch.Tensor] | None = None  # layers sharing an input come one after another
+        with self._no_autocast():
+            for (name, side), blocks in self._pending.items():
+                rows = blocks[0] if len(blocks) == 1 else torch.cat(blocks)
+                total = self.sums[name][side]
+                width = rows.shape[1]
+                if side == "gradient" and self.product_dtype == self.dtype:
+                    total.addmm_(rows.T, rows)
+                else:
+                    identity = tuple(id(block) for block in blocks)
+                    if last is None or last[0] != identity:
+                        last = (identity, self._gram(rows, rows))
+                    total[:width, :width] += last[1]
+                self._checks.append((f"{name}: {side}", total[:width, :width].diagonal().sum()))
+        self._pending.clear()
+        self._pending_rows = 0
+
     # ------------------------------------------------------------------------------ reading
     def reduce(self, names: list[str], keys: tuple[str, ...], reduce_fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Replace the sums ``keys`` of ``names`` and their counts by ``reduce_fn`` of them (a sum over processes).
@@ -374,6 +473,7 @@ class KFACAccumulator:
         Every process must call this with the same names and keys; a layer that saw nothing here
         contributes zeros.
         """
+        self.flush()
         for name in names:
             layer = self.layers[name]
             for key in keys:
@@ -389,6 +489,7 @@ class KFACAccumulator:
         """Forget the sums ``keys`` of ``names`` and their counts."""
         for name in names:
             for key in keys:
+                self._pending.pop((name, key), None)
                 self.sums[name].pop(key, None)
                 self.counts[name].pop(_COUNT_KEYS[key], None)
             if "activation" in keys:
@@ -411,6 +512,7 @@ class KFACAccumulator:
         :meth:`covariances`, :meth:`eigendecompose` and :meth:`state_dict` read them back; :meth:`drop_spilled`
         deletes the files.
         """
+        self.flush()
         path = Path(path)
         pairs = ((f"{name}.{key}", self.sums[name][key]) for name in names for key in ("activation", "gradient")
                  if key in self.sums[name])
@@ -421,7 +523,8 @@ class KFACAccumulator:
             self._spilled[name] = path
 
     def _covariance_sums(self, name: str) -> dict[str, torch.Tensor]:
-        """The sums of layer ``name``, the spilled ones read back."""
+        """The sums of layer ``name``, the spilled ones read back (waiting rows multiplied in first)."""
+        self.flush()
         if name not in self._spilled:
             return self.sums[name]
         with safe_open(str(self._spilled[name]), framework="pt", device=str(self._device)) as handle:
