@@ -339,6 +339,7 @@ def _predict_worker(args, module, folder: Path) -> dict:
                                      query_gradient_rank=32 if name == "pairwise_r32" else None,
                                      query_storage=args.query_storage if name == "pairwise" else "memory",
                                      query_dtype=args.query_dtype, precondition_dtype=args.precondition_dtype,
+                                     scoring_dtype=args.scoring_dtype if name == "pairwise" else None,
                                      output_dir=str(out), overwrite=True)
         methods = ["prepare", "on_predict_end"]
     elif name == "token":
@@ -427,6 +428,7 @@ def _run_worker(name: str, args, folder: str, profile: bool = False) -> dict:
     command += ["--query-storage", args.query_storage] + (["--query-dtype", args.query_dtype] if args.query_dtype else [])
     command += ["--precondition-dtype", args.precondition_dtype] if args.precondition_dtype else []
     command += ["--covariance-dtype", args.covariance_dtype] if args.covariance_dtype else []
+    command += ["--scoring-dtype", args.scoring_dtype] if args.scoring_dtype else []
     command += ["--eigendecomposition-dtype", args.eigendecomposition_dtype]
     command += ["--accelerator", args.accelerator, "--precision", args.precision]
     if profile:
@@ -491,6 +493,8 @@ def main() -> None:
                         help="InfluenceCallback's query_dtype for the pairwise passes (default: float32, as computed)")
     parser.add_argument("--precondition-dtype", choices=["bfloat16", "float16"], default=None,
                         help="InfluenceCallback's precondition_dtype for the pairwise passes (default: float32)")
+    parser.add_argument("--scoring-dtype", choices=["bfloat16"], default=None,
+                        help="InfluenceCallback(scoring_dtype=...) of the full-rank pairwise pass")
     parser.add_argument("--covariance-dtype", choices=["bfloat16"], default=None,
                         help="KFACCollectorCallback's covariance_dtype for the timed factors pass (default: float32)")
     parser.add_argument("--eigendecomposition-dtype", choices=["float64", "float32"], default="float64",

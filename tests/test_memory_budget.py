@@ -366,3 +366,82 @@ def test_token_gradients_join_every_use_and_rotate_like_the_full_gradient():
     torch.testing.assert_close(rotate_gradient(taken, q_a, q_g), expected, rtol=1e-12, atol=1e-12)  # 8 tokens: multiplied out
     few = TokenGradients(uses[0][0][:, :2], uses[0][1][:, :2])  # 2 tokens: rotated through them
     torch.testing.assert_close(rotate_gradient(few, q_a, q_g), q_g.T @ few.full() @ q_a, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------------ scoring in bfloat16
+@pytest.mark.parametrize(("query_dtype", "query_storage"), [(None, "memory"), ("bfloat16", "memory"),
+                                                           ("bfloat16", "disk")])
+def test_training_gradients_in_bfloat16_agree_within_their_rounding(setup, rows, query_dtype, query_storage):
+    """``scoring_dtype: bfloat16``: scores within bfloat16's rounding of the float64 reference, with the query
+    gradients stored in float64 (DW cast back up for the contraction) or in bfloat16 (both sides narrow); the
+    measured error of the training examples' gradients recorded, and part of the arguments."""
+    folder, module, factors = setup
+    queries = rows[:3]
+    name = f"scoring-bf16-{query_dtype}-{query_storage}"
+    scores, meta, _ = run(folder, module, RowsDataModule(rows, queries=queries), name, scoring_dtype="bfloat16",
+                          query_dtype=query_dtype, query_storage=query_storage)
+    expected = reference_scores(module, factors, queries, rows)
+    unit = 2.0**-8
+    assert meta["arguments"]["scoring_dtype"] == "bfloat16"
+    assert 0 < meta["memory"]["scoring_error"] <= 2 * unit
+    scale = expected.abs().amax(1, keepdim=True)
+    assert ((scores["scores"] - expected).abs() <= 8 * unit * scale).all()
+    assert not torch.equal(scores["scores"], expected) and scores["scores"].dtype == torch.float64
+    assert scores["scores"].argmax(1).tolist() == expected.argmax(1).tolist()
+
+
+def test_scoring_error_is_the_first_examples_gradient_error():
+    """PairwiseScores' recorded error equals an explicit one: the first example's ``Σ_t g_t a_tᵀ`` from bfloat16
+    ``a`` and ``g`` against float64, relative (Frobenius); the largest over layers and batches is kept."""
+    from lit_attrib.layers import layer_info
+    from lit_attrib.ops.influence import PairwiseScores
+
+    torch.manual_seed(3)
+    layers = [layer_info(name, torch.nn.Linear(7, 5, bias=False)) for name in ("one", "two")]
+    stored = {layer.name: torch.randn(3, 5, 7, dtype=torch.float64) for layer in layers}
+    scores = PairwiseScores(stored, torch.float64, scoring_dtype=torch.bfloat16)
+    expected = 0.0
+    for _ in range(2):
+        scores.begin_batch()
+        exact_scores = torch.zeros(4, 3, dtype=torch.float64)
+        for layer in layers:
+            a, g = torch.randn(4, 6, 7, dtype=torch.float64), torch.randn(4, 6, 5, dtype=torch.float64)
+            scores.add(layer, a, g)
+            exact = g[0].T @ a[0]
+            narrow = (g[0].T.bfloat16() @ a[0].bfloat16()).double()
+            expected = max(expected, float((narrow - exact).norm() / exact.norm()))
+            exact_scores += torch.einsum("qoi,bti,bto->bq", stored[layer.name], a, g)
+        result = scores.end_batch()["scores"]  # (B, Q)
+        torch.testing.assert_close(result, exact_scores, rtol=0, atol=2.0**-6 * float(exact_scores.abs().max()))
+        assert not torch.equal(result, exact_scores)
+    assert scores.scoring_error.value == pytest.approx(expected, rel=1e-6)
+    assert 0 < expected < 2.0**-6
+
+
+def test_scoring_dtype_is_refused_where_it_cannot_apply_or_changes_too_much(setup, rows, monkeypatch):
+    folder, module, _ = setup
+    with pytest.raises(ConfigError, match="scoring_dtype must be 'bfloat16' or null"):
+        InfluenceCallback(factors="f", scoring_dtype="float16")
+    for extra in ({"query_gradient_rank": 2}, {"token_scores": True}):
+        with pytest.raises(ConfigError, match="scoring_dtype bfloat16 is for full-rank scores"):
+            InfluenceCallback(factors="f", scoring_dtype="bfloat16", **extra)
+    monkeypatch.setattr("lit_attrib.callbacks.influence.MAX_STORAGE_ERROR", 1e-9)
+    with pytest.raises(ConfigError, match=r"scoring_dtype bfloat16 changes the training examples' per-layer "
+                                          r"gradients by .* set scoring_dtype null"):
+        run(folder, module, RowsDataModule(rows, queries=rows[:2]), "scoring-refused", scoring_dtype="bfloat16")
+
+
+def test_memory_plan_counts_the_narrow_training_gradients():
+    from lit_attrib.ops.influence import layer_memory
+
+    shape, queries, batch = (8, 6), 4, 5
+    full = 48
+    plain = layer_memory(shape, queries, 2, batch, 10, None, 4, 4)
+    narrow = layer_memory(shape, queries, 2, batch, 10, None, 4, 4, scoring_size=2)
+    both = layer_memory(shape, queries, 2, batch, 10, None, 4, 2, scoring_size=2)
+    cast = layer_memory(shape, queries, 2, batch, 10, None, 4, 2)
+    train = batch * full * 4 + queries * batch * 4
+    assert plain.working == max(4 * 2 * full * 4 + queries * full * 4, train)
+    assert narrow.working == max(4 * 2 * full * 4 + queries * full * 4, train + batch * full * 2)
+    assert cast.working == max(4 * 2 * full * 4 + queries * full * 2, train + queries * full * 4)
+    assert both.working == max(4 * 2 * full * 4 + queries * full * 2, queries * batch * 4 + batch * full * 2)

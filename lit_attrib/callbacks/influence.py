@@ -121,6 +121,15 @@ class InfluenceCallback(FactorScoringCallback):
             ``query_dtype`` bfloat16. The error is measured against ``dtype`` on 64 evenly spaced rows of every batch;
             the largest is logged and recorded in ``scores.json`` (``precondition_error``), and above
             1 % it is an error. Default ``null``: everything in ``dtype``.
+        scoring_dtype: ``bfloat16`` runs the training side of full-rank scores in bfloat16: each training
+            example's per-layer gradient ``DW_b = Σ_t g_t a_tᵀ`` is multiplied from bfloat16 ``a`` and ``g``
+            (float32 sums inside the product) and rounded to bfloat16, and with ``query_dtype: bfloat16`` it is
+            contracted with the stored query gradients as they are, in bfloat16 (no float32 copy of them per
+            layer and batch; each layer's scores are then rounded to bfloat16 too, 2⁻⁹ relative). Against
+            ``dtype``, the relative (Frobenius) error of the first example's ``DW`` of every batch and layer
+            is measured; the largest is logged and recorded in ``scores.json`` (``scoring_error``, over the
+            batches this run scored), and above 1 % it is an error. Full-rank scores only (no
+            ``query_gradient_rank``, no ``token_scores``). Default ``null``: everything in ``dtype``.
         memory_budget: bytes (an int) or a string such as ``"4GB"`` / ``"512MB"`` (KB, MB, GB, TB are
             powers of 1024, like ``expand_low_rank_gb``) for what the pass holds beyond the model's own
             forward and backward: the stored query gradients plus the largest per-layer working memory
@@ -168,6 +177,7 @@ class InfluenceCallback(FactorScoringCallback):
         memory_budget: str | int | float | None = None,
         query_storage: Literal["memory", "disk"] = "memory",
         precondition_dtype: str | None = None,
+        scoring_dtype: str | None = None,
     ) -> None:
         if query_gradient_rank is not None and query_gradient_rank < 1:
             raise ConfigError(f"query_gradient_rank must be at least 1 (or null for full rank); got {query_gradient_rank}")
@@ -181,6 +191,12 @@ class InfluenceCallback(FactorScoringCallback):
         if precondition_dtype not in (None, "bfloat16", "float16"):
             raise ConfigError(f"precondition_dtype must be 'bfloat16', 'float16' or null (the compute dtype); "
                               f"got {precondition_dtype!r}")
+        if scoring_dtype not in (None, "bfloat16"):
+            raise ConfigError(f"scoring_dtype must be 'bfloat16' or null (the compute dtype); got {scoring_dtype!r}")
+        if scoring_dtype is not None and (query_gradient_rank is not None or token_scores):
+            raise ConfigError("scoring_dtype bfloat16 is for full-rank scores (it narrows the training examples' "
+                              "per-layer gradients, which rank-r query gradients and token_scores never form); "
+                              "drop query_gradient_rank and token_scores, or set scoring_dtype null")
         if query_storage not in ("memory", "disk"):
             raise ConfigError(f"query_storage must be 'memory' or 'disk'; got {query_storage!r}")
         if query_storage == "disk" and query_gradient_rank is not None:
@@ -198,6 +214,8 @@ class InfluenceCallback(FactorScoringCallback):
         self.query_storage = query_storage
         self.precondition_dtype = None if precondition_dtype is None else QUERY_DTYPES[precondition_dtype]
         self.precondition_error = LargestError()
+        self.scoring_dtype = None if scoring_dtype is None else QUERY_DTYPES[scoring_dtype]
+        self.scoring_error = LargestError()
         self.memory: dict = {}
         self._damping: dict[str, float] = {}  # each layer's default damping, computed once
         self._workspaces = Workspaces()  # the preconditioning's intermediates and the disk path's results
@@ -216,7 +234,8 @@ class InfluenceCallback(FactorScoringCallback):
         return {**super().arguments(), "queries": source_name(self.queries), "query_gradient_rank": self.query_gradient_rank,
                 "token_scores": self.token_scores, "query_dtype": str(self.query_dtype).replace("torch.", ""),
                 **({"precondition_dtype": str(self.precondition_dtype).replace("torch.", "")}
-                   if self.precondition_dtype is not None else {})}
+                   if self.precondition_dtype is not None else {}),
+                **({"scoring_dtype": "bfloat16"} if self.scoring_dtype is not None else {})}
 
     # ------------------------------------------------------------------------ the queries
     def prepare(self, trainer: Trainer, pl_module: LightningModule) -> dict:
@@ -232,6 +251,7 @@ class InfluenceCallback(FactorScoringCallback):
         self._expanded = []
         self.storage_error = 0.0
         self.precondition_error = LargestError()
+        self.scoring_error = LargestError()
         self._compute_queries(trainer, pl_module, self._partitions[0])
         rank_zero_info(f"{type(self).__name__}[{self.name}]: {len(self.query_indices)} query gradient(s) "
                        f"preconditioned over {len(self.layers)} layer(s)"
@@ -439,7 +459,8 @@ class InfluenceCallback(FactorScoringCallback):
             tokens = batch_tokens(self._task, first if first is not None else next(iter(train_loader), None))
         compute, stored = self.dtype.itemsize, self.query_dtype.itemsize
         memory = {name: layer_memory(layer.gradient_shape, queries, min(query_batch, queries), train_batch, tokens,
-                                     self.query_gradient_rank, compute, stored, self.token_scores)
+                                     self.query_gradient_rank, compute, stored, self.token_scores,
+                                     None if self.scoring_dtype is None else self.scoring_dtype.itemsize)
                   for name, layer in self.layers.items()}
         if self.query_storage == "disk":  # a layer's query gradients are resident only while it is scored
             memory = {name: LayerMemory(0, m.working + m.query) for name, m in memory.items()}
@@ -522,13 +543,18 @@ class InfluenceCallback(FactorScoringCallback):
             room = self.expand_low_rank_gb * 2**30
             if self.memory_budget is not None:  # expanded layers take only what the budget leaves
                 room = max(0.0, min(room, self.memory_budget - self.memory["largest"]))
-            self._scores = PairwiseScores(self.preconditioned, self.dtype, self.token_scores, room)
+            self._scores = PairwiseScores(self.preconditioned, self.dtype, self.token_scores, room, self.scoring_dtype)
+            self._scores.scoring_error = self.scoring_error  # one record over every layer group
         self._tracker.enabled = set(self.preconditioned)
         self._scores.begin_batch()
         try:
             self.backward(trainer, pl_module, batch, self._scores.add)
         finally:
             self._tracker.enabled = set(self.layers)
+        if self.scoring_error.value > MAX_STORAGE_ERROR:
+            raise ConfigError(f"{type(self).__name__}[{self.name}]: scoring_dtype bfloat16 changes the training "
+                              f"examples' per-layer gradients by {self.scoring_error.value:.2%} (more than "
+                              f"{MAX_STORAGE_ERROR:.0%}); set scoring_dtype null")
         return self._scores.end_batch()
 
     def score_batch(self, trainer: Trainer, pl_module: LightningModule, batch: Any,
@@ -567,7 +593,8 @@ class InfluenceCallback(FactorScoringCallback):
                          "harmful": [entry(i) for i in order.flip(0)[:k].tolist()]})
         write_jsonl(folder / "topk.jsonl", rows)
         memory = {**self.memory, "query_storage_error": self.storage_error,
-                  **({"precondition_error": self.precondition_error.value} if self.precondition_dtype else {})}
+                  **({"precondition_error": self.precondition_error.value} if self.precondition_dtype else {}),
+                  **({"scoring_error": self.scoring_error.value} if self.scoring_dtype else {})}
         write_json(folder / "scores.json", {
             "format": FORMAT, **metadata, "num_queries": scores.shape[0], "num_train": scores.shape[1],
             "sign": "positive = the training example lowers the query's loss (helpful)", "memory": memory,
@@ -578,7 +605,9 @@ class InfluenceCallback(FactorScoringCallback):
                        + (f" (query gradients stored in {memory['query_dtype']}: largest relative rounding error "
                           f"{self.storage_error:.2g})" if self.query_dtype != self.dtype else "")
                        + (f" (rotated back in {str(self.precondition_dtype).replace('torch.', '')}: largest relative "
-                          f"error {self.precondition_error.value:.2g})" if self.precondition_dtype else ""))
+                          f"error {self.precondition_error.value:.2g})" if self.precondition_dtype else "")
+                       + (f" (training gradients in bfloat16: largest relative error {self.scoring_error.value:.2g})"
+                          if self.scoring_dtype else ""))
 
     @staticmethod
     def _markdown(rows: list[dict], k: int) -> str:

@@ -17,6 +17,7 @@ import torch
 from lit_attrib.io import ScratchTensors
 from lit_attrib.layers import LayerInfo
 from lit_attrib.ops.gradients import layer_inputs
+from lit_attrib.ops.kfac import LargestError
 from lit_attrib.ops.workspaces import Workspaces
 
 __all__ = ["LayerMemory", "LowRank", "PairwiseScores", "check_rank", "layer_memory", "low_rank", "pairwise_scores",
@@ -143,10 +144,17 @@ class PairwiseScores:
         dtype: the dtype of ``a``, ``g``, the contraction and the scores.
         token_scores: also keep each training token's share ``(B, Q, T)``.
         expand_bytes: memory for expanded rank-r layers (0: never expand).
+        scoring_dtype: a narrower dtype (``torch.bfloat16``) for the training side of full-rank scores: each
+            example's ``DW_b = Σ_t g_t a_tᵀ`` is multiplied from ``a`` and ``g`` cast to it (float32 sums inside
+            the product) and rounded to it, and contracted with ``P`` in it when ``P`` is stored in it (else
+            cast up to ``dtype`` first; a product in ``scoring_dtype`` rounds each layer's scores to it too). The
+            relative Frobenius error of the first example's ``DW`` of every batch and layer, against ``dtype``,
+            is kept in ``scoring_error`` (the largest). ``None``: everything in ``dtype``.
     """
 
     def __init__(self, preconditioned: dict[str, torch.Tensor | LowRank] | ScratchTensors, dtype: torch.dtype = torch.float32,
-                 token_scores: bool = False, expand_bytes: float = 0.0) -> None:
+                 token_scores: bool = False, expand_bytes: float = 0.0,
+                 scoring_dtype: torch.dtype | None = None) -> None:
         # A copy (rank-r layers expanded below replace their entry), except of query gradients on disk: those
         # are read one layer at a time and are full rank.
         self.preconditioned = preconditioned if isinstance(preconditioned, ScratchTensors) else dict(preconditioned)
@@ -158,6 +166,8 @@ class PairwiseScores:
         self._decided: set[str] = set()
         self._batch: dict[str, torch.Tensor] = {}
         self._workspaces = Workspaces()
+        self.scoring_dtype = scoring_dtype
+        self.scoring_error = LargestError()
 
     def begin_batch(self) -> None:
         self._batch = {}
@@ -168,6 +178,10 @@ class PairwiseScores:
         if layer.name not in self._decided:
             self._maybe_expand(layer.name, tokens=a.shape[1])
         stored = self.preconditioned[layer.name]
+        if self.scoring_dtype is not None and not self.token_scores and isinstance(stored, torch.Tensor) \
+                and stored.shape[0] > 1:
+            self._add("scores", self._narrow_scores(stored, a, g))
+            return
         if isinstance(stored, torch.Tensor) and stored.dtype != self.dtype:  # cast into a buffer kept per shape:
             # a fresh (Q, out, in) allocation per use is mapped and page-faulted anew each time (glibc maps
             # blocks above 32 MB), which cost more than the contraction on SmolLM2.
@@ -182,6 +196,22 @@ class PairwiseScores:
             through_gradients = not isinstance(preconditioned, tuple) and preconditioned.shape[0] > 1
             workspace = self._workspaces.get(a.shape[0], (g.shape[-1], a.shape[-1]), a) if through_gradients else None
             self._add("scores", pairwise_scores(preconditioned, a, g, workspace))
+
+    def _narrow_scores(self, stored: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``(Q, B)`` scores of one full-rank layer with the batch's ``DW`` in ``scoring_dtype`` (see the class)."""
+        low, size, shape = self.scoring_dtype, a.shape[0], (g.shape[-1], a.shape[-1])
+        narrow = self._workspaces.get(size, shape, a.new_empty(0, dtype=low), slot=2)
+        torch.bmm(g.mT.to(low), a.to(low), out=narrow)  # (B, out, in)
+        exact = g[0].mT @ a[0]  # the first example's DW in dtype: the error's reference
+        norm = float(exact.norm())
+        if norm > 0:
+            self.scoring_error.update(float((narrow[0].to(self.dtype) - exact).norm()) / norm)
+        if stored.dtype == low:  # both sides narrow: no copy of P
+            return skinny_product(stored.flatten(1), narrow.flatten(1)).to(self.dtype)
+        example_gradients = self._workspaces.get(size, shape, a).copy_(narrow)
+        preconditioned = stored if stored.dtype == self.dtype else \
+            self._workspaces.get(stored.shape[0], stored.shape[1:], a, slot=1).copy_(stored)
+        return skinny_product(preconditioned.flatten(1), example_gradients.flatten(1))
 
     def end_batch(self) -> dict[str, torch.Tensor]:
         """The batch's ``scores (B, Q)`` (and ``token_scores (B, Q, T)``), the example first."""
@@ -229,7 +259,8 @@ class LayerMemory:
 
 
 def layer_memory(shape: tuple[int, int], queries: int, query_batch: int, train_batch: int, tokens: int,
-                 rank: int | None, compute_size: int, query_size: int, token_scores: bool = False) -> LayerMemory:
+                 rank: int | None, compute_size: int, query_size: int, token_scores: bool = False,
+                 scoring_size: int | None = None) -> LayerMemory:
     """The bytes one layer of gradient shape ``(out, in)`` costs a pairwise pass (see :class:`LayerMemory`).
 
     Query side: a query batch's per-example gradients ``DW (B_q, out, in)`` plus the inverse-HVP's
@@ -237,8 +268,10 @@ def layer_memory(shape: tuple[int, int], queries: int, query_batch: int, train_b
     matrix of :func:`low_rank`, and the concatenation of the layer's batches (one more copy of the layer's
     stored gradients). Training side, mirroring :func:`pairwise_scores`: the batch's ``DW (B, out, in)``
     for a full-rank ``P`` with several queries, else the ``(Q, B, T, ·)`` products through the tokens;
-    plus ``P`` cast up to the compute dtype when it is stored narrower. The model, its activations and
-    autograd's saved tensors are not counted: the forward and backward need them anyway.
+    plus ``P`` cast up to the compute dtype when it is stored narrower. With a ``scoring_size`` (bytes per
+    value of a narrower ``scoring_dtype``, see :class:`PairwiseScores`) the batch's ``DW`` is held in it too, and
+    ``P`` stored in it is not cast. The model, its activations and autograd's saved tensors are not counted: the
+    forward and backward need them anyway.
     """
     out_features, in_features = shape
     full = out_features * in_features
@@ -254,7 +287,11 @@ def layer_memory(shape: tuple[int, int], queries: int, query_batch: int, train_b
         train_side = 3 * queries * train_batch * tokens * width * compute_size
     else:
         train_side = train_batch * full * compute_size + queries * train_batch * compute_size
-    if query_size != compute_size:
+    narrow = scoring_size is not None and rank is None and not token_scores and queries > 1
+    narrow_both = narrow and query_size == scoring_size
+    if narrow:  # DW in scoring_dtype, and in the compute dtype too unless P is stored narrow
+        train_side += train_batch * full * scoring_size - (train_batch * full * compute_size if narrow_both else 0)
+    if query_size != compute_size and not narrow_both:
         train_side += stored // query_size * compute_size
     return LayerMemory(query=stored, working=max(query_side, train_side))
 
